@@ -1,0 +1,120 @@
+"""NSA hyper-parameters: one frozen, validated dataclass.
+
+Field names follow the paper's symbols (see ``shared/NSA_SPEC.md``): ``cmp_block_size`` is
+``l``, ``cmp_stride`` is ``d``, ``slc_block_size`` is ``l'``, ``slc_top_n`` is ``n`` and
+``window_size`` is ``w``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+CmpKind = Literal["mlp", "mean", "linear"]
+KVMode = Literal["separate", "shared"]
+
+CMP_KINDS: tuple[str, ...] = ("mlp", "mean", "linear")
+KV_MODES: tuple[str, ...] = ("separate", "shared")
+
+# Selection always keeps block 0 and the two most recent blocks (the current block and the one
+# before it). They count inside ``slc_top_n``.
+NUM_INIT_BLOCKS = 1
+NUM_LOCAL_BLOCKS = 2
+NUM_FORCED_BLOCKS = NUM_INIT_BLOCKS + NUM_LOCAL_BLOCKS
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NSAConfig:
+    """Configuration of one NSA attention layer (paper defaults).
+
+    Attributes:
+      cmp_block_size: ``l``, raw tokens summarised by one compressed token.
+      cmp_stride: ``d``, distance between consecutive compressed blocks; divides ``l`` and ``l'``.
+      slc_block_size: ``l'``, tokens per selection block; ``l <= l'``.
+      slc_top_n: ``n``, blocks attended per query and KV group, the 3 forced blocks included.
+      window_size: ``w``, keys ``[t - w + 1, t]`` in the sliding-window branch.
+      cmp_kind: the compression function ``phi``: ``"mlp"`` (the paper's: intra-block position
+        embedding, then an MLP over the flattened block), ``"mean"`` or ``"linear"``.
+      cmp_mlp_hidden: hidden width of the ``"mlp"`` compressor; ``None`` means the head dim.
+      kv_mode: ``"separate"`` (the paper's: independent keys and values per branch) or
+        ``"shared"`` (one key/value projection for all three branches).
+      softmax_scale: logit scale of every branch; ``None`` means ``1 / sqrt(Dk)``.
+    """
+
+    cmp_block_size: int = 32
+    cmp_stride: int = 16
+    slc_block_size: int = 64
+    slc_top_n: int = 16
+    window_size: int = 512
+    cmp_kind: CmpKind = "mlp"
+    cmp_mlp_hidden: int | None = None
+    kv_mode: KVMode = "separate"
+    softmax_scale: float | None = None
+
+    def __post_init__(self):
+        ints = {
+            "cmp_block_size": self.cmp_block_size,
+            "cmp_stride": self.cmp_stride,
+            "slc_block_size": self.slc_block_size,
+            "slc_top_n": self.slc_top_n,
+            "window_size": self.window_size,
+        }
+        for name, value in ints.items():
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"NSAConfig.{name} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"NSAConfig.{name} must be >= 1, got {name}={value}")
+        l, d, lp = self.cmp_block_size, self.cmp_stride, self.slc_block_size
+        if l % d:
+            raise ValueError(
+                f"cmp_stride must divide cmp_block_size: cmp_block_size={l}, cmp_stride={d}"
+            )
+        if lp % d:
+            raise ValueError(
+                f"cmp_stride must divide slc_block_size: slc_block_size={lp}, cmp_stride={d}"
+            )
+        if l > lp:
+            raise ValueError(
+                f"cmp_block_size must not exceed slc_block_size: cmp_block_size={l}, "
+                f"slc_block_size={lp}"
+            )
+        if self.slc_top_n < NUM_FORCED_BLOCKS:
+            raise ValueError(
+                f"slc_top_n={self.slc_top_n} is smaller than the {NUM_FORCED_BLOCKS} forced blocks "
+                f"({NUM_INIT_BLOCKS} initial + {NUM_LOCAL_BLOCKS} local) it must include"
+            )
+        if self.cmp_kind not in CMP_KINDS:
+            raise ValueError(f"cmp_kind={self.cmp_kind!r} is not one of {CMP_KINDS}")
+        if self.kv_mode not in KV_MODES:
+            raise ValueError(f"kv_mode={self.kv_mode!r} is not one of {KV_MODES}")
+        if self.cmp_mlp_hidden is not None and (
+            not isinstance(self.cmp_mlp_hidden, int) or self.cmp_mlp_hidden < 1
+        ):
+            raise ValueError(f"cmp_mlp_hidden must be a positive int, got {self.cmp_mlp_hidden!r}")
+        if self.softmax_scale is not None and not self.softmax_scale > 0:
+            raise ValueError(f"softmax_scale must be > 0, got {self.softmax_scale!r}")
+
+    def replace(self, **changes) -> NSAConfig:
+        """Returns a copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def num_cmp_tokens(self, seq_len: int) -> int:
+        """Compressed tokens that exist for ``seq_len`` raw tokens: ``max(0, (T - l)//d + 1)``."""
+        return num_cmp_tokens(seq_len, self.cmp_block_size, self.cmp_stride)
+
+    def num_slc_blocks(self, seq_len: int) -> int:
+        """Selection blocks covering ``seq_len`` tokens: ``ceil(T / l')``."""
+        return -(-seq_len // self.slc_block_size)
+
+    def keys_per_query(self, seq_len: int) -> float:
+        """The spec's cost model: keys visited per query, averaged over a causal sequence."""
+        return seq_len / (2 * self.cmp_stride) + self.slc_top_n * self.slc_block_size + (
+            self.window_size
+        )
+
+
+def num_cmp_tokens(seq_len: int, block_size: int, stride: int) -> int:
+    """``max(0, (T - l)//d + 1)``: compressed tokens whose whole block lies in ``[0, T)``."""
+    if seq_len < block_size:
+        return 0
+    return (seq_len - block_size) // stride + 1

@@ -1,0 +1,207 @@
+"""``nsa_attention``: the public functional NSA, dispatched stage by stage through the registry.
+
+With ``implementation="reference"`` (the default off GPU/TPU until kernels are registered) this
+is the exact pure-jnp NSA of ``shared/NSA_SPEC.md``: it never builds a ``[T, T]`` array, so it
+doubles as the XLA fallback on every backend.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from nsa_jax import registry
+from nsa_jax.compression import compress, expected_param_shapes
+from nsa_jax.config import NSAConfig
+
+
+class NSAAux(NamedTuple):
+    """Intermediate results of one NSA call (for inspection, tests and decoding)."""
+
+    o_cmp: Float[Array, "B T N Hv"]
+    o_slc: Float[Array, "B T N Hv"]
+    o_swa: Float[Array, "B T N Hv"]
+    lse_cmp: Float[Array, "B T N"]
+    indices: Int[Array, "B T K M"]
+    k_cmp: Float[Array, "B C K H"]
+    v_cmp: Float[Array, "B C K Hv"]
+
+
+def _check_array(name: str, x, ndim: int) -> None:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have rank {ndim}, got {name}.shape={tuple(x.shape)}")
+
+
+def _check_float(name: str, x) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating-point array, got {name}.dtype={x.dtype}")
+
+
+def validate_inputs(
+    q, k, v, gates, cmp_params, config: NSAConfig, k_slc, v_slc, k_swa, v_swa
+) -> None:
+    """Raises ``ValueError``/``TypeError`` naming the offending values; returns nothing."""
+    if not isinstance(config, NSAConfig):
+        raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
+    _check_array("q", q, 4)
+    _check_float("q", q)
+    b, t, n, dk = q.shape
+    if t < 1:
+        raise ValueError(f"empty sequence: q.shape={tuple(q.shape)} has T={t}; NSA needs T >= 1")
+    if b < 1 or n < 1 or dk < 1:
+        raise ValueError(f"q.shape={tuple(q.shape)} has an empty batch, head or feature axis")
+    pairs = {"": (k, v), "_slc": (k_slc, v_slc), "_swa": (k_swa, v_swa)}
+    dv = None
+    for suffix, (kk, vv) in pairs.items():
+        kn, vn = f"k{suffix}", f"v{suffix}"
+        if kk is None and vv is None and suffix:
+            continue
+        if (kk is None) != (vv is None):
+            raise ValueError(f"{kn} and {vn} must be given together")
+        _check_array(kn, kk, 4)
+        _check_array(vn, vv, 4)
+        for name, x in ((kn, kk), (vn, vv)):
+            _check_float(name, x)
+            if x.dtype != q.dtype:
+                raise TypeError(f"dtypes differ: q.dtype={q.dtype} but {name}.dtype={x.dtype}")
+        if kk.shape[:3] != vv.shape[:3]:
+            raise ValueError(f"{kn}.shape={tuple(kk.shape)} and {vn}.shape={tuple(vv.shape)} "
+                             "differ in batch, length or heads")
+        if kk.shape[0] != b or kk.shape[1] != t:
+            raise ValueError(f"q.shape={tuple(q.shape)} and {kn}.shape={tuple(kk.shape)} differ "
+                             "in batch or sequence length")
+        if kk.shape[3] != dk:
+            raise ValueError(f"head dims differ: q.shape={tuple(q.shape)} has Dk={dk} but "
+                             f"{kn}.shape={tuple(kk.shape)} has {kk.shape[3]}")
+        kh = kk.shape[2]
+        if kh < 1 or n % kh:
+            raise ValueError(f"query heads must be a multiple of KV heads: q.shape="
+                             f"{tuple(q.shape)} has N={n}, {kn}.shape={tuple(kk.shape)} has K={kh}")
+        if suffix and kh != k.shape[2]:
+            raise ValueError(f"{kn} has {kh} KV heads but k has {k.shape[2]}")
+        if dv is None:
+            dv = vv.shape[3]
+        elif vv.shape[3] != dv:
+            raise ValueError(f"value head dims differ: v has Dv={dv} but {vn} has {vv.shape[3]}")
+    _check_array("gates", gates, 4)
+    _check_float("gates", gates)
+    if tuple(gates.shape) != (b, t, n, 3):
+        raise ValueError(f"gates must be [B, T, N, 3]={(b, t, n, 3)}, got gates.shape="
+                         f"{tuple(gates.shape)}")
+    _validate_cmp_params(cmp_params, config, k.shape[2], dk, dv)
+
+
+def _validate_cmp_params(cmp_params, config: NSAConfig, kh: int, dk: int, dv: int) -> None:
+    if config.cmp_kind == "mean" and cmp_params is None:
+        return
+    if not isinstance(cmp_params, dict) or set(cmp_params) != {"k", "v"}:
+        raise TypeError(f"cmp_params must be a dict with keys 'k' and 'v' for cmp_kind="
+                        f"{config.cmp_kind!r}, got {type(cmp_params).__name__}")
+    for part, dim in (("k", dk), ("v", dv)):
+        want = expected_param_shapes(config.cmp_kind, num_kv_heads=kh,
+                                     block_size=config.cmp_block_size, head_dim=dim)
+        got = cmp_params[part]
+        if set(got) != set(want):
+            raise ValueError(f"cmp_params[{part!r}] must have keys {sorted(want)} for cmp_kind="
+                             f"{config.cmp_kind!r}, got {sorted(got)}")
+        for key, shape in want.items():
+            actual = tuple(got[key].shape)
+            if len(actual) != len(shape) or any(
+                s is not None and s != a for s, a in zip(shape, actual, strict=True)
+            ):
+                raise ValueError(f"cmp_params[{part!r}][{key!r}].shape={actual}, expected "
+                                 f"{shape} (None = any) for l={config.cmp_block_size}, "
+                                 f"K={kh}, D={dim}")
+
+
+def nsa_attention(
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B T K H"],
+    v: Float[Array, "B T K Hv"],
+    gates: Float[Array, "B T N 3"],
+    cmp_params: dict | None = None,
+    *,
+    config: NSAConfig = NSAConfig(),
+    k_slc: Float[Array, "B T K H"] | None = None,
+    v_slc: Float[Array, "B T K Hv"] | None = None,
+    k_swa: Float[Array, "B T K H"] | None = None,
+    v_swa: Float[Array, "B T K Hv"] | None = None,
+    implementation: str | None = None,
+    return_aux: bool = False,
+) -> Float[Array, "B T N Hv"] | tuple[Float[Array, "B T N Hv"], NSAAux]:
+    """Native Sparse Attention over one causal sequence per batch entry.
+
+    ``o = g_cmp * Attn_cmp + g_slc * Attn_slc + g_swa * Attn_swa`` (spec "Output").
+
+    Args:
+      q: queries ``[B, T, N, Dk]`` (RoPE already applied), query ``t`` at position ``t``.
+      k: the compressed branch's raw keys ``[B, T, K, Dk]`` (all branches' when ``k_slc`` /
+        ``k_swa`` are not given, i.e. ``kv_mode="shared"``).
+      v: the compressed branch's raw values ``[B, T, K, Dv]``.
+      gates: branch gates ``[B, T, N, 3]`` in order (cmp, slc, swa), already through a sigmoid.
+      cmp_params: ``{"k": ..., "v": ...}`` parameters of ``phi`` (see ``compression.py``);
+        may be ``None`` for ``cmp_kind="mean"``.
+      config: block sizes, top-n, window and compression kind.
+      k_slc, v_slc: the selected branch's keys/values (default ``k``, ``v``).
+      k_swa, v_swa: the sliding-window branch's keys/values (default ``k``, ``v``).
+      implementation: a registered backend name (``"reference"``, kernel backends); ``None``
+        picks the platform's default. Stages a backend lacks run on the reference.
+      return_aux: also return the branch outputs, selection and compressed keys.
+
+    Returns:
+      ``[B, T, N, Dv]`` in ``q.dtype`` (and :class:`NSAAux` when ``return_aux``).
+    """
+    validate_inputs(q, k, v, gates, cmp_params, config, k_slc, v_slc, k_swa, v_swa)
+    k_slc, v_slc = (k, v) if k_slc is None else (k_slc, v_slc)
+    k_swa, v_swa = (k, v) if k_swa is None else (k_swa, v_swa)
+    chain = registry.resolve(implementation)
+    cfg = config
+    params = cmp_params or {"k": {}, "v": {}}
+    geom = dict(kind=cfg.cmp_kind, block_size=cfg.cmp_block_size, stride=cfg.cmp_stride)
+    k_cmp = compress(k, params["k"], **geom)  # [B, C, K, Dk]
+    v_cmp = compress(v, params["v"], **geom)  # [B, C, K, Dv]
+    scale = cfg.softmax_scale
+
+    o_cmp, lse_cmp = registry.call_stage(
+        chain, "compressed_attention", q, k_cmp, v_cmp,
+        block_size=cfg.cmp_block_size, stride=cfg.cmp_stride, scale=scale,
+    )
+    indices = registry.call_stage(
+        chain, "select_blocks", q, k_cmp, lse_cmp, seq_len=q.shape[1],
+        cmp_block_size=cfg.cmp_block_size, cmp_stride=cfg.cmp_stride,
+        slc_block_size=cfg.slc_block_size, top_n=cfg.slc_top_n, scale=scale,
+    )
+    indices = jax.lax.stop_gradient(indices)
+    o_slc, _ = registry.call_stage(
+        chain, "selected_attention", q, k_slc, v_slc, indices,
+        block_size=cfg.slc_block_size, scale=scale,
+    )
+    o_swa, _ = registry.call_stage(
+        chain, "sliding_window_attention", q, k_swa, v_swa,
+        window_size=cfg.window_size, scale=scale,
+    )
+    out = combine_branches(gates, o_cmp, o_slc, o_swa)
+    if return_aux:
+        return out, NSAAux(o_cmp, o_slc, o_swa, lse_cmp, indices, k_cmp, v_cmp)
+    return out
+
+
+def combine_branches(
+    gates: Float[Array, "B T N 3"],
+    o_cmp: Float[Array, "B T N Hv"],
+    o_slc: Float[Array, "B T N Hv"],
+    o_swa: Float[Array, "B T N Hv"],
+) -> Float[Array, "B T N Hv"]:
+    """``sum_b gates[..., b] * o_b``, accumulated in f32, returned in the branches' dtype."""
+    g = gates.astype(jnp.float32)[..., None]  # [B, T, N, 3, 1]
+    out = (
+        g[..., 0, :] * o_cmp.astype(jnp.float32)
+        + g[..., 1, :] * o_slc.astype(jnp.float32)
+        + g[..., 2, :] * o_swa.astype(jnp.float32)
+    )
+    return out.astype(o_cmp.dtype)

@@ -1,0 +1,1 @@
+"""compressed branch kernels and their pure-jnp twin."""

@@ -1,0 +1,1 @@
+"""decode branch kernels and their pure-jnp twin."""

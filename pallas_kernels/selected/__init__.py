@@ -1,0 +1,1 @@
+"""selected branch kernels and their pure-jnp twin."""

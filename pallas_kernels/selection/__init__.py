@@ -1,0 +1,1 @@
+"""selection branch kernels and their pure-jnp twin."""

@@ -1,0 +1,1 @@
+"""sliding_window branch kernels and their pure-jnp twin."""
