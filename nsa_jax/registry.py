@@ -147,3 +147,9 @@ def call_stage(chain: tuple[Backend, ...], stage: str, *args, **kwargs):
             if backend is chain[-1]:
                 raise
     raise RuntimeError(f"no backend in {[b.name for b in chain]} implements {stage}")
+
+
+# Kernel backends, imported on first use. Each module exposes ``BACKEND`` (a ``Backend``) and
+# ``make_backend(interpret=...)`` for tests.
+register_backend("pallas_kernels.gpu_backend:BACKEND", name="pallas_triton", default_on=("gpu",))
+register_backend("pallas_kernels.tpu_backend:BACKEND", name="pallas_mosaic", default_on=("tpu",))
