@@ -11,40 +11,20 @@ Triton or Mosaic code.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import warnings
-from collections.abc import Callable
 
 import jax
 
+from pallas_kernels.backend import Backend
 from pallas_kernels.compressed import reference as _cmp_ref
 from pallas_kernels.selected import reference as _slc_ref
 from pallas_kernels.selection import reference as _sel_ref
 from pallas_kernels.sliding_window import reference as _swa_ref
 
+__all__ = ["Backend", "REFERENCE", "STAGES"]
+
 STAGES = ("compressed_attention", "select_blocks", "selected_attention", "sliding_window_attention")
-
-
-@dataclasses.dataclass(frozen=True)
-class Backend:
-    """A named set of stage implementations.
-
-    Attributes:
-      name: the name users pass as ``implementation=``.
-      platforms: JAX platforms (``"gpu"``, ``"tpu"``, ``"cpu"``) on which this backend is the
-        default, in registration order.
-      compressed_attention, select_blocks, selected_attention, sliding_window_attention: the
-        stage functions, or ``None`` to use the next backend's.
-    """
-
-    name: str
-    platforms: tuple[str, ...] = ()
-    compressed_attention: Callable | None = None
-    select_blocks: Callable | None = None
-    selected_attention: Callable | None = None
-    sliding_window_attention: Callable | None = None
-
 
 REFERENCE = Backend(
     name="reference",
@@ -105,8 +85,9 @@ def get_backend(name: str) -> Backend:
     if isinstance(entry, str):
         module_name, _, attr = entry.partition(":")
         entry = getattr(importlib.import_module(module_name), attr)
-        if not isinstance(entry, Backend):
-            raise TypeError(f"{module_name}:{attr} is {type(entry).__name__}, not a Backend")
+        missing = [s for s in ("name", *STAGES) if not hasattr(entry, s)]
+        if missing:
+            raise TypeError(f"{module_name}:{attr} is not a backend: it lacks {missing}")
         _BACKENDS[name] = entry
     return entry
 
