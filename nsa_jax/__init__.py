@@ -12,8 +12,19 @@ kernels or the pure-jnp reference), :class:`NativeSparseAttention` (Flax NNX lay
 :class:`NSATransformer` (a decoder LM).
 """
 
-from nsa_jax.config import NSAConfig
+from nsa_jax.config import ModelConfig, NSAConfig
+from nsa_jax.layers import CausalSelfAttention, NativeSparseAttention, NativeSparseAttentionLinen
+from nsa_jax.model import NSATransformer
 from nsa_jax.ops import NSAAux, nsa_attention
 
-__all__ = ["NSAConfig", "NSAAux", "nsa_attention"]
+__all__ = [
+    "CausalSelfAttention",
+    "ModelConfig",
+    "NSAAux",
+    "NSAConfig",
+    "NSATransformer",
+    "NativeSparseAttention",
+    "NativeSparseAttentionLinen",
+    "nsa_attention",
+]
 __version__ = "0.1.0"

@@ -118,3 +118,79 @@ def num_cmp_tokens(seq_len: int, block_size: int, stride: int) -> int:
     if seq_len < block_size:
         return 0
     return (seq_len - block_size) // stride + 1
+
+
+ATTENTION_KINDS: tuple[str, ...] = ("nsa", "full", "window")
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A decoder-only language model (RMSNorm, SwiGLU, GQA, RoPE) with NSA or a baseline.
+
+    Attributes:
+      vocab_size: token vocabulary (byte-level default: 256 bytes + 3 specials).
+      d_model: residual width ``D``.
+      num_layers: transformer blocks.
+      num_heads: query heads ``N``.
+      num_kv_heads: key/value heads ``K``; divides ``num_heads``.
+      head_dim: query/key head dim ``Dk``.
+      v_head_dim: value head dim ``Dv`` (``None``: ``head_dim``).
+      mlp_hidden: SwiGLU hidden width.
+      attention: ``"nsa"``, ``"full"`` (causal dense, cuDNN on GPU) or ``"window"`` (causal
+        sliding window of ``nsa.window_size`` keys).
+      nsa: the NSA layer configuration (its window also sets ``"window"`` attention's).
+      rope_theta: RoPE base.
+      norm_eps: RMSNorm epsilon.
+      tie_embeddings: share the embedding matrix with the output projection.
+      dtype: compute dtype of activations and attention.
+      param_dtype: storage dtype of parameters (f32 master weights by default).
+      implementation: NSA backend name for ``nsa_attention`` (``None``: platform default).
+      remat: rematerialise each block in the backward pass (saves activation memory).
+    """
+
+    vocab_size: int = 259
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    v_head_dim: int | None = None
+    mlp_hidden: int = 704
+    attention: str = "nsa"
+    nsa: NSAConfig = dataclasses.field(default_factory=NSAConfig)
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    implementation: str | None = None
+    remat: bool = False
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "mlp_hidden"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        if self.v_head_dim is not None and self.v_head_dim < 1:
+            raise ValueError(f"v_head_dim must be positive, got {self.v_head_dim}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION_KINDS}")
+        if not isinstance(self.nsa, NSAConfig):
+            raise TypeError(f"nsa must be an NSAConfig, got {type(self.nsa).__name__}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {DTYPES}")
+
+    @property
+    def value_dim(self) -> int:
+        return self.v_head_dim or self.head_dim
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
