@@ -45,7 +45,8 @@ def sliding_window_attention(
     g = n // kh
     scale = default_scale(dk, scale)
     w = min(window_size, t)
-    chunk = chunk_size or auto_chunk_size(t, b * n * (2 * w))
+    # A chunk of c queries computes c * (c + w - 1) logits for c * w useful ones: keep c near w.
+    chunk = chunk_size or min(auto_chunk_size(t, b * n * (2 * w)), max(64, 1 << (w - 1).bit_length()))
     c = max(1, min(chunk, t))
     span = c + w - 1  # keys any query of a chunk may see
     n_chunks = -(-t // c)

@@ -1,0 +1,123 @@
+"""The NNX layer, its Linen bridge and NSATransformer."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nsa_jax import (
+    ModelConfig,
+    NativeSparseAttention,
+    NativeSparseAttentionLinen,
+    NSAConfig,
+    NSATransformer,
+    nsa_attention,
+)
+from nsa_jax.rope import apply_rope
+
+SMALL = NSAConfig(cmp_block_size=8, cmp_stride=4, slc_block_size=16, slc_top_n=4, window_size=16)
+MODEL = ModelConfig(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                    mlp_hidden=64, nsa=SMALL)
+
+
+@pytest.mark.parametrize("kv_mode", ["separate", "shared"])
+@pytest.mark.parametrize("kind", ["mlp", "mean", "linear"])
+def test_layer_runs_and_every_parameter_gets_gradient(kv_mode, kind):
+    cfg = SMALL.replace(kv_mode=kv_mode, cmp_kind=kind)
+    layer = NativeSparseAttention(32, 4, 2, 8, v_head_dim=12, config=cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 50, 32))
+    y = layer(x)
+    assert y.shape == (2, 50, 32) and np.isfinite(np.asarray(y)).all()
+    expected_kv = (3 if kv_mode == "separate" else 1) * 2 * (8 + 12)
+    assert layer.kv_proj.kernel[...].shape == (32, expected_kv)
+
+    grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(layer)
+    for path, g in jax.tree_util.tree_leaves_with_path(nnx.state(grads, nnx.Param)):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("k_b2']") or "k_b2" in name:
+            continue  # softmax is shift-invariant: a bias on every compressed key has no gradient
+        assert float(jnp.linalg.norm(g)) > 0, f"no gradient reaches {name}"
+
+
+def test_layer_matches_functional_nsa():
+    """The layer is projections + RoPE + gates around nsa_attention, nothing hidden."""
+    layer = NativeSparseAttention(32, 4, 2, 8, config=SMALL, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(2), (1, 40, 32))
+    pos = jnp.arange(40)[None]
+    q = apply_rope(layer.q_proj(x).reshape(1, 40, 4, 8), pos)
+    kv = layer.kv_proj(x).reshape(1, 40, 3, 2, 16)
+    ks = [apply_rope(kv[:, :, i, :, :8], pos) for i in range(3)]
+    vs = [kv[:, :, i, :, 8:] for i in range(3)]
+    gates = jax.nn.sigmoid(layer.gate_proj(x)).reshape(1, 40, 4, 3)
+    o = nsa_attention(q, ks[0], vs[0], gates, layer.compressor.params(), config=SMALL,
+                      k_slc=ks[1], v_slc=vs[1], k_swa=ks[2], v_swa=vs[2])
+    expected = layer.o_proj(o.reshape(1, 40, 32))
+    np.testing.assert_allclose(layer(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_linen_bridge_init_apply_and_grad():
+    module = NativeSparseAttentionLinen(d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
+                                        config=SMALL)
+    x = jax.random.normal(jax.random.key(3), (2, 33, 32))
+    variables = module.init(jax.random.key(0), x)
+    y = module.apply(variables, x)
+    assert y.shape == (2, 33, 32)
+    grads = jax.grad(lambda v: jnp.sum(module.apply(v, x) ** 2))(variables)
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    # Same parameters, same output: apply is a pure function of the variables.
+    np.testing.assert_array_equal(module.apply(variables, x), y)
+
+
+@pytest.mark.parametrize("attention", ["nsa", "full", "window"])
+def test_transformer_forward_backward(attention):
+    cfg = MODEL.replace(attention=attention)
+    model = NSATransformer(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(0), (2, 70), 0, cfg.vocab_size)
+    logits = model(tokens)
+    assert logits.shape == (2, 70, cfg.vocab_size) and logits.dtype == jnp.float32
+
+    def loss(m):
+        lp = jax.nn.log_softmax(m(tokens[:, :-1]))
+        return -jnp.mean(jnp.take_along_axis(lp, tokens[:, 1:, None], -1))
+
+    value, grads = nnx.value_and_grad(loss)(model)
+    assert np.isfinite(float(value))
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(nnx.state(grads)))
+
+
+@pytest.mark.parametrize("attention", ["nsa", "full", "window"])
+def test_transformer_is_causal(attention):
+    model = NSATransformer(MODEL.replace(attention=attention), rngs=nnx.Rngs(1))
+    tokens = jax.random.randint(jax.random.key(4), (1, 60), 0, 259)
+    changed = tokens.at[:, 41:].set((tokens[:, 41:] + 7) % 259)
+    a, b = np.asarray(model(tokens)), np.asarray(model(changed))
+    np.testing.assert_allclose(a[:, :41], b[:, :41], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(a[:, 41:], b[:, 41:])
+
+
+def test_remat_and_bf16_compute():
+    tokens = jax.random.randint(jax.random.key(5), (2, 40), 0, 259)
+    base = NSATransformer(MODEL, rngs=nnx.Rngs(0))
+    remat = NSATransformer(MODEL.replace(remat=True), rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(base(tokens), remat(tokens), rtol=1e-5, atol=1e-5)
+    g1 = nnx.grad(lambda m: jnp.mean(m(tokens)))(base)
+    g2 = nnx.grad(lambda m: jnp.mean(m(tokens)))(remat)
+    for a, b in zip(jax.tree.leaves(nnx.state(g1)), jax.tree.leaves(nnx.state(g2)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    bf16 = NSATransformer(MODEL.replace(dtype="bfloat16"), rngs=nnx.Rngs(0))
+    out = bf16(tokens)
+    params = jax.tree.leaves(nnx.state(bf16, nnx.Param))
+    assert all(p.dtype == jnp.float32 for p in params), "master weights stay f32"
+    rel = np.linalg.norm(np.asarray(out) - np.asarray(base(tokens))) / np.linalg.norm(base(tokens))
+    assert rel < 5e-2, f"bf16 compute drifted {rel:.3e} from f32"
+
+
+def test_token_errors():
+    model = NSATransformer(MODEL, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"tokens must be \[B, T\]"):
+        model(jnp.zeros((3,), jnp.int32))
+    with pytest.raises(TypeError, match=r"tokens must be integers"):
+        model(jnp.zeros((1, 3), jnp.float32))
