@@ -59,8 +59,10 @@ class NSATransformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        # std 1/sqrt(D): tied output logits start at unit scale (loss near ln V at init).
         self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=pdtype,
-                               embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
+                               embedding_init=nnx.initializers.normal(cfg.d_model**-0.5),
+                               rngs=rngs)
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=dtype,
                                       param_dtype=pdtype, rngs=rngs)
