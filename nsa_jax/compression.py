@@ -21,6 +21,9 @@ from jaxtyping import Array, Float
 
 from nsa_jax.config import CMP_KINDS, num_cmp_tokens
 
+# f32 matmuls at full precision (no TF32 on GPU): phi is part of the exact reference.
+HIGHEST = jax.lax.Precision.HIGHEST
+
 
 def block_view(
     x: Float[Array, "B S K H"], block_size: int, stride: int
@@ -57,13 +60,16 @@ def compress(
     elif kind == "linear":
         flat = blocks.transpose(0, 1, 3, 2, 4).reshape(b, c, kh, l * h)  # [B, C, K, L*H]
         w = params["w"].astype(jnp.float32)
-        out = jnp.einsum("bckf,kfh->bckh", flat, w) + params["b"].astype(jnp.float32)
+        out = jnp.einsum("bckf,kfh->bckh", flat, w, precision=HIGHEST)
+        out = out + params["b"].astype(jnp.float32)
     else:  # "mlp"
         pos = params["pos"].astype(jnp.float32).transpose(1, 0, 2)  # [L, K, H]
         flat = (blocks + pos).transpose(0, 1, 3, 2, 4).reshape(b, c, kh, l * h)  # [B, C, K, L*H]
-        hid = jnp.einsum("bckf,kfm->bckm", flat, params["w1"].astype(jnp.float32))
+        hid = jnp.einsum("bckf,kfm->bckm", flat, params["w1"].astype(jnp.float32),
+                         precision=HIGHEST)
         hid = jax.nn.silu(hid + params["b1"].astype(jnp.float32))  # [B, C, K, Hm]
-        out = jnp.einsum("bckm,kmh->bckh", hid, params["w2"].astype(jnp.float32))
+        out = jnp.einsum("bckm,kmh->bckh", hid, params["w2"].astype(jnp.float32),
+                         precision=HIGHEST)
         out = out + params["b2"].astype(jnp.float32)
     return out.astype(x.dtype)
 
