@@ -113,8 +113,9 @@ def main():
             print(f"peak device memory so far: {stats['peak_bytes_in_use'] / 2**30:.1f} GiB")
 
     try:
-        sha = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-    except Exception:  # the device copy of the tree may carry no git metadata
+        sha = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
+                                      stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):  # the device copy has no git metadata
         sha = os.environ.get("NSA_COMMIT", "unknown")
     result = {
         "benchmark": "reference_scale", "device": dev.device_kind, "jax": jax.__version__,
