@@ -37,7 +37,8 @@ def block_view(
     r = block_size // stride
     if c == 0:
         return jnp.zeros((b, 0, block_size, kh, h), x.dtype)
-    chunks = x[:, : (c + r - 1) * stride].reshape(b, c + r - 1, stride, kh, h)  # [B, C+r-1, d, K, H]
+    # [B, C+r-1, d, K, H]: the sequence cut into stride-long chunks.
+    chunks = x[:, : (c + r - 1) * stride].reshape(b, c + r - 1, stride, kh, h)
     # Block i is chunks i, i+1, ..., i+r-1 laid end to end.
     return jnp.concatenate([chunks[:, j : j + c] for j in range(r)], axis=2)  # [B, C, L, K, H]
 

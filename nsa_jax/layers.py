@@ -167,7 +167,8 @@ class CausalSelfAttention(nnx.Module):
         kv = self.kv_proj(x).reshape(b, t, kh, dk + dv)
         k, v = kv[..., :dk], kv[..., dk:]
         if self.rope_theta is not None:
-            q, k = apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta)
+            q = apply_rope(q, positions, self.rope_theta)
+            k = apply_rope(k, positions, self.rope_theta)
         o = dense_attention(q, k, v, window_size=self.window_size)
         return self.o_proj(o.reshape(b, t, n * dv))
 

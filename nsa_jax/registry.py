@@ -108,7 +108,8 @@ def resolve(implementation: str | None = None, platform: str | None = None) -> t
             try:
                 chain.append(get_backend(name))
             except ImportError as err:  # a kernel backend whose dependencies are missing
-                warnings.warn(f"NSA backend {name!r} unavailable ({err}); falling back", stacklevel=2)
+                warnings.warn(f"NSA backend {name!r} unavailable ({err}); falling back",
+                              stacklevel=2)
     if REFERENCE not in chain:
         chain.append(REFERENCE)
     return tuple(chain)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 
-def rope_frequencies(head_dim: int, theta: float) -> Float[Array, "H2"]:
+def rope_frequencies(head_dim: int, theta: float) -> Float[Array, " half"]:
     """Inverse frequencies ``theta^(-2i/H)`` for ``i < H/2``."""
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head dim, got head_dim={head_dim}")

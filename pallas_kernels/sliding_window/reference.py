@@ -46,7 +46,8 @@ def sliding_window_attention(
     scale = default_scale(dk, scale)
     w = min(window_size, t)
     # A chunk of c queries computes c * (c + w - 1) logits for c * w useful ones: keep c near w.
-    chunk = chunk_size or min(auto_chunk_size(t, b * n * (2 * w)), max(64, 1 << (w - 1).bit_length()))
+    near_w = max(64, 1 << (w - 1).bit_length())
+    chunk = chunk_size or min(auto_chunk_size(t, b * n * (2 * w)), near_w)
     c = max(1, min(chunk, t))
     span = c + w - 1  # keys any query of a chunk may see
     n_chunks = -(-t // c)

@@ -154,7 +154,7 @@ class KernelSuite:
             fin = np.isfinite(np.asarray(lse_ref))
             assert_close(np.asarray(lse)[fin], np.asarray(lse_ref)[fin], dtype, what + " lse")
             if c:
-                self._vjp_check(lambda *a: fn(*a, **kw), lambda *a: ref(*a, **kw),
+                self._vjp_check(lambda *a, kw=kw: fn(*a, **kw), lambda *a, kw=kw: ref(*a, **kw),
                                 (q, k_cmp, v_cmp), (0, 1, 2), dtype, what)
             else:
                 assert not np.asarray(o, np.float32).any(), what + ": empty branch must be 0"
@@ -193,8 +193,8 @@ class KernelSuite:
             _, lse = fn(q, k, v, idx, **kw)
             _, lse_ref = ref(q, k, v, idx, **kw)
             assert_close(lse, lse_ref, dtype, what + " lse")
-            self._vjp_check(lambda q, k, v: fn(q, k, v, idx, **kw),
-                            lambda q, k, v: ref(q, k, v, idx, **kw),
+            self._vjp_check(lambda q, k, v, idx=idx, kw=kw: fn(q, k, v, idx, **kw),
+                            lambda q, k, v, idx=idx, kw=kw: ref(q, k, v, idx, **kw),
                             (q, k, v), (0, 1, 2), dtype, what)
 
     def test_sliding_window_attention(self):
@@ -210,7 +210,7 @@ class KernelSuite:
             _, lse = fn(q, k, v, **kw)
             _, lse_ref = ref(q, k, v, **kw)
             assert_close(lse, lse_ref, dtype, what + " lse")
-            self._vjp_check(lambda *a: fn(*a, **kw), lambda *a: ref(*a, **kw),
+            self._vjp_check(lambda *a, kw=kw: fn(*a, **kw), lambda *a, kw=kw: ref(*a, **kw),
                             (q, k, v), (0, 1, 2), dtype, what)
 
     def test_full_nsa_matches_reference(self):
