@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nsa_jax import NSAConfig
+from nsa_jax import NSAConfig, nsa_attention
 from nsa_jax.compression import init_compression_params
 from tests.oracle import nsa_oracle
 
@@ -37,6 +37,10 @@ class Case:
         return NSAConfig(cmp_block_size=self.l, cmp_stride=self.d, slc_block_size=self.lp,
                          slc_top_n=self.top_n, window_size=self.w, cmp_kind=self.kind,
                          kv_mode=self.kv_mode)
+
+
+# One compiled program per shape instead of op-by-op dispatch: several times faster on CPU.
+nsa_jit = jax.jit(nsa_attention, static_argnames=("config", "implementation", "return_aux"))
 
 
 def make_inputs(case: Case, dtype, seed: int = 0) -> dict:

@@ -14,13 +14,13 @@ from nsa_jax.compression import init_compression_params
 from pallas_kernels.compressed.reference import compressed_attention
 from pallas_kernels.selected.reference import selected_attention
 from pallas_kernels.sliding_window.reference import sliding_window_attention
-from tests.nsa_jax.helpers import Case, dense_causal, make_inputs
+from tests.nsa_jax.helpers import Case, dense_causal, make_inputs, nsa_jit
 from tests.tolerances import assert_close
 
 
 def _call(case, inputs, **kw):
     extra = {k: v for k, v in inputs.items() if k not in ("q", "k", "v", "gates", "cmp_params")}
-    return nsa_attention(inputs["q"], inputs["k"], inputs["v"], inputs["gates"],
+    return nsa_jit(inputs["q"], inputs["k"], inputs["v"], inputs["gates"],
                          inputs["cmp_params"], config=case.config, **extra, **kw)
 
 

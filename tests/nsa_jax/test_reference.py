@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from jax import test_util as jtu
 
-from nsa_jax import nsa_attention
 from pallas_kernels.selection.reference import selection_scores, top_n_blocks
-from tests.nsa_jax.helpers import Case, make_inputs, run_oracle
+from tests.nsa_jax.helpers import Case, make_inputs, nsa_jit, run_oracle
 from tests.tolerances import RTOL, assert_close, rel_err
 
 CASES = [
@@ -31,7 +30,7 @@ DTYPES = [jnp.float32, jnp.bfloat16]
 
 def _call(case: Case, inputs: dict, **kw):
     args = {k: v for k, v in inputs.items() if k not in ("q", "k", "v", "gates", "cmp_params")}
-    return nsa_attention(inputs["q"], inputs["k"], inputs["v"], inputs["gates"],
+    return nsa_jit(inputs["q"], inputs["k"], inputs["v"], inputs["gates"],
                          inputs["cmp_params"], config=case.config, implementation="reference",
                          **args, **kw)
 
