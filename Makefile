@@ -37,3 +37,9 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Train the tiny NSA model on the Python standard library (CPU, a few minutes). Extra
+# overrides: make train ARGS="--set train.steps=100".
+.PHONY: train
+train: venv
+	$(PY) -m train --config tiny $(ARGS)

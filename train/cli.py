@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "model.attention=full --set model.nsa.window_size=128; repeatable")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as JSON and exit")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     parser.add_argument("--distributed", action="store_true",
                         help="call jax.distributed.initialize() (auto-detects SLURM, Open MPI, "
                              "Kubernetes and TPU pods)")
@@ -77,5 +77,5 @@ def main(argv: list[str] | None = None) -> int:
 
     from train import loop
 
-    loop.run(cfg, progress=not args.no_progress)
+    loop.run(cfg, progress="lines" if args.no_progress else "bar")
     return 0

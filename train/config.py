@@ -226,6 +226,9 @@ class TrainConfig:
       seed: parameter initialisation and data order.
       output_dir: run directory: checkpoints, TensorBoard events, the resolved config.
       log_every: steps between progress-bar and TensorBoard updates.
+      embed_init_std: standard deviation of the initial token embedding; ``None``: the model's
+        own init, rescaled to ``1/sqrt(d_model)`` when embeddings are tied (so the first logits
+        have unit scale).
     """
 
     name: str = "custom"
@@ -242,11 +245,15 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/custom"
     log_every: int = 10
+    embed_init_std: float | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             _positive_int("TrainConfig", name, getattr(self, name))
         _positive_int("TrainConfig", "seed", self.seed, allow_zero=True)
+        if self.embed_init_std is not None and not self.embed_init_std > 0:
+            raise ValueError(f"TrainConfig.embed_init_std must be > 0 or None, got "
+                             f"{self.embed_init_std!r}")
         if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise ValueError(f"TrainConfig.seq_len must be an int >= 2, got "
                              f"seq_len={self.seq_len!r}")

@@ -64,14 +64,15 @@ def _prepare_corpus(cfg: TrainConfig) -> data_lib.Corpus:
     return data_lib.Corpus.load(cfg.data)
 
 
-def run(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = True,
+def run(cfg: TrainConfig, *, stop_after: int | None = None, progress: str = "bar",
         tensorboard: bool = True) -> RunResult:
     """Trains ``cfg`` (resuming from its run directory when allowed); returns a summary.
 
     Args:
       cfg: the resolved configuration.
       stop_after: stop (and checkpoint) after this global step, as if interrupted there.
-      progress: show a progress bar on process 0.
+      progress: on process 0, ``"bar"`` (a progress bar), ``"lines"`` (a log line every
+        ``log_every`` steps) or ``"none"``.
       tensorboard: write TensorBoard event files under ``<output_dir>/tb``.
     """
     t_start = time.time()
@@ -100,7 +101,10 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = Tru
     tx = optim.make_optimizer(cfg.optim, cfg.steps)
 
     def init_state(key):
-        params = fns.init(key)
+        embed_std = cfg.embed_init_std
+        if embed_std is None and model_cfg.tie_embeddings:
+            embed_std = model_cfg.d_model ** -0.5
+        params = fns.init(key, embed_std=embed_std)
         return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
 
     key = jax.random.key(cfg.seed)
@@ -174,7 +178,9 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = Tru
 
     last = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = None
-    if progress and jax.process_index() == 0 and sys.stderr is not None:
+    if progress not in ("bar", "lines", "none"):
+        raise ValueError(f"progress={progress!r} is not one of ('bar', 'lines', 'none')")
+    if progress == "bar" and jax.process_index() == 0 and sys.stderr is not None:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=first, unit="step", dynamic_ncols=True,
@@ -200,6 +206,9 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = Tru
         if bar is not None:
             bar.set_postfix(loss=f"{float(m['loss']):.3f}", tok_s=f"{rate:,.0f}",
                             refresh=False)
+        elif progress == "lines" and jax.process_index() == 0:
+            print(f"step {s_now}/{cfg.steps}: loss {float(m['loss']):.3f}, "
+                  f"{rate:,.0f} tokens/s", flush=True)
         if writer is not None:
             for s_i, m_i in zip([s for s, _ in pending], host, strict=True):
                 writer.add_scalar("train/loss", float(m_i["loss"]), s_i)
@@ -226,9 +235,12 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = Tru
         if cfg.eval.every_steps and (done % cfg.eval.every_steps == 0 or done == cfg.steps):
             flush(done)
             evals[done] = evaluate(done)
+            line = f"eval at step {done}: " + ", ".join(f"{k} {v:.4f}"
+                                                        for k, v in evals[done].items())
             if bar is not None:
-                bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}"
-                                                       for k, v in evals[done].items()))
+                bar.write(line)
+            elif progress == "lines":
+                _log(line)
         if mngr is not None and cfg.checkpoint.every_steps and (
                 done % cfg.checkpoint.every_steps == 0 or done == last):
             ckpt_lib.save(mngr, done, state, train_iter.get_state(), cfg.to_dict(),
@@ -273,9 +285,8 @@ def _summary(r: RunResult) -> None:
     lines.append(f"TensorBoard: tensorboard --logdir {r.tensorboard_dir}")
     print("\n".join(lines), flush=True)
     with open(os.path.join(r.output_dir, "summary.json"), "w") as f:
-        json.dump({k: v for k, v in dataclasses.asdict(r).items() if k != "losses"}
-                  | {"final_loss": r.losses[max(r.losses)] if r.losses else None}, f,
-                  indent=2, default=_json_default)
+        json.dump(dataclasses.asdict(r) | {"losses": {str(k): v for k, v in r.losses.items()}},
+                  f, indent=2, default=_json_default)
 
 
 def _json_default(x: Any):

@@ -89,10 +89,22 @@ class ModelFns:
         graphdef, template = nnx.split(abstract, nnx.Param)
         return cls(graphdef, template, config)
 
-    def init(self, key: jax.Array) -> dict:
-        """Fresh parameters (a pure dict) from ``key``."""
+    def init(self, key: jax.Array, *, embed_std: float | None = None) -> dict:
+        """Fresh parameters (a pure dict) from ``key``.
+
+        Args:
+          key: PRNG key.
+          embed_std: rescale the token embedding to this standard deviation. With tied
+            embeddings the model's unit-variance init gives initial logits of standard
+            deviation ``sqrt(d_model)`` (a first loss far above ``log V``); ``1/sqrt(d_model)``
+            starts near ``log V``.
+        """
         model = NSATransformer(self.config, rngs=nnx.Rngs(params=key))
-        return nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
+        params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
+        if embed_std is not None:
+            emb = params["embed"]["embedding"]
+            params["embed"]["embedding"] = (emb * embed_std).astype(emb.dtype)
+        return params
 
     def abstract_params(self) -> dict:
         return nnx.to_pure_dict(self.template)

@@ -103,10 +103,14 @@ def zlib_id(task: str) -> int:
 
 
 def task_dataset(tasks: tuple[str, ...], *, seq_len: int, seed: int) -> grain.MapDataset:
-    """Round-robin over ``tasks``: element ``i`` is example ``i // len(tasks)`` of a task."""
+    """Element ``i`` is example ``i`` of a task drawn uniformly from ``tasks`` by ``(seed, i)``."""
     tasks = tuple(tasks)
-    return grain.MapDataset.range(2**40).map(
-        lambda i: example(tasks[i % len(tasks)], seq_len, seed, int(i) // len(tasks)))
+
+    def make(i):
+        pick = int(np.random.default_rng([seed, int(i)]).integers(len(tasks)))
+        return example(tasks[pick], seq_len, seed, int(i))
+
+    return grain.MapDataset.range(2**40).map(make)
 
 
 def as_packed(ex: dict) -> dict:
