@@ -166,7 +166,7 @@ def make_train_step(fns: ModelFns, tx: optax.GradientTransformation, schedule, *
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                      "step": state["step"] + 1}
-        metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
                    "learning_rate": schedule(state["step"]), "tokens": count}
         return new_state, metrics
 
