@@ -226,9 +226,8 @@ class TrainConfig:
       seed: parameter initialisation and data order.
       output_dir: run directory: checkpoints, TensorBoard events, the resolved config.
       log_every: steps between progress-bar and TensorBoard updates.
-      embed_init_std: standard deviation of the initial token embedding; ``None``: the model's
-        own init, rescaled to ``1/sqrt(d_model)`` when embeddings are tied (so the first logits
-        have unit scale).
+      embed_init_std: rescale the initial token embedding to this standard deviation;
+        ``None`` keeps the model's own init.
     """
 
     name: str = "custom"

@@ -101,10 +101,7 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, progress: str = "bar
     tx = optim.make_optimizer(cfg.optim, cfg.steps)
 
     def init_state(key):
-        embed_std = cfg.embed_init_std
-        if embed_std is None and model_cfg.tie_embeddings:
-            embed_std = model_cfg.d_model ** -0.5
-        params = fns.init(key, embed_std=embed_std)
+        params = fns.init(key, embed_std=cfg.embed_init_std)
         return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
 
     key = jax.random.key(cfg.seed)

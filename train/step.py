@@ -94,10 +94,8 @@ class ModelFns:
 
         Args:
           key: PRNG key.
-          embed_std: rescale the token embedding to this standard deviation. With tied
-            embeddings the model's unit-variance init gives initial logits of standard
-            deviation ``sqrt(d_model)`` (a first loss far above ``log V``); ``1/sqrt(d_model)``
-            starts near ``log V``.
+          embed_std: rescale the token embedding to this standard deviation (``None``: keep
+            the model's init).
         """
         model = NSATransformer(self.config, rngs=nnx.Rngs(params=key))
         params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
