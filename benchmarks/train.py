@@ -1,0 +1,271 @@
+"""Training throughput of the ~125M NSA model, and a multi-GPU loss check.
+
+Throughput (``--mode throughput``): one full training step (forward, backward, AdamW update;
+bf16 compute, f32 master weights, remat) of the ``nsa_125m`` preset with ``attention`` in
+``nsa``, ``full`` and ``window``, at 8k, 32k and 64k tokens, batch 1, on one device, all in the
+same run. Tokens are random (the step's cost does not depend on them). Reports the median step
+time of 10 timed steps after 2 warm-up steps, tokens/s, and model TFLOP/s:
+
+    6 * parameters * T  +  12 * layers * T * keys_per_query * heads * head_dim
+
+where keys per query (causal average) is ``T/2`` for full attention, ``~w`` for the window and
+the spec's cost model ``T/(2d) + n*l' + w`` for NSA (remat's extra forward is not counted).
+
+Multi-GPU (``--mode multi_gpu``): a small model trained 6 steps on synthetic batches on one
+device and on 2 devices with data-parallel and FSDP meshes; the losses must match.
+
+Writes ``docs/results/train.json`` / ``train_multi_gpu.json`` (schema of
+``shared/BENCHMARKS.md``) and, with ``--report``, a Markdown table next to the JSON.
+Needs only jax, flax, optax (no grain / TFDS): it runs on a bare GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+import configs  # noqa: E402
+from nsa_jax import registry, sharding  # noqa: E402
+from nsa_jax.config import ModelConfig  # noqa: E402
+from train import optim, step  # noqa: E402
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def keys_per_query(model: ModelConfig, seq_len: int) -> float:
+    """Causal average keys attended per query."""
+    if model.attention == "full":
+        return (seq_len + 1) / 2
+    w = model.nsa.window_size
+    if model.attention == "window":
+        return w - w * (w - 1) / (2 * seq_len) if seq_len >= w else (seq_len + 1) / 2
+    return model.nsa.keys_per_query(seq_len)
+
+
+def step_flops(model: ModelConfig, num_params: int, seq_len: int, batch: int) -> float:
+    attn = 12 * model.num_layers * keys_per_query(model, seq_len) * model.num_heads * (
+        model.head_dim + model.value_dim) / 2
+    return batch * seq_len * (6 * num_params + attn)
+
+
+def synthetic_batch(key, batch: int, seq_len: int, vocab: int) -> dict:
+    tokens = jax.random.randint(key, (batch, seq_len + 1), 0, 256, dtype=jnp.int32)
+    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+            "positions": jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32),
+                                          (batch, seq_len)),
+            "weights": jnp.ones((batch, seq_len), jnp.float32)}
+
+
+def build(model: ModelConfig, optim_cfg, mesh, *, grad_accum: int = 1):
+    """Sharded initial state and the jitted train step for ``model`` on ``mesh``."""
+    if model.attention == "nsa" and mesh.size > 1:
+        model = model.replace(implementation=step.sharded_backend(mesh, model.implementation))
+    fns = step.ModelFns.create(model)
+    tx = optim.make_optimizer(optim_cfg, 1000)
+    schedule = optim.learning_rate_schedule(optim_cfg, 1000)
+
+    def init(key):
+        params = fns.init(key)
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    shardings = step.state_shardings(abstract, mesh)
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+    batch_sharding = NamedSharding(mesh, sharding.batch_spec(2))
+    train_step = jax.jit(step.make_train_step(fns, tx, schedule, grad_accum=grad_accum,
+                                              mesh=mesh),
+                         in_shardings=(shardings, batch_sharding),
+                         out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+                         donate_argnums=(0,))
+    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract["params"]))
+    return state, train_step, batch_sharding, num_params
+
+
+def header(name: str, model: ModelConfig) -> dict:
+    nsa = dataclasses.asdict(model.nsa)
+    return {"benchmark": name, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+            "date": datetime.date.today().isoformat(), "commit": _commit(),
+            "backend": jax.default_backend(),
+            "nsa_implementation": [b.name for b in registry.resolve(model.implementation)],
+            "nsa_config": {k: nsa[k] for k in ("cmp_block_size", "cmp_stride",
+                                                "slc_block_size", "slc_top_n", "window_size")},
+            "records": []}
+
+
+def throughput(args) -> None:
+    preset = configs.get_config(args.preset)
+    result = header("train", preset.model)
+    result["model"] = dataclasses.asdict(preset.model)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    t_start = time.time()
+    for seq_len in args.seq_lens:
+        for attention in args.attentions:
+            model = preset.model.replace(attention=attention)
+            rec = {"name": f"train_{attention}", "pass": "train_step", "B": args.batch,
+                   "T": seq_len, "HQ": model.num_heads, "HKV": model.num_kv_heads,
+                   "Dk": model.head_dim, "Dv": model.value_dim, "dtype": model.dtype,
+                   "layers": model.num_layers, "d_model": model.d_model}
+            if time.time() - t_start > args.budget_s:
+                rec["skipped"] = f"time budget of {args.budget_s} s spent"
+                result["records"].append(rec)
+                continue
+            try:
+                rec.update(time_one(model, preset.optim, mesh, seq_len, args))
+            except Exception as err:  # noqa: BLE001 - an OOM at 64k is a result too
+                rec["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            print(json.dumps(rec), flush=True)
+            result["records"].append(rec)
+            write(result, args.out)
+    write(result, args.out)
+
+
+def time_one(model, optim_cfg, mesh, seq_len, args) -> dict:
+    state, train_step, batch_sharding, num_params = build(model, optim_cfg, mesh)
+    batch = jax.device_put(synthetic_batch(jax.random.key(1), args.batch, seq_len,
+                                           model.vocab_size), batch_sharding)
+    t0 = time.time()
+    state, m = train_step(state, batch)
+    jax.block_until_ready(m)
+    compile_s = time.time() - t0
+    for _ in range(args.warmup):
+        state, m = train_step(state, batch)
+    jax.block_until_ready(m)
+    times = []
+    reps = args.reps
+    for i in range(reps):
+        t0 = time.perf_counter()
+        state, m = train_step(state, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+        if i == 1 and times[-1] > args.slow_step_s:  # very slow steps: fewer repetitions
+            reps = max(3, reps // 3)
+        if len(times) >= reps:
+            break
+    med = statistics.median(times)
+    flops = step_flops(model, num_params, seq_len, args.batch)
+    loss = float(m["loss"])
+    del state
+    return {"ms": med * 1e3, "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3,
+            "reps": len(times), "tokens_per_s": args.batch * seq_len / med,
+            "tflops": flops / med / 1e12, "params": num_params, "compile_s": compile_s,
+            "keys_per_query": keys_per_query(model, seq_len), "loss": loss}
+
+
+def multi_gpu(args) -> None:
+    if jax.device_count() < 2:
+        raise SystemExit(f"--mode multi_gpu needs 2 devices, found {jax.device_count()}")
+    model = ModelConfig(d_model=256, num_layers=2, num_heads=8, num_kv_heads=2, head_dim=32,
+                        mlp_hidden=704, attention="nsa", dtype="float32",
+                        nsa=configs.SHORT_NSA)
+    optim_cfg = configs.get_config("tiny").optim
+    result = header("train_multi_gpu", model)
+    seq_len, batch, steps = args.check_seq_len, 4, 6
+    batches = [synthetic_batch(jax.random.key(10 + i), batch, seq_len, model.vocab_size)
+               for i in range(steps)]
+    layouts = {"1 device": ({"data": 1, "fsdp": 1, "tensor": 1}, 1),
+               "data=2": ({"data": 2, "fsdp": 1, "tensor": 1}, 2),
+               "fsdp=2": ({"data": 1, "fsdp": 2, "tensor": 1}, 2),
+               "tensor=2": ({"data": 1, "fsdp": 1, "tensor": 2}, 2)}
+    losses = {}
+    for name, (shape, n) in layouts.items():
+        mesh = sharding.make_mesh(shape, devices=jax.devices()[:n])
+        state, train_step, batch_sharding, _ = build(model, optim_cfg, mesh)
+        out = []
+        for b in batches:
+            state, m = train_step(state, jax.device_put(b, batch_sharding))
+            out.append(float(m["loss"]))
+        losses[name] = out
+        rel = float(np.max(np.abs(np.array(out) / np.array(losses["1 device"]) - 1)))
+        result["records"].append({"name": "train_nsa", "pass": "train_step", "mesh": name,
+                                  "devices": n, "B": batch, "T": seq_len, "losses": out,
+                                  "max_rel_diff_vs_1_device": rel})
+        print(name, out, rel, flush=True)
+    write(result, args.out)
+
+
+def write(result: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+def report(path: str) -> None:
+    """Writes a Markdown table next to the JSON file of a throughput run."""
+    with open(path) as f:
+        res = json.load(f)
+    lines = [f"# Training throughput: {res['device']}, jax {res['jax']}, {res['date']}", "",
+             f"Commit `{res['commit'][:10]}`; NSA stages run on "
+             f"`{' -> '.join(res['nsa_implementation'])}`; NSA config "
+             f"`{res['nsa_config']}`.", ""]
+    if res["benchmark"] == "train":
+        lines += ["| attention | T | ms / step | tokens/s | model TFLOP/s | keys / query | "
+                  "compile s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in res["records"]:
+            if "ms" in r:
+                lines.append(f"| {r['name']} | {r['T']} | {r['ms']:.1f} | "
+                             f"{r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | "
+                             f"{r['keys_per_query']:.0f} | {r['compile_s']:.0f} |")
+            else:
+                lines.append(f"| {r['name']} | {r['T']} | {r.get('error') or r.get('skipped')}"
+                             " | | | | |")
+    else:
+        lines += ["| mesh | devices | losses | max rel. diff vs 1 device |",
+                  "| --- | --- | --- | --- |"]
+        for r in res["records"]:
+            lines.append(f"| {r['mesh']} | {r['devices']} | "
+                         f"{', '.join(f'{x:.5f}' for x in r['losses'])} | "
+                         f"{r['max_rel_diff_vs_1_device']:.2e} |")
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=("throughput", "multi_gpu"), default="throughput")
+    p.add_argument("--preset", default="nsa_125m")
+    p.add_argument("--seq-lens", type=lambda s: [int(x) for x in s.split(",")],
+                   default=[8192, 32768, 65536])
+    p.add_argument("--attentions", type=lambda s: s.split(","), default=["nsa", "full", "window"])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--check-seq-len", type=int, default=1024, help="multi_gpu: tokens per row")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--slow-step-s", type=float, default=2.0,
+                   help="steps slower than this are timed fewer times (at least 3)")
+    p.add_argument("--budget-s", type=float, default=1e9,
+                   help="skip the remaining shapes once this much time has passed")
+    p.add_argument("--out", default=None)
+    p.add_argument("--report", metavar="JSON", help="only write the Markdown table of JSON")
+    args = p.parse_args()
+    if args.report:
+        report(args.report)
+        return
+    default = "train.json" if args.mode == "throughput" else "train_multi_gpu.json"
+    args.out = args.out or os.path.join("docs", "results", default)
+    (throughput if args.mode == "throughput" else multi_gpu)(args)
+    report(args.out)
+
+
+if __name__ == "__main__":
+    main()
