@@ -46,6 +46,8 @@ from train import optim, step  # noqa: E402
 
 
 def _commit() -> str:
+    if os.environ.get("NSA_COMMIT"):
+        return os.environ["NSA_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
