@@ -220,6 +220,8 @@ def report(path: str) -> None:
              f"Commit `{res['commit'][:10]}`; NSA stages run on "
              f"`{' -> '.join(res['nsa_implementation'])}`; NSA config "
              f"`{res['nsa_config']}`.", ""]
+    if res.get("note"):
+        lines += [res["note"], ""]
     if res["benchmark"] == "train":
         lines += ["| attention | T | ms / step | tokens/s | model TFLOP/s | keys / query | "
                   "compile s |", "| --- | --- | --- | --- | --- | --- | --- |"]
