@@ -44,7 +44,7 @@ def tiny() -> TrainConfig:
                           weight_decay=0.01),
         mesh=MeshConfig(),
         checkpoint=CheckpointConfig(every_steps=50, max_to_keep=2),
-        eval=EvalConfig(every_steps=50, batches=2, passkey_examples=8),
+        eval=EvalConfig(every_steps=50, batches=4, passkey_examples=8),
         steps=150,
         batch_size=16,
         seq_len=256,
