@@ -119,7 +119,8 @@ def param_partition_specs(tree, mesh_shape: Mapping[str, int]):
 
 
 def named_shardings(tree, mesh: Mesh):
-    """``NamedSharding`` for every leaf of ``tree`` on ``mesh`` (see :func:`param_partition_specs`)."""
+    """``NamedSharding`` for every leaf of ``tree`` on ``mesh`` (rules as in
+    :func:`param_partition_specs`)."""
     specs, _ = param_partition_specs(tree, dict(mesh.shape))
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                         is_leaf=lambda x: isinstance(x, PartitionSpec))

@@ -6,7 +6,6 @@ Everything is checked (preset, overrides, mesh against the devices) before anyth
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import configs
@@ -15,7 +14,8 @@ from train.config import TrainConfig, apply_overrides
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="nsa-train", description="Train an NSA language model (see docs/training.md).")
+        prog="nsa-train",
+        description="Train an NSA language model (see docs/training.md).")
     parser.add_argument("--config", default="tiny",
                         help=f"preset name: one of {sorted(configs.PRESETS)} (default: tiny)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "model.attention=full --set model.nsa.window_size=128; repeatable")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as JSON and exit")
-    parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="log lines instead of a progress bar")
     parser.add_argument("--distributed", action="store_true",
                         help="call jax.distributed.initialize() (auto-detects SLURM, Open MPI, "
                              "Kubernetes and TPU pods)")
@@ -48,8 +49,9 @@ def initialize_distributed(args) -> None:
             raise ValueError("--coordinator, --num-processes and --process-id go together; got "
                              f"coordinator={args.coordinator!r}, num_processes="
                              f"{args.num_processes!r}, process_id={args.process_id!r}")
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # CPU processes exchange data through gloo (no effect on GPU or TPU collectives). Set
+        # before initialize: asking for the backend first would start it single-process.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=args.coordinator,
                                    num_processes=args.num_processes, process_id=args.process_id)
     elif args.distributed:

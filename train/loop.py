@@ -75,6 +75,8 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, progress: str = "bar
         ``log_every`` steps) or ``"none"``.
       tensorboard: write TensorBoard event files under ``<output_dir>/tb``.
     """
+    if progress not in ("bar", "lines", "none"):
+        raise ValueError(f"progress={progress!r} is not one of ('bar', 'lines', 'none')")
     t_start = time.time()
     sizes = cfg.validate_for_devices(jax.device_count(), jax.process_count())
     mesh = sharding.make_mesh(sizes)
@@ -134,7 +136,11 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, progress: str = "bar
     if cfg.checkpoint.every_steps or cfg.checkpoint.resume:
         mngr = ckpt_lib.manager(ckpt_dir, max_to_keep=cfg.checkpoint.max_to_keep,
                                 async_save=cfg.checkpoint.async_save)
-    latest = mngr.latest_step() if (mngr is not None and cfg.checkpoint.resume) else None
+    existing = mngr.latest_step() if mngr is not None else None
+    if existing is not None and not cfg.checkpoint.resume:
+        raise ValueError(f"{ckpt_dir} already holds checkpoints up to step {existing}; resume "
+                         "with checkpoint.resume=true or choose another train.output_dir")
+    latest = existing if cfg.checkpoint.resume else None
     if latest is not None:
         target = ckpt_lib.abstract_with_shardings(abstract, shardings)
         state, _ = ckpt_lib.restore(mngr, latest, target, train_iter)
@@ -142,6 +148,9 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, progress: str = "bar
     else:
         state = jax.jit(init_state, out_shardings=shardings)(key)
     first = int(jax.device_get(state["step"]))
+    if first >= cfg.steps:
+        _log(f"{ckpt_dir} is already at step {first} of train.steps={cfg.steps}: nothing to "
+             "train (raise train.steps or choose another train.output_dir)")
 
     replicated = NamedSharding(mesh, PartitionSpec())
     train_step = jax.jit(
@@ -175,8 +184,6 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, progress: str = "bar
 
     last = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = None
-    if progress not in ("bar", "lines", "none"):
-        raise ValueError(f"progress={progress!r} is not one of ('bar', 'lines', 'none')")
     if progress == "bar" and jax.process_index() == 0 and sys.stderr is not None:
         from tqdm import tqdm
 
@@ -187,6 +194,7 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, progress: str = "bar
     evals: dict[int, dict[str, float]] = {}
     tokens_per_step = b * t
     t_loop, timed_steps, t_mark, steps_mark = None, 0, None, 0
+    paused_s = 0.0  # evaluation time, left out of tokens/s
 
     def flush(s_now: int):
         nonlocal t_mark, steps_mark
@@ -231,7 +239,11 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, progress: str = "bar
             bar.update(1)
         if cfg.eval.every_steps and (done % cfg.eval.every_steps == 0 or done == cfg.steps):
             flush(done)
+            t_eval = time.time()
             evals[done] = evaluate(done)
+            paused_s += time.time() - t_eval
+            if t_mark is not None:
+                t_mark += time.time() - t_eval
             line = f"eval at step {done}: " + ", ".join(f"{k} {v:.4f}"
                                                         for k, v in evals[done].items())
             if bar is not None:
@@ -247,7 +259,7 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, progress: str = "bar
         bar.close()
     if t_loop is not None and timed_steps:
         jax.block_until_ready(state["step"])
-        tokens_per_s = timed_steps * tokens_per_step / (time.time() - t_loop)
+        tokens_per_s = timed_steps * tokens_per_step / (time.time() - t_loop - paused_s)
     else:
         tokens_per_s = 0.0
     if mngr is not None:
@@ -269,7 +281,7 @@ def _summary(r: RunResult) -> None:
     if jax.process_index() != 0:
         return
     lines = [f"trained steps {r.first_step}..{r.last_step} in {r.wall_s:.0f} s "
-             f"({r.tokens_per_s:,.0f} tokens/s after compilation)"]
+             f"({r.tokens_per_s:,.0f} tokens/s, compilation and evaluation excluded)"]
     if r.losses:
         tail = [r.losses[s] for s in sorted(r.losses)[-10:]]
         lines.append(f"train loss {np.mean(tail):.3f} nats/token (mean of the last "

@@ -152,9 +152,9 @@ def make_train_step(fns: ModelFns, tx: optax.GradientTransformation, schedule, *
 
             def body(carry, mb):
                 mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, micro_spec), mb)
-                (l, c), g = grad_fn(params, mb)
+                (loss_i, count_i), g = grad_fn(params, mb)
                 acc_l, acc_c, acc_g = carry
-                return (acc_l + l, acc_c + c, jax.tree.map(jnp.add, acc_g, g)), None
+                return (acc_l + loss_i, acc_c + count_i, jax.tree.map(jnp.add, acc_g, g)), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
             (loss_sum, count), grads = (lambda t: ((t[0], t[1]), t[2]))(

@@ -9,9 +9,8 @@ deterministic.
 
 from __future__ import annotations
 
-import numpy as np
-
 import grain
+import numpy as np
 
 PAD, BOS, EOS = 256, 257, 258
 

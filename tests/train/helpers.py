@@ -5,8 +5,14 @@ from __future__ import annotations
 import dataclasses
 
 from nsa_jax.config import ModelConfig, NSAConfig
-from train.config import CheckpointConfig, DataConfig, EvalConfig, MeshConfig, OptimConfig
-from train.config import TrainConfig
+from train.config import (
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    MeshConfig,
+    OptimConfig,
+    TrainConfig,
+)
 
 MICRO_NSA = NSAConfig(cmp_block_size=8, cmp_stride=4, slc_block_size=8, slc_top_n=3,
                       window_size=16)

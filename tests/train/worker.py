@@ -27,9 +27,11 @@ def main() -> None:
     parser.add_argument("--process-id", type=int, default=0)
     args = parser.parse_args()
     if args.coordinator:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=args.coordinator,
-                                   num_processes=args.num_processes, process_id=args.process_id)
+        from train import cli
+
+        cli.initialize_distributed(argparse.Namespace(
+            coordinator=args.coordinator, num_processes=args.num_processes,
+            process_id=args.process_id, distributed=False))
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
     if cache:
         jax.config.update("jax_compilation_cache_dir", cache)
