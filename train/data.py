@@ -19,7 +19,8 @@ Pipeline, per batch row:
    point); targets that lie in another document than their input (the token after a boundary)
    are left out of the loss.
 5. **Tasks** (optional): passkey retrieval, multi-query associative recall and long-range copy
-   rows (:mod:`train.tasks`) replace a ``task_fraction`` share of rows.
+   examples (:mod:`train.tasks`) replace each row's next sequence with probability
+   ``task_fraction``, drawn independently per row and step.
 
 State: :class:`BatchIterator` is a ``grain.DatasetIterator``; ``get_state()`` / ``set_state()``
 restore the exact position of every row stream, so a resumed run sees the same batches.
@@ -235,19 +236,47 @@ def _text_row(source, *, row: int, num_rows: int, seq_len: int, seed: int, shuff
         ds.to_iter_dataset(), length_struct={"inputs": seq_len + 1})
 
 
-def row_dataset(source, cfg: DataConfig, *, row: int, num_rows: int, seq_len: int, seed: int,
-                shuffle: bool = True, with_tasks: bool = True) -> grain.IterDataset:
-    """The ``IterDataset`` of one batch row: packed text, optionally mixed with task rows."""
-    text = _text_row(source, row=row, num_rows=num_rows, seq_len=seq_len, seed=seed,
-                     shuffle=shuffle)
+class RowMixIterator(grain.DatasetIterator):
+    """One row's stream drawing each element from tasks with probability ``fraction``.
+
+    The draw for element ``k`` of row ``r`` depends only on ``(seed, r, k)``, so rows mix
+    independently (a step holds text and task rows side by side) and the stream resumes
+    exactly from its state.
+    """
+
+    def __init__(self, text: grain.DatasetIterator, tasks: grain.DatasetIterator, *,
+                 fraction: float, seed: int, row: int):
+        super().__init__()
+        self._text, self._tasks = text, tasks
+        self._fraction, self._seed, self._row = fraction, seed, row
+        self._index = 0
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        u = np.random.default_rng([self._seed, self._row, self._index]).random()
+        self._index += 1
+        return next(self._tasks) if u < self._fraction else next(self._text)
+
+    def get_state(self) -> dict:
+        return {"index": self._index, "text": self._text.get_state(),
+                "tasks": self._tasks.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        self._index = int(state["index"])
+        self._text.set_state(state["text"])
+        self._tasks.set_state(state["tasks"])
+
+
+def row_iterator(source, cfg: DataConfig, *, row: int, num_rows: int, seq_len: int, seed: int,
+                 shuffle: bool = True, with_tasks: bool = True) -> grain.DatasetIterator:
+    """The iterator of one batch row: packed text, optionally mixed with task examples."""
+    text = iter(_text_row(source, row=row, num_rows=num_rows, seq_len=seq_len, seed=seed,
+                          shuffle=shuffle))
     if not (with_tasks and cfg.tasks and cfg.task_fraction > 0):
         return text
     task_ds = tasks_lib.task_dataset(cfg.tasks, seq_len=seq_len, seed=seed + 1)
-    task_ds = task_ds.repeat(None)[row::num_rows].map(tasks_lib.as_packed).to_iter_dataset()
-    if cfg.task_fraction >= 1.0:
-        return task_ds
-    return grain.IterDataset.mix([text, task_ds],
-                                 weights=[1.0 - cfg.task_fraction, cfg.task_fraction])
+    task_it = iter(task_ds.repeat(None)[row::num_rows].map(tasks_lib.as_packed)
+                   .to_iter_dataset())
+    return RowMixIterator(text, task_it, fraction=cfg.task_fraction, seed=seed + 2, row=row)
 
 
 class BatchIterator(grain.DatasetIterator):
@@ -257,10 +286,10 @@ class BatchIterator(grain.DatasetIterator):
     T + 1]``, for the global rows ``rows`` of every step.
     """
 
-    def __init__(self, row_datasets: Sequence[grain.IterDataset], rows: Sequence[int]):
+    def __init__(self, row_iterators: Sequence[grain.DatasetIterator], rows: Sequence[int]):
         super().__init__()
         self._rows = tuple(rows)
-        self._iters = [iter(ds) for ds in row_datasets]
+        self._iters = list(row_iterators)
 
     @property
     def rows(self) -> tuple[int, ...]:
@@ -305,9 +334,9 @@ def make_batches(source, cfg: DataConfig, *, rows: Sequence[int], num_rows: int,
         raise ValueError("a batch iterator needs at least one row")
     if max(rows) >= num_rows or min(rows) < 0:
         raise ValueError(f"rows {min(rows)}..{max(rows)} outside a batch of {num_rows} rows")
-    datasets = [row_dataset(source, cfg, row=r, num_rows=num_rows, seq_len=seq_len, seed=seed,
-                            shuffle=shuffle, with_tasks=with_tasks) for r in rows]
-    return BatchIterator(datasets, rows)
+    iterators = [row_iterator(source, cfg, row=r, num_rows=num_rows, seq_len=seq_len, seed=seed,
+                              shuffle=shuffle, with_tasks=with_tasks) for r in rows]
+    return BatchIterator(iterators, rows)
 
 
 def model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -337,7 +366,7 @@ __all__ = [
     "make_batches",
     "model_inputs",
     "prepare",
-    "row_dataset",
+    "row_iterator",
     "split_files",
     "unigram_entropy",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -98,9 +100,18 @@ def test_task_mixing_is_deterministic_and_resumable(cfg, corpus):
                                    seq_len=256, seed=0)
     a = take(mk(), 8)
     assert equal_batches(a, take(mk(), 8))
-    texts = [data.decode(b["inputs"][0][:40]) for b in a]
-    assert any("|" in data.decode(b["inputs"][0]) for b in a)  # a copy row
-    assert any("=" in t and ";" in t for t in texts)  # an associative-recall row
+    kinds = []
+    for b in a:
+        row_kinds = []
+        for r in range(2):
+            full = data.decode(b["inputs"][r])
+            head = full[:40]
+            row_kinds.append("mqar" if ("=" in head and ";" in head) else
+                             "copy" if full.count("|") == 1 and head.isalpha() else "text")
+        kinds.append(row_kinds)
+    flat = [k for ks in kinds for k in ks]
+    assert {"copy", "mqar", "text"} <= set(flat)
+    assert any(ks[0] != ks[1] for ks in kinds)  # rows draw independently within a step
     it = mk()
     take(it, 3)
     state = it.get_state()
@@ -136,3 +147,25 @@ def test_task_answers_are_where_the_mask_says(task):
 def test_unigram_baseline_is_a_byte_entropy(corpus):
     h = data.unigram_entropy(corpus.train)
     assert 2.5 < h < np.log(256)
+
+
+def test_a_glob_or_directory_of_text_files_is_a_corpus(tmp_path):
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    texts = {f"sub/note{i}.txt" if i % 2 else f"note{i}.txt": f"note number {i}\n" * (i + 1)
+             for i in range(6)}
+    for rel, text in texts.items():
+        (docs / rel).write_text(text)
+    (docs / "skip.md").write_text("not a .txt file")
+    for corpus in (str(docs / "**" / "*.txt"), str(docs)):
+        cfg = DataConfig(corpus=corpus, suffixes=(".txt",), validation_fraction=0.2,
+                         data_dir=str(tmp_path / "tfds"))
+        c = data.Corpus.load(cfg)
+        got = {}
+        for src in (c.train, c.validation):
+            for i in range(len(src)):
+                got[src[i]["path"].decode()] = bytes(src[i]["bytes"]).decode()
+        assert {os.path.basename(p) for p in got} == {os.path.basename(p) for p in texts}
+        assert sorted(got.values()) == sorted(texts.values())
+    with pytest.raises(ValueError, match="matches no file"):
+        data.corpus_files(DataConfig(corpus=str(tmp_path / "none" / "*.txt")))
