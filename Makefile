@@ -11,7 +11,7 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3 \
 	  command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' \
 	    2>/dev/null && { command -v $$p; break; }; done)
 
-.PHONY: venv demo test test-fast lint clean
+.PHONY: venv demo nsa-demo test test-fast lint clean
 
 $(VENV)/.installed-$(subst $(comma),_,$(EXTRAS)): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: need Python >= 3.12 (set PYTHON=...)"; exit 1; }
@@ -23,7 +23,11 @@ $(VENV)/.installed-$(subst $(comma),_,$(EXTRAS)): pyproject.toml
 
 venv: $(VENV)/.installed-$(subst $(comma),_,$(EXTRAS))
 
-demo: venv
+# The main job: a tiny NSA LM trained on the embedded default corpus (this Python's stdlib).
+demo: train
+
+# A first look at the layer itself: fwd+bwd at T=8192, the selected blocks, keys visited.
+nsa-demo: venv
 	$(PY) -m nsa_jax.demo
 
 test: venv
