@@ -9,10 +9,13 @@ Axis alphabet, used in einsum strings, jaxtyping annotations and shape comments 
 
 Public entry points: :class:`NSAConfig`, :func:`nsa_attention` (functional NSA, dispatched to
 kernels or the pure-jnp reference), :class:`NativeSparseAttention` (Flax NNX layer) and
-:class:`NSATransformer` (a decoder LM).
+:class:`NSATransformer` (a decoder LM), and for decoding :class:`NSACache` and
+:func:`generate`.
 """
 
+from nsa_jax.cache import NSACache
 from nsa_jax.config import ModelConfig, NSAConfig
+from nsa_jax.generate import generate
 from nsa_jax.layers import CausalSelfAttention, NativeSparseAttention, NativeSparseAttentionLinen
 from nsa_jax.model import NSATransformer
 from nsa_jax.ops import NSAAux, nsa_attention
@@ -21,10 +24,12 @@ __all__ = [
     "CausalSelfAttention",
     "ModelConfig",
     "NSAAux",
+    "NSACache",
     "NSAConfig",
     "NSATransformer",
     "NativeSparseAttention",
     "NativeSparseAttentionLinen",
+    "generate",
     "nsa_attention",
 ]
 __version__ = "0.1.0"

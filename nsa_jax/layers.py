@@ -13,6 +13,15 @@ from flax import linen as nn
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from nsa_jax.cache import (
+    NSACache,
+    append,
+    check_decode,
+    check_prefill,
+    dense_decode_attention,
+    nsa_decode_attention,
+    write_prefill,
+)
 from nsa_jax.compression import init_compression_params
 from nsa_jax.config import NSAConfig
 from nsa_jax.ops import nsa_attention
@@ -138,6 +147,58 @@ class NativeSparseAttention(nnx.Module):
         y = self.o_proj(o.reshape(b, t, self.num_heads * self.v_head_dim))  # [B, T, D]
         return (y, aux) if return_aux else y
 
+    # Decoding ---------------------------------------------------------------------------------
+
+    def init_cache(self, batch_size: int, max_len: int, *, dtype=None) -> NSACache:
+        """An empty :class:`NSACache` for ``batch_size`` sequences of up to ``max_len`` tokens."""
+        return NSACache.create(
+            batch_size, max_len, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            v_head_dim=self.v_head_dim, branches=self.kv_branches, config=self.config,
+            dtype=dtype or self.dtype or jnp.float32,
+        )
+
+    def prefill(
+        self, x: Float[Array, "B T D"], cache: NSACache, lengths: Int[Array, "B"] | None = None
+    ) -> tuple[Float[Array, "B T D"], NSACache]:
+        """The full-sequence forward of a prompt, also filling an empty ``cache``.
+
+        Args:
+          x: prompts ``[B, T, D]`` at positions ``0..T-1``, right-padded where shorter.
+          cache: an empty cache from :meth:`init_cache`.
+          lengths: ``int32 [B]`` true prompt lengths (default ``T``); outputs past a
+            sequence's length are those of its padding.
+
+        Returns:
+          ``(y [B, T, D], cache)``; ``y`` is exactly ``self(x)``.
+        """
+        if x.ndim != 3:
+            raise ValueError(f"x must be [B, T, D], got x.shape={tuple(x.shape)}")
+        lengths = check_prefill(cache, x, lengths)
+        b, t, _ = x.shape
+        q, branches, gates = self.project(x, default_positions(x))
+        o, aux = self.attend(q, branches, gates, return_aux=True)
+        y = self.o_proj(o.reshape(b, t, self.num_heads * self.v_head_dim))  # [B, T, D]
+        return y, write_prefill(cache, branches, lengths, aux.k_cmp, aux.v_cmp)
+
+    def decode(
+        self, x: Float[Array, "B D"], cache: NSACache
+    ) -> tuple[Float[Array, "B D"], NSACache]:
+        """One new token per sequence at position ``cache.lengths``; returns ``(y [B, D], cache)``.
+
+        ``y`` equals the full-sequence forward's output at that position.
+        """
+        if x.ndim != 2:
+            raise ValueError(f"x must be [B, D] (one token per sequence), got "
+                             f"x.shape={tuple(x.shape)}")
+        check_decode(cache, x)
+        b = x.shape[0]
+        q, branches, gates = self.project(x[:, None], cache.lengths[:, None])
+        kv = {name: (k[:, 0], v[:, 0]) for name, (k, v) in branches.items()}
+        cache = append(cache, kv, cmp_params=self.compressor.params(), config=self.config)
+        o = nsa_decode_attention(q[:, 0], gates[:, 0], cache, config=self.config,
+                                 implementation=self.implementation)  # [B, N, Dv]
+        return self.o_proj(o.reshape(b, self.num_heads * self.v_head_dim)), cache
+
 
 class CausalSelfAttention(nnx.Module):
     """Dense causal (``window_size=None``) or sliding-window attention with GQA and RoPE.
@@ -171,6 +232,56 @@ class CausalSelfAttention(nnx.Module):
             k = apply_rope(k, positions, self.rope_theta)
         o = dense_attention(q, k, v, window_size=self.window_size)
         return self.o_proj(o.reshape(b, t, n * dv))
+
+    # Decoding ---------------------------------------------------------------------------------
+
+    def _project_qkv(self, x, positions):
+        """``q [B, T, N, Dk]``, ``k [B, T, K, Dk]``, ``v [B, T, K, Dv]`` as in ``__call__``."""
+        b, t, _ = x.shape
+        n, kh, dk, dv = self.num_heads, self.num_kv_heads, self.head_dim, self.v_head_dim
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+        q = self.q_proj(x).reshape(b, t, n, dk)
+        kv = self.kv_proj(x).reshape(b, t, kh, dk + dv)
+        k, v = kv[..., :dk], kv[..., dk:]
+        if self.rope_theta is not None:
+            q, k = apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta)
+        return q, k, v
+
+    def init_cache(self, batch_size: int, max_len: int, *, dtype=None) -> NSACache:
+        """An empty cache (one ``"dense"`` key/value set, no compressed tokens)."""
+        return NSACache.create(
+            batch_size, max_len, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            v_head_dim=self.v_head_dim, branches=("dense",), config=None,
+            dtype=dtype or self.dtype or jnp.float32,
+        )
+
+    def prefill(
+        self, x: Float[Array, "B T D"], cache: NSACache, lengths: Int[Array, "B"] | None = None
+    ) -> tuple[Float[Array, "B T D"], NSACache]:
+        """The forward of right-padded prompts ``x [B, T, D]``, also filling an empty ``cache``."""
+        if x.ndim != 3:
+            raise ValueError(f"x must be [B, T, D], got x.shape={tuple(x.shape)}")
+        lengths = check_prefill(cache, x, lengths)
+        b, t, _ = x.shape
+        q, k, v = self._project_qkv(x, default_positions(x))
+        o = dense_attention(q, k, v, window_size=self.window_size)
+        y = self.o_proj(o.reshape(b, t, self.num_heads * self.v_head_dim))
+        return y, write_prefill(cache, {"dense": (k, v)}, lengths)
+
+    def decode(
+        self, x: Float[Array, "B D"], cache: NSACache
+    ) -> tuple[Float[Array, "B D"], NSACache]:
+        """One new token per sequence at position ``cache.lengths``; returns ``(y [B, D], cache)``."""
+        if x.ndim != 2:
+            raise ValueError(f"x must be [B, D] (one token per sequence), got "
+                             f"x.shape={tuple(x.shape)}")
+        check_decode(cache, x)
+        b = x.shape[0]
+        q, k, v = self._project_qkv(x[:, None], cache.lengths[:, None])
+        cache = append(cache, {"dense": (k[:, 0], v[:, 0])})
+        o = dense_decode_attention(q[:, 0], cache, window_size=self.window_size)  # [B, N, Dv]
+        return self.o_proj(o.reshape(b, self.num_heads * self.v_head_dim)), cache
 
 
 def dense_attention(q, k, v, *, window_size: int | None = None):

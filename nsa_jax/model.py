@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from nsa_jax.cache import NSACache
 from nsa_jax.config import ModelConfig
 from nsa_jax.layers import CausalSelfAttention, NativeSparseAttention, default_positions
 
@@ -47,6 +48,18 @@ class Block(nnx.Module):
     def __call__(self, x, positions):
         x = x + self.attn(self.attn_norm(x), positions)
         return x + self.mlp(self.mlp_norm(x))
+
+    def prefill(self, x, cache: NSACache, lengths=None):
+        """``__call__`` at positions ``0..T-1`` that also fills the attention cache."""
+        a, cache = self.attn.prefill(self.attn_norm(x), cache, lengths)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), cache
+
+    def decode(self, x, cache: NSACache):
+        """One token per sequence, ``x [B, D]``; returns ``(x [B, D], cache)``."""
+        a, cache = self.attn.decode(self.attn_norm(x), cache)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), cache
 
 
 class NSATransformer(nnx.Module):
@@ -89,3 +102,59 @@ class NSATransformer(nnx.Module):
         else:
             logits = self.lm_head(x)
         return logits.astype(jnp.float32)
+
+    # Decoding ---------------------------------------------------------------------------------
+
+    def init_cache(self, batch_size: int, max_len: int) -> tuple[NSACache, ...]:
+        """One empty :class:`NSACache` per layer, for sequences of up to ``max_len`` tokens."""
+        dtype = jnp.dtype(self.config.dtype)
+        return tuple(block.attn.init_cache(batch_size, max_len, dtype=dtype)
+                     for block in self.blocks)
+
+    def _logits(self, x):
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.config.tie_embeddings else self.lm_head(x)
+        return logits.astype(jnp.float32)
+
+    def prefill(
+        self,
+        tokens: Int[Array, "B T"],
+        cache: tuple[NSACache, ...],
+        lengths: Int[Array, "B"] | None = None,
+    ) -> tuple[Float[Array, "B T V"], tuple[NSACache, ...]]:
+        """Logits of right-padded prompts (exactly ``self(tokens)``) and the filled caches.
+
+        Args:
+          tokens: prompts ``[B, T]``; sequence ``b`` is ``tokens[b, :lengths[b]]``.
+          cache: empty caches from :meth:`init_cache`.
+          lengths: ``int32 [B]`` prompt lengths (default ``T``).
+        """
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [B, T], got tokens.shape={tuple(tokens.shape)}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise TypeError(f"tokens must be integers, got tokens.dtype={tokens.dtype}")
+        if len(cache) != len(self.blocks):
+            raise ValueError(f"got {len(cache)} layer caches for {len(self.blocks)} layers")
+        x = self.embed(tokens)  # [B, T, D]
+        new_cache = []
+        for block, layer_cache in zip(self.blocks, cache, strict=True):
+            x, layer_cache = block.prefill(x, layer_cache, lengths)
+            new_cache.append(layer_cache)
+        return self._logits(x), tuple(new_cache)
+
+    def decode(
+        self, tokens: Int[Array, "B"], cache: tuple[NSACache, ...]
+    ) -> tuple[Float[Array, "B V"], tuple[NSACache, ...]]:
+        """Next-token logits after appending ``tokens`` (one per sequence) to the caches."""
+        if tokens.ndim != 1:
+            raise ValueError(f"tokens must be [B], got tokens.shape={tuple(tokens.shape)}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise TypeError(f"tokens must be integers, got tokens.dtype={tokens.dtype}")
+        if len(cache) != len(self.blocks):
+            raise ValueError(f"got {len(cache)} layer caches for {len(self.blocks)} layers")
+        x = self.embed(tokens)  # [B, D]
+        new_cache = []
+        for block, layer_cache in zip(self.blocks, cache, strict=True):
+            x, layer_cache = block.decode(x, layer_cache)
+            new_cache.append(layer_cache)
+        return self._logits(x), tuple(new_cache)
