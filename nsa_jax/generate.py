@@ -34,12 +34,10 @@ def sample_logits(
 
 
 @functools.partial(
-    jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "max_len", "temperature", "top_k"),
+    nnx.jit, static_argnames=("max_new_tokens", "max_len", "temperature", "top_k")
 )
-def _generate(graphdef, state, prompt, lengths, rng, *, max_new_tokens: int, max_len: int,
+def _generate(model, prompt, lengths, rng, *, max_new_tokens: int, max_len: int,
               temperature: float, top_k: int | None):
-    model = nnx.merge(graphdef, state)
     b = prompt.shape[0]
     cache = model.init_cache(b, max_len)
     logits, cache = model.prefill(prompt, cache, lengths)  # [B, T, V]
@@ -113,6 +111,5 @@ def generate(
             raise ValueError(f"prompt_lengths must lie in [1, {t}], got {lengths.tolist()}")
         lengths = lengths.astype(jnp.int32)
     rng = jax.random.key(0) if rng is None else rng
-    graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, prompt, lengths, rng, max_new_tokens=max_new_tokens,
+    return _generate(model, prompt, lengths, rng, max_new_tokens=max_new_tokens,
                      max_len=max_len, temperature=float(temperature), top_k=top_k)
