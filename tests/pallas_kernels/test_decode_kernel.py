@@ -1,0 +1,71 @@
+"""The Pallas-Triton decode kernels (interpret mode on CPU) against the XLA decode twin.
+
+The twin itself is checked against the full-sequence forward in
+``tests/nsa_jax/test_decode.py``, so kernel = twin = forward.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.decode import gpu
+from pallas_kernels.decode import reference as ref
+from tests.tolerances import assert_close
+
+GEOM = dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=4, window_size=16)
+
+
+def _inputs(seed, b, n, kh, dk, dv, s_len, c, dtype):
+    ks = jax.random.split(jax.random.key(seed), 8)
+
+    def normal(i, shape):
+        return jax.random.normal(ks[i], shape, jnp.float32).astype(dtype)
+
+    return (normal(0, (b, n, dk)), normal(1, (b, c, kh, dk)), normal(2, (b, c, kh, dv)),
+            normal(3, (b, s_len, kh, dk)), normal(4, (b, s_len, kh, dv)),
+            normal(5, (b, s_len, kh, dk)), normal(6, (b, s_len, kh, dv)),
+            jax.nn.sigmoid(jax.random.normal(ks[7], (b, n, 3))))
+
+
+@pytest.mark.parametrize(
+    "n,kh,dk,dv,block_k,dtype",
+    [
+        (8, 2, 16, 32, 16, jnp.float32),  # G = 4 padded to 16; several splits per branch
+        (16, 1, 32, 16, 64, jnp.float32),  # MQA, G = 16; one tile per split
+        (8, 2, 32, 32, 16, jnp.bfloat16),
+    ],
+)
+def test_decode_kernel_matches_twin(n, kh, dk, dv, block_k, dtype):
+    s_len, c = 64, 64
+    # Lengths: a single token (no compressed token yet), block-unaligned, and a full cache.
+    seq_lens = jnp.asarray([1, 7, 30, 64], jnp.int32)
+    args = (*_inputs(n + dk, len(seq_lens), n, kh, dk, dv, s_len, c, dtype), seq_lens)
+    sizes = gpu.BlockSizes(block_k=block_k, target_programs=64)
+    o_ref, idx_ref = ref.decode_attention(*args, **GEOM)
+    o, idx = gpu.decode_attention(*args, **GEOM, block_sizes=sizes, interpret=True)
+    assert o.dtype == o_ref.dtype and o.shape == o_ref.shape
+    np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(idx_ref), -1))
+    assert_close(o, o_ref, dtype, f"decode kernel G={n // kh} block_k={block_k}")
+
+
+def test_split_range_covers_each_key_once():
+    lo = jnp.asarray([0, 5, 17, 3, 9], jnp.int32)
+    hi = jnp.asarray([63, 40, 17, 2, 70], jnp.int32)  # the fourth range is empty
+    for splits in (1, 3, 8):
+        lo_s, hi_s = gpu.split_range(lo, hi, splits, 16)
+        for r in range(lo.shape[0]):
+            covered = [p for a, z in zip(np.asarray(lo_s[r]), np.asarray(hi_s[r]), strict=True)
+                       for p in range(a, z + 1)]
+            assert covered == list(range(int(lo[r]), int(hi[r]) + 1)), (r, splits)
+            starts = np.asarray(lo_s[r])[np.asarray(hi_s[r]) >= np.asarray(lo_s[r])]
+            # Every non-empty piece starts inside the range or on a tile boundary.
+            assert all(s == int(lo[r]) or s % 16 == 0 for s in starts)
+
+
+def test_unsupported_head_dim_raises_not_implemented():
+    args = (*_inputs(0, 1, 4, 1, 24, 24, 64, 64, jnp.float32), jnp.asarray([10], jnp.int32))
+    with pytest.raises(NotImplementedError, match="head dims"):
+        gpu.decode_attention(*args, **GEOM, interpret=True)
