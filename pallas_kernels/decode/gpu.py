@@ -11,7 +11,8 @@ blocks and the window. A decode step is a short chain:
    branch's probabilities, group-summed block scores and the top-n blocks (the twin's code).
 3. ``nsa_decode_sparse`` (grid ``B x K x (n + Mw)``): programs ``j < n`` attend the selected
    block in slot ``j`` (causal inside the current block; ``-1`` slots do nothing), programs
-   ``j >= n`` a share of the window ``[t - w + 1, t]``.
+   ``j >= n`` a share of the window ``[t - w + 1, t]``. With ``fuse_sparse=False`` these are
+   two launches, ``nsa_decode_slc`` and ``nsa_decode_swa``.
 4. XLA: merge each branch's partials, gate and sum.
 
 Every program walks whole tiles of ``block_k`` keys aligned to multiples of ``block_k`` inside an
@@ -47,12 +48,15 @@ class BlockSizes:
       block_k: keys per tile (upper bound; the largest power of two dividing the cache is used).
       target_programs: programs to aim for per kernel (about two per SM of an H100/H200).
       num_warps, num_stages: Triton launch parameters.
+      fuse_sparse: attend the selected blocks and the window in one launch (a ``lax.cond`` per
+        program picks the key set) rather than two.
     """
 
     block_k: int = 64
     target_programs: int = 264
     num_warps: int = 4
     num_stages: int = 2
+    fuse_sparse: bool = True
 
     def __post_init__(self):
         if self.block_k < 16 or self.block_k & (self.block_k - 1):
@@ -105,7 +109,8 @@ def _attend_range(q, k_ref, v_ref, lo, hi, *, scale, block_k, precision, s_ref=N
     return jax.lax.fori_loop(0, count, body, init)
 
 
-def _cmp_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, s_ref, **kw):
+def _range_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *s_ref, **kw):
+    s_ref = s_ref[0] if s_ref else None  # the logits output, when asked for
     o, m, l = _attend_range(q_ref[...], k_ref, v_ref, lo_ref[()], hi_ref[()], s_ref=s_ref, **kw)
     o_ref[...] = o
     m_ref[...] = m
@@ -150,25 +155,28 @@ def _seq_spec(s_len, d):
     return pl.BlockSpec((None, s_len, None, d), lambda b, k, j: (b, 0, k, 0))
 
 
-def _cmp_call(lo, hi, qg, k_cmp, v_cmp, *, scale, block_k, precision, params, interpret):
+def _range_call(lo, hi, qg, k, v, *, with_logits, scale, block_k, precision, params,
+                interpret, name):
     b, kh, m = lo.shape
     gp, dk = qg.shape[2:]
-    c, dv = k_cmp.shape[1], v_cmp.shape[-1]
-    kernel = functools.partial(_cmp_kernel, scale=scale, block_k=block_k, precision=precision)
+    s_len, dv = k.shape[1], v.shape[-1]
+    kernel = functools.partial(_range_kernel, scale=scale, block_k=block_k, precision=precision)
+    out_specs, out_shape = _partial_specs(gp, dv), _partial_shapes(b, kh, m, gp, dv)
+    if with_logits:
+        out_specs.append(pl.BlockSpec((None, None, gp, s_len), lambda b, k, j: (b, k, 0, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((b, kh, gp, s_len), jnp.float32))
     return pl.pallas_call(
         kernel,
         grid=(b, kh, m),
         in_specs=[_range_spec(), _range_spec(),
                   pl.BlockSpec((None, None, gp, dk), lambda b, k, j: (b, k, 0, 0)),
-                  _seq_spec(c, dk), _seq_spec(c, dv)],
-        out_specs=_partial_specs(gp, dv) + [
-            pl.BlockSpec((None, None, gp, c), lambda b, k, j: (b, k, 0, 0))],  # logits
-        out_shape=_partial_shapes(b, kh, m, gp, dv) + [
-            jax.ShapeDtypeStruct((b, kh, gp, c), jnp.float32)],
+                  _seq_spec(s_len, dk), _seq_spec(s_len, dv)],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=params,
         interpret=interpret,
-        name="nsa_decode_cmp",
-    )(lo, hi, qg, k_cmp, v_cmp)
+        name=name,
+    )(lo, hi, qg, k, v)
 
 
 def _sparse_call(lo, hi, qg, k_slc, v_slc, k_swa, v_swa, *, num_slc, scale, block_k,
@@ -285,7 +293,8 @@ def decode_attention(
     hi_c = jnp.broadcast_to((num_visible_cmp(t + 1, cmp_block_size, cmp_stride) - 1)[:, None],
                             (b, kh))
     lo_c, hi_c = split_range(jnp.zeros_like(hi_c), hi_c, mc, block_kc)  # [B, K, Mc]
-    o_p, m_p, l_p, s_cmp = _cmp_call(lo_c, hi_c, qg, k_cmp, v_cmp, block_k=block_kc, **common)
+    o_p, m_p, l_p, s_cmp = _range_call(lo_c, hi_c, qg, k_cmp, v_cmp, with_logits=True,
+                                       block_k=block_kc, name="nsa_decode_cmp", **common)
     o_cmp, lse_cmp = merge_partials(o_p[:, :, :, :g], m_p[..., :g], l_p[..., :g])
 
     # 2. Selection from the branch's own probabilities.
@@ -295,20 +304,26 @@ def decode_attention(
         top_n=top_n,
     )  # [B, K, n]
 
-    # 3. Selected blocks and the window in one launch.
+    # 3. Selected blocks and the window (one launch, or one each).
     lo_s = indices * slc_block_size
     hi_s = jnp.minimum(lo_s + slc_block_size - 1, t[:, None, None])
     lo_s, hi_s = jnp.where(indices >= 0, lo_s, 0), jnp.where(indices >= 0, hi_s, -1)
     mw = max(1, min(-(-window_size // block_k) + 1, -(-bs.target_programs // per_row)))
     lo_w = jnp.broadcast_to(jnp.maximum(t - window_size + 1, 0)[:, None], (b, kh))
     lo_w, hi_w = split_range(lo_w, jnp.broadcast_to(t[:, None], (b, kh)), mw, block_k)
-    lo_all = jnp.concatenate([lo_s, lo_w], axis=2)  # [B, K, n + Mw]
-    hi_all = jnp.concatenate([hi_s, hi_w], axis=2)
-    o_p, m_p, l_p = _sparse_call(lo_all, hi_all, qg, k_slc, v_slc, k_swa, v_swa,
-                                 num_slc=top_n, block_k=block_k, **common)
-    o_p, m_p, l_p = o_p[:, :, :, :g], m_p[..., :g], l_p[..., :g]
-    o_slc, _ = merge_partials(o_p[:, :, :top_n], m_p[:, :, :top_n], l_p[:, :, :top_n])
-    o_swa, _ = merge_partials(o_p[:, :, top_n:], m_p[:, :, top_n:], l_p[:, :, top_n:])
+    if bs.fuse_sparse:
+        lo_all = jnp.concatenate([lo_s, lo_w], axis=2)  # [B, K, n + Mw]
+        hi_all = jnp.concatenate([hi_s, hi_w], axis=2)
+        o_p, m_p, l_p = _sparse_call(lo_all, hi_all, qg, k_slc, v_slc, k_swa, v_swa,
+                                     num_slc=top_n, block_k=block_k, **common)
+        parts_slc = (o_p[:, :, :top_n], m_p[:, :, :top_n], l_p[:, :, :top_n])
+        parts_swa = (o_p[:, :, top_n:], m_p[:, :, top_n:], l_p[:, :, top_n:])
+    else:
+        kw = dict(with_logits=False, block_k=block_k, **common)
+        parts_slc = _range_call(lo_s, hi_s, qg, k_slc, v_slc, name="nsa_decode_slc", **kw)
+        parts_swa = _range_call(lo_w, hi_w, qg, k_swa, v_swa, name="nsa_decode_swa", **kw)
+    o_slc, _ = merge_partials(*(x[:, :, :, :g] for x in parts_slc))
+    o_swa, _ = merge_partials(*(x[:, :, :, :g] for x in parts_swa))
 
     # 4. Gates.
     o = combine_gated(gates, o_cmp.reshape(b, n, dv), o_slc.reshape(b, n, dv),

@@ -31,24 +31,24 @@ def _inputs(seed, b, n, kh, dk, dv, s_len, c, dtype):
 
 
 @pytest.mark.parametrize(
-    "n,kh,dk,dv,block_k,dtype",
+    "n,kh,dk,dv,block_k,fuse,dtype",
     [
-        (8, 2, 16, 32, 16, jnp.float32),  # G = 4 padded to 16; several splits per branch
-        (16, 1, 32, 16, 64, jnp.float32),  # MQA, G = 16; one tile per split
-        (8, 2, 32, 32, 16, jnp.bfloat16),
+        (8, 2, 16, 32, 16, True, jnp.float32),  # G = 4 padded to 16; several splits per branch
+        (16, 1, 32, 16, 64, False, jnp.float32),  # MQA, G = 16; one tile per split; 3 launches
+        (8, 2, 32, 32, 16, True, jnp.bfloat16),
     ],
 )
-def test_decode_kernel_matches_twin(n, kh, dk, dv, block_k, dtype):
+def test_decode_kernel_matches_twin(n, kh, dk, dv, block_k, fuse, dtype):
     s_len, c = 64, 64
     # Lengths: a single token (no compressed token yet), block-unaligned, and a full cache.
     seq_lens = jnp.asarray([1, 7, 30, 64], jnp.int32)
     args = (*_inputs(n + dk, len(seq_lens), n, kh, dk, dv, s_len, c, dtype), seq_lens)
-    sizes = gpu.BlockSizes(block_k=block_k, target_programs=64)
+    sizes = gpu.BlockSizes(block_k=block_k, target_programs=64, fuse_sparse=fuse)
     o_ref, idx_ref = ref.decode_attention(*args, **GEOM)
     o, idx = gpu.decode_attention(*args, **GEOM, block_sizes=sizes, interpret=True)
     assert o.dtype == o_ref.dtype and o.shape == o_ref.shape
     np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(idx_ref), -1))
-    assert_close(o, o_ref, dtype, f"decode kernel G={n // kh} block_k={block_k}")
+    assert_close(o, o_ref, dtype, f"decode kernel G={n // kh} block_k={block_k} fuse={fuse}")
 
 
 def test_split_range_covers_each_key_once():
