@@ -56,8 +56,8 @@ SWEEP = {
 
 
 def num_cmp(ctx: int) -> int:
-    l, d = NSA["cmp_block_size"], NSA["cmp_stride"]
-    return 0 if ctx < l else (ctx - l) // d + 1
+    size, stride = NSA["cmp_block_size"], NSA["cmp_stride"]
+    return 0 if ctx < size else (ctx - size) // stride + 1
 
 
 def nsa_bytes(b: int, ctx: int) -> int:
@@ -181,8 +181,9 @@ def render_markdown(result: dict) -> str:
 
             speed = f"{dense['ms'] / nsa['ms']:.1f}x" if dense and nsa else "-"
             impl = f" ({dense['impl']})" if dense else ""
-            lines.append(f"| {ctx // 1024}k | {b} | {fmt(dense)}{impl} | {fmt(dense, 'tbps', '.2f')}"
-                         f" | {fmt(nsa)} | {fmt(nsa, 'tbps', '.2f')} | {fmt(xla)} | {speed} |")
+            lines.append(f"| {ctx // 1024}k | {b} | {fmt(dense)}{impl} | "
+                         f"{fmt(dense, 'tbps', '.2f')} | {fmt(nsa)} | {fmt(nsa, 'tbps', '.2f')} | "
+                         f"{fmt(xla)} | {speed} |")
     lines.append("")
     return "\n".join(lines)
 

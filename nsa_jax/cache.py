@@ -127,7 +127,7 @@ class NSACache:
         return self.k[key], self.v[key]
 
 
-def check_prefill(cache: NSACache, x: jax.Array, lengths) -> Int[Array, "B"]:
+def check_prefill(cache: NSACache, x: jax.Array, lengths) -> Int[Array, " B"]:
     """Validates a prefill of ``x [B, T, ...]`` into an empty ``cache``; returns the lengths."""
     b, t = x.shape[:2]
     if b != cache.batch_size:
@@ -159,7 +159,7 @@ def check_decode(cache: NSACache, x: jax.Array) -> None:
 def write_prefill(
     cache: NSACache,
     kv: dict[str, tuple[Array, Array]],
-    lengths: Int[Array, "B"],
+    lengths: Int[Array, " B"],
     k_cmp: Array | None = None,
     v_cmp: Array | None = None,
 ) -> NSACache:
@@ -208,19 +208,20 @@ def append(
     cache = cache.replace(k=k, v=v, lengths=lengths)
     if config is None:
         return cache
-    l, d = config.cmp_block_size, config.cmp_stride
+    size, stride = config.cmp_block_size, config.cmp_stride
     raw_k, raw_v = cache.branch("cmp")
-    start = jnp.clip(lengths - l, 0, cache.max_len - l)  # [B] first raw token of the block
+    start = jnp.clip(lengths - size, 0, cache.max_len - size)  # [B] first raw token of the block
 
     def block(x):  # [B, S, K, D] -> [B, l, K, D]
-        return jax.vmap(lambda xs, s0: jax.lax.dynamic_slice_in_dim(xs, s0, l, axis=0))(x, start)
+        return jax.vmap(lambda xs, s0: jax.lax.dynamic_slice_in_dim(xs, s0, size, axis=0))(
+            x, start)
 
     params = cmp_params or {"k": {}, "v": {}}
-    geom = dict(kind=config.cmp_kind, block_size=l, stride=d)
+    geom = dict(kind=config.cmp_kind, block_size=size, stride=stride)
     new_k = compress(block(raw_k), params["k"], **geom)[:, 0]  # [B, K, Dk]
     new_v = compress(block(raw_v), params["v"], **geom)[:, 0]  # [B, K, Dv]
-    due = (lengths >= l) & ((lengths - l) % d == 0)  # [B]
-    slot = jnp.clip((lengths - l) // d, 0, cache.k_cmp.shape[1] - 1)
+    due = (lengths >= size) & ((lengths - size) % stride == 0)  # [B] a block completes now
+    slot = jnp.clip((lengths - size) // stride, 0, cache.k_cmp.shape[1] - 1)
 
     def put(buf, new):
         old = buf[rows, slot]  # [B, K, D]

@@ -22,7 +22,7 @@ def sample_logits(
     *,
     temperature: float = 0.0,
     top_k: int | None = None,
-) -> Int[Array, "B"]:
+) -> Int[Array, " B"]:
     """Greedy (``temperature == 0``), temperature or top-k sampling of one token per row."""
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -61,7 +61,7 @@ def generate(
     prompt: Int[Array, "B T"],
     max_new_tokens: int,
     *,
-    prompt_lengths: Int[Array, "B"] | None = None,
+    prompt_lengths: Int[Array, " B"] | None = None,
     temperature: float = 0.0,
     top_k: int | None = None,
     rng: jax.Array | None = None,

@@ -158,7 +158,7 @@ class NativeSparseAttention(nnx.Module):
         )
 
     def prefill(
-        self, x: Float[Array, "B T D"], cache: NSACache, lengths: Int[Array, "B"] | None = None
+        self, x: Float[Array, "B T D"], cache: NSACache, lengths: Int[Array, " B"] | None = None
     ) -> tuple[Float[Array, "B T D"], NSACache]:
         """The full-sequence forward of a prompt, also filling an empty ``cache``.
 
@@ -245,7 +245,8 @@ class CausalSelfAttention(nnx.Module):
         kv = self.kv_proj(x).reshape(b, t, kh, dk + dv)
         k, v = kv[..., :dk], kv[..., dk:]
         if self.rope_theta is not None:
-            q, k = apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta)
+            q = apply_rope(q, positions, self.rope_theta)
+            k = apply_rope(k, positions, self.rope_theta)
         return q, k, v
 
     def init_cache(self, batch_size: int, max_len: int, *, dtype=None) -> NSACache:
@@ -257,7 +258,7 @@ class CausalSelfAttention(nnx.Module):
         )
 
     def prefill(
-        self, x: Float[Array, "B T D"], cache: NSACache, lengths: Int[Array, "B"] | None = None
+        self, x: Float[Array, "B T D"], cache: NSACache, lengths: Int[Array, " B"] | None = None
     ) -> tuple[Float[Array, "B T D"], NSACache]:
         """The forward of right-padded prompts ``x [B, T, D]``, also filling an empty ``cache``."""
         if x.ndim != 3:
@@ -272,7 +273,7 @@ class CausalSelfAttention(nnx.Module):
     def decode(
         self, x: Float[Array, "B D"], cache: NSACache
     ) -> tuple[Float[Array, "B D"], NSACache]:
-        """One new token per sequence at position ``cache.lengths``; returns ``(y [B, D], cache)``."""
+        """One new token per sequence at position ``cache.lengths``: ``(y [B, D], cache)``."""
         if x.ndim != 2:
             raise ValueError(f"x must be [B, D] (one token per sequence), got "
                              f"x.shape={tuple(x.shape)}")

@@ -120,7 +120,7 @@ class NSATransformer(nnx.Module):
         self,
         tokens: Int[Array, "B T"],
         cache: tuple[NSACache, ...],
-        lengths: Int[Array, "B"] | None = None,
+        lengths: Int[Array, " B"] | None = None,
     ) -> tuple[Float[Array, "B T V"], tuple[NSACache, ...]]:
         """Logits of right-padded prompts (exactly ``self(tokens)``) and the filled caches.
 
@@ -143,7 +143,7 @@ class NSATransformer(nnx.Module):
         return self._logits(x), tuple(new_cache)
 
     def decode(
-        self, tokens: Int[Array, "B"], cache: tuple[NSACache, ...]
+        self, tokens: Int[Array, " B"], cache: tuple[NSACache, ...]
     ) -> tuple[Float[Array, "B V"], tuple[NSACache, ...]]:
         """Next-token logits after appending ``tokens`` (one per sequence) to the caches."""
         if tokens.ndim != 1:

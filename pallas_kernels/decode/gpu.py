@@ -88,7 +88,7 @@ def _attend_range(q, k_ref, v_ref, lo, hi, *, scale, block_k, precision, s_ref=N
     count = jnp.where(hi >= lo, hi // block_k - first + 1, 0)
 
     def body(i, carry):
-        o, m, l = carry
+        o, m_i, l_i = carry
         start = pl.multiple_of((first + i) * block_k, block_k)
         k = k_ref[pl.ds(start, block_k), :]  # [BK, Dk]
         s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale  # [Gp, BK]
@@ -97,12 +97,12 @@ def _attend_range(q, k_ref, v_ref, lo, hi, *, scale, block_k, precision, s_ref=N
         s = jnp.where(valid, s, MASK_VALUE)
         if s_ref is not None:
             s_ref[:, pl.ds(start, block_k)] = s
-        m_new = jnp.maximum(m, s.max(axis=1))  # every tile holds a valid key: m_new is real
-        alpha = jnp.exp(m - m_new)
+        m_new = jnp.maximum(m_i, s.max(axis=1))  # every tile holds a valid key: m_new is real
+        alpha = jnp.exp(m_i - m_new)
         p = jnp.where(valid, jnp.exp(s - m_new[:, None]), 0.0)  # [Gp, BK]
         v = v_ref[pl.ds(start, block_k), :]  # [BK, Dv]
         o = alpha[:, None] * o + plgpu.dot(p.astype(v.dtype), v, precision=precision)
-        return o, m_new, alpha * l + p.sum(axis=1)
+        return o, m_new, alpha * l_i + p.sum(axis=1)
 
     init = (jnp.zeros((gp, dv), jnp.float32), jnp.full((gp,), MASK_VALUE, jnp.float32),
             jnp.zeros((gp,), jnp.float32))
@@ -111,23 +111,24 @@ def _attend_range(q, k_ref, v_ref, lo, hi, *, scale, block_k, precision, s_ref=N
 
 def _range_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *s_ref, **kw):
     s_ref = s_ref[0] if s_ref else None  # the logits output, when asked for
-    o, m, l = _attend_range(q_ref[...], k_ref, v_ref, lo_ref[()], hi_ref[()], s_ref=s_ref, **kw)
+    o, m_i, l_i = _attend_range(q_ref[...], k_ref, v_ref, lo_ref[()], hi_ref[()], s_ref=s_ref,
+                                **kw)
     o_ref[...] = o
-    m_ref[...] = m
-    l_ref[...] = l
+    m_ref[...] = m_i
+    l_ref[...] = l_i
 
 
 def _sparse_kernel(lo_ref, hi_ref, q_ref, k_slc_ref, v_slc_ref, k_swa_ref, v_swa_ref,
                    o_ref, m_ref, l_ref, *, num_slc, **kw):
     q, lo, hi = q_ref[...], lo_ref[()], hi_ref[()]
-    o, m, l = jax.lax.cond(
+    o, m_i, l_i = jax.lax.cond(
         pl.program_id(2) < num_slc,
         lambda: _attend_range(q, k_slc_ref, v_slc_ref, lo, hi, **kw),
         lambda: _attend_range(q, k_swa_ref, v_swa_ref, lo, hi, **kw),
     )
     o_ref[...] = o
-    m_ref[...] = m
-    l_ref[...] = l
+    m_ref[...] = m_i
+    l_ref[...] = l_i
 
 
 # pallas_call wrappers --------------------------------------------------------------------------
@@ -221,15 +222,15 @@ def split_range(lo: Int[Array, "*R"], hi: Int[Array, "*R"], num_splits: int,
     return jnp.where(empty, 0, lo_s).astype(jnp.int32), jnp.where(empty, -1, hi_s).astype(jnp.int32)
 
 
-def merge_partials(o, m, l):
-    """Merges split softmaxes along axis 2: ``o [B, K, M, G, Dv]``, ``m, l [B, K, M, G]``.
+def merge_partials(o, m_i, l_i):
+    """Merges split softmaxes along axis 2: ``o [B, K, M, G, Dv]``, ``m_i, l_i [B, K, M, G]``.
 
     Returns the normalised output ``[B, K, G, Dv]`` and log-sum-exp ``[B, K, G]`` (``-inf``
     where every split was empty).
     """
-    m_max = m.max(axis=2, keepdims=True)
-    alpha = jnp.exp(m - m_max)  # [B, K, M, G]
-    l_tot = (alpha * l).sum(axis=2)
+    m_max = m_i.max(axis=2, keepdims=True)
+    alpha = jnp.exp(m_i - m_max)  # [B, K, M, G]
+    l_tot = (alpha * l_i).sum(axis=2)
     o_tot = (alpha[..., None] * o).sum(axis=2)
     has = l_tot > 0
     safe = jnp.where(has, l_tot, 1.0)
@@ -245,7 +246,7 @@ def decode_attention(
     k_swa: Float[Array, "B S K H"],
     v_swa: Float[Array, "B S K Hv"],
     gates: Float[Array, "B N 3"],
-    seq_lens: Int[Array, "B"],
+    seq_lens: Int[Array, " B"],
     *,
     cmp_block_size: int,
     cmp_stride: int,
@@ -268,7 +269,8 @@ def decode_attention(
     g = n // kh
     for name, d in (("Dk", dk), ("Dv", dv)):
         if d < 16 or d & (d - 1):
-            raise NotImplementedError(f"decode kernel needs power-of-two head dims >= 16: {name}={d}")
+            raise NotImplementedError(
+                f"decode kernel needs power-of-two head dims >= 16: {name}={d}")
     block_kc = _pow2_divisor(c, bs.block_k)
     if c == 0 or block_kc < 16:
         raise NotImplementedError(f"compressed cache length C={c} is not a multiple of 16")

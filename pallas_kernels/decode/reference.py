@@ -27,7 +27,7 @@ from pallas_kernels.common import HIGHEST, default_scale, masked_attention
 from pallas_kernels.selection.reference import block_scores_from_probs, top_n_blocks
 
 
-def num_visible_cmp(seq_lens: Int[Array, "B"], block_size: int, stride: int) -> Int[Array, "B"]:
+def num_visible_cmp(seq_lens: Int[Array, " B"], block_size: int, stride: int) -> Int[Array, " B"]:
     """Compressed tokens complete after ``seq_lens`` raw tokens: ``max(0, (L - l)//d + 1)``."""
     return jnp.where(seq_lens >= block_size, (seq_lens - block_size) // stride + 1, 0)
 
@@ -35,7 +35,7 @@ def num_visible_cmp(seq_lens: Int[Array, "B"], block_size: int, stride: int) -> 
 def select_from_logits(
     s_cmp: Float[Array, "B K G C"],
     lse_cmp: Float[Array, "B K G"],
-    seq_lens: Int[Array, "B"],
+    seq_lens: Int[Array, " B"],
     *,
     num_blocks: int,
     cmp_block_size: int,
@@ -99,7 +99,7 @@ def decode_attention(
     k_swa: Float[Array, "B S K H"],
     v_swa: Float[Array, "B S K Hv"],
     gates: Float[Array, "B N 3"],
-    seq_lens: Int[Array, "B"],
+    seq_lens: Int[Array, " B"],
     *,
     cmp_block_size: int,
     cmp_stride: int,

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import nsa_jax
-from nsa_jax import ModelConfig, NSACache, NSAConfig, NativeSparseAttention, NSATransformer
+from nsa_jax import ModelConfig, NativeSparseAttention, NSACache, NSAConfig, NSATransformer
 from nsa_jax.compression import init_compression_params
 from nsa_jax.generate import sample_logits
 from pallas_kernels.decode import reference as decode_ref
@@ -31,13 +31,13 @@ def _forward(module, x):
     return module(x)
 
 
-def _cmp_params(key, kind, kh, l, dk, dv):
+def _cmp_params(key, kind, kh, size, dk, dv):
     if kind == "mean":
         return None
     kk, kv = jax.random.split(key)
-    return {"k": init_compression_params(kk, kind=kind, num_kv_heads=kh, block_size=l,
+    return {"k": init_compression_params(kk, kind=kind, num_kv_heads=kh, block_size=size,
                                          head_dim=dk),
-            "v": init_compression_params(kv, kind=kind, num_kv_heads=kh, block_size=l,
+            "v": init_compression_params(kv, kind=kind, num_kv_heads=kh, block_size=size,
                                          head_dim=dv)}
 
 
@@ -189,7 +189,7 @@ def test_generate_greedy_is_deterministic_and_follows_the_forward():
     np.testing.assert_array_equal(np.asarray(out1), np.asarray(top1))
     for i, n in enumerate(np.asarray(lengths)):
         seq = jnp.concatenate([prompt[i, :n], out1[i]])[None]  # [1, n + new]
-        logits = _forward(model, seq)[0, n - 1:n - 1 + new]  # the forward's prediction for each new token
+        logits = _forward(model, seq)[0, n - 1:n - 1 + new]  # the forward's next-token rows
         np.testing.assert_array_equal(np.asarray(jnp.argmax(logits, -1)), np.asarray(out1[i]))
 
 
