@@ -7,6 +7,8 @@ a prompt of a single token included.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -241,3 +243,48 @@ def test_bad_arguments_raise_value_errors():
         nsa_jax.generate(model, jnp.zeros((2, 4), jnp.int32), 0)
     with pytest.raises(ValueError, match="max_len"):
         nsa_jax.generate(model, jnp.zeros((2, 4), jnp.int32), 8, max_len=10)
+
+
+def test_layer_decode_through_the_triton_kernel_matches_forward(monkeypatch):
+    """The GPU decode chain (Pallas interpret mode) inside the layer equals the forward."""
+    from nsa_jax import cache as cache_lib
+    from pallas_kernels.decode import gpu
+
+    kernel = functools.partial(gpu.decode_attention, interpret=True,
+                               block_sizes=gpu.BlockSizes(block_k=16, target_programs=16))
+    calls = []
+
+    def chain(implementation):
+        calls.append(implementation)
+        return [kernel]
+
+    monkeypatch.setattr(cache_lib, "_decode_chain", chain)
+    cfg = SMALL.replace(cmp_kind="mlp", kv_mode="separate")
+    layer = NativeSparseAttention(32, 4, 2, 16, config=cfg, rngs=nnx.Rngs(3))
+    lengths = jnp.asarray([2, 21], jnp.int32)
+    steps = 12
+    x = jax.random.normal(jax.random.key(4), (2, 21 + steps, 32))
+    ref = _forward(layer, x)
+    cache = layer.init_cache(2, x.shape[1])
+    _, cache = layer.prefill(x[:, :21], cache, lengths)
+    step = nnx.jit(lambda m, x, c: m.decode(x, c))
+    ys = []
+    for s in range(steps):
+        y, cache = step(layer, x[jnp.arange(2), lengths + s], cache)
+        ys.append(y)
+    assert calls, "the decode chain was not consulted"
+    ys = jnp.stack(ys, axis=1)
+    for b, n in enumerate(np.asarray(lengths)):
+        assert_close(ys[b], ref[b, n:n + steps], jnp.float32, f"kernel decode of sequence {b}")
+
+
+def test_decode_dispatch_prefers_the_kernel_and_ends_with_the_reference():
+    from nsa_jax import cache as cache_lib
+    from pallas_kernels.decode import gpu
+
+    ref_fn = decode_ref.decode_attention
+    assert cache_lib._decode_chain("pallas_triton") == [gpu.decode_attention, ref_fn]
+    assert cache_lib._decode_chain("reference") == [ref_fn]
+    assert cache_lib._decode_chain("pallas_mosaic") == [ref_fn]  # no TPU decode kernel yet
+    if jax.default_backend() == "cpu":
+        assert cache_lib._decode_chain(None) == [ref_fn]
