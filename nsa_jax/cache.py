@@ -3,15 +3,18 @@
 :class:`NSACache` is a pytree of fixed-size buffers, so a decode step has one static shape and
 is compiled once for a whole generation. Per layer it holds:
 
-- ``k[name]``, ``v[name]``: raw keys ``[B, S, K, Dk]`` and values ``[B, S, K, Dv]`` of each key
-  branch the layer's ``kv_mode`` has (``"cmp"``, ``"slc"``, ``"swa"`` for ``"separate"``;
-  ``"shared"``; ``"dense"`` for the dense and sliding-window baselines). Slot ``s`` holds
-  position ``s``.
+- ``k[name]``, ``v[name]``: raw keys ``[B, S_name, K, Dk]`` and values ``[B, S_name, K, Dv]`` of
+  each key branch the layer's ``kv_mode`` has (``"cmp"``, ``"slc"``, ``"swa"`` for
+  ``"separate"``; ``"shared"``; ``"dense"`` for the dense and sliding-window baselines). Position
+  ``p`` lives in slot ``p % S_name``. The selected, shared and dense sets span the whole sequence
+  (``S_name = S``); with separate keys the compressed branch's set only needs its last ``l``
+  tokens and the window's its last ``w``, so those two are ring buffers of
+  :func:`ring_size` slots, which keeps a separate-KV cache near the size of a shared one.
 - ``k_cmp``, ``v_cmp``: the compressed tokens completed so far ``[B, C, K, D]`` (slot ``i`` is
   compressed token ``i``); empty (``C = 0``) for the baselines.
 - ``lengths``: ``int32 [B]`` tokens in the cache per sequence; sequences may differ.
 
-Appending the token at position ``t`` writes its raw keys and values at slot ``t``; when that
+Appending the token at position ``t`` writes its raw keys and values at position ``t``; when that
 completes a compressed block (``t + 1 >= l`` and ``(t + 1 - l) % d == 0``) it runs ``phi`` on
 that one block and writes compressed token ``(t + 1 - l) // d``. Slots past a sequence's length
 hold stale values that are masked and overwritten before they become visible, which is what
@@ -44,6 +47,21 @@ _DECODE_IMPLS: dict[str, object] = {
     "pallas_triton": "pallas_kernels.decode.gpu:decode_attention",
 }
 _DECODE_DEFAULTS: dict[str, str] = {"gpu": "pallas_triton"}
+
+
+def ring_size(branch: str, max_len: int, config: NSAConfig) -> int:
+    """Slots of branch ``branch``'s raw buffer in an NSA cache of ``max_len`` (aligned) tokens.
+
+    The compressed branch reads only the ``l`` newest tokens and the window branch the ``w``
+    newest, so with separate keys their buffers are rings of ``l`` (resp. ``w``) slots rounded up
+    to the cache alignment; other branches, and rings that would not be shorter, span
+    ``max_len``.
+    """
+    need = {"cmp": config.cmp_block_size, "swa": config.window_size}.get(branch)
+    if need is None:
+        return max_len
+    align = math.lcm(config.slc_block_size, CACHE_ALIGN)
+    return min(max_len, -(-need // align) * align)
 
 
 @struct.dataclass
@@ -97,16 +115,17 @@ class NSACache:
             raise ValueError("branches must name at least one key/value set")
         dv = v_head_dim or head_dim
         b, kh = batch_size, num_kv_heads
-        if config is None:
-            s, c = max_len, 0
-        else:
+        sizes = {name: max_len for name in branches}
+        c = 0
+        if config is not None:
             align = math.lcm(config.slc_block_size, CACHE_ALIGN)
             s = -(-max(max_len, config.cmp_block_size) // align) * align
             c = -(-max(1, num_cmp_tokens(s, config.cmp_block_size, config.cmp_stride))
                   // CACHE_ALIGN) * CACHE_ALIGN
+            sizes = {name: ring_size(name, s, config) for name in branches}
         return cls(
-            k={name: jnp.zeros((b, s, kh, head_dim), dtype) for name in branches},
-            v={name: jnp.zeros((b, s, kh, dv), dtype) for name in branches},
+            k={name: jnp.zeros((b, sizes[name], kh, head_dim), dtype) for name in branches},
+            v={name: jnp.zeros((b, sizes[name], kh, dv), dtype) for name in branches},
             k_cmp=jnp.zeros((b, c, kh, head_dim), dtype),
             v_cmp=jnp.zeros((b, c, kh, dv), dtype),
             lengths=jnp.zeros((b,), jnp.int32),
@@ -118,8 +137,8 @@ class NSACache:
 
     @property
     def max_len(self) -> int:
-        """``S``, slots per sequence in the raw buffers."""
-        return next(iter(self.k.values())).shape[1]
+        """``S``, the longest sequence the cache holds (the size of its full-length buffers)."""
+        return max(x.shape[1] for x in self.k.values())
 
     def branch(self, name: str) -> tuple[Array, Array]:
         """Raw ``(k, v)`` of branch ``name``, or the shared set when the layer shares one."""
@@ -163,16 +182,26 @@ def write_prefill(
     k_cmp: Array | None = None,
     v_cmp: Array | None = None,
 ) -> NSACache:
-    """Stores a prompt's raw ``{branch: (k [B, T, K, Dk], v)}`` and compressed tokens at slot 0.
+    """Stores a prompt's raw ``{branch: (k [B, T, K, Dk], v)}`` and its compressed tokens.
 
     Slots past each sequence's length receive the padding's keys; they stay masked until
-    overwritten.
+    overwritten. A ring buffer shorter than the prompt keeps each sequence's own last tokens.
     """
     def put(buf, x):
         return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), (0,) * buf.ndim)
 
-    k = {name: put(cache.k[name], kv[name][0]) for name in cache.k}
-    v = {name: put(cache.v[name], kv[name][1]) for name in cache.v}
+    def put_raw(buf, x):  # x [B, T, K, D]
+        size, t = buf.shape[1], x.shape[1]
+        if size >= t:
+            return put(buf, x)
+        # Slot r holds the latest position p < length with p % size == r.
+        last = lengths[:, None] - 1  # [B, 1]
+        pos = last - jnp.mod(last - jnp.arange(size)[None, :], size)  # [B, size]
+        taken = x[jnp.arange(x.shape[0])[:, None], jnp.maximum(pos, 0)]  # [B, size, K, D]
+        return taken.astype(buf.dtype)
+
+    k = {name: put_raw(cache.k[name], kv[name][0]) for name in cache.k}
+    v = {name: put_raw(cache.v[name], kv[name][1]) for name in cache.v}
     new_k_cmp, new_v_cmp = cache.k_cmp, cache.v_cmp
     if k_cmp is not None and k_cmp.shape[1]:
         new_k_cmp, new_v_cmp = put(new_k_cmp, k_cmp), put(new_v_cmp, v_cmp)
@@ -199,22 +228,24 @@ def append(
     """
     b = cache.batch_size
     rows = jnp.arange(b)
-    pos = cache.lengths  # a token past max_len is dropped (the caller sized the cache)
-    k = {n: cache.k[n].at[rows, pos].set(kv[n][0].astype(cache.k[n].dtype), mode="drop")
-         for n in cache.k}
-    v = {n: cache.v[n].at[rows, pos].set(kv[n][1].astype(cache.v[n].dtype), mode="drop")
-         for n in cache.v}
+    def put_token(buf, x):
+        # Full-length buffers drop a token past max_len (the caller sized the cache); ring
+        # buffers overwrite their oldest slot.
+        slot = cache.lengths if buf.shape[1] == cache.max_len else cache.lengths % buf.shape[1]
+        return buf.at[rows, slot].set(x.astype(buf.dtype), mode="drop")
+
+    k = {n: put_token(cache.k[n], kv[n][0]) for n in cache.k}
+    v = {n: put_token(cache.v[n], kv[n][1]) for n in cache.v}
     lengths = cache.lengths + 1
     cache = cache.replace(k=k, v=v, lengths=lengths)
     if config is None:
         return cache
     size, stride = config.cmp_block_size, config.cmp_stride
     raw_k, raw_v = cache.branch("cmp")
-    start = jnp.clip(lengths - size, 0, cache.max_len - size)  # [B] first raw token of the block
+    pos = jnp.maximum(lengths - size, 0)[:, None] + jnp.arange(size)  # [B, l] the block
 
-    def block(x):  # [B, S, K, D] -> [B, l, K, D]
-        return jax.vmap(lambda xs, s0: jax.lax.dynamic_slice_in_dim(xs, s0, size, axis=0))(
-            x, start)
+    def block(x):  # [B, S_cmp, K, D] -> [B, l, K, D]
+        return x[rows[:, None], pos % x.shape[1]]
 
     params = cmp_params or {"k": {}, "v": {}}
     geom = dict(kind=config.cmp_kind, block_size=size, stride=stride)

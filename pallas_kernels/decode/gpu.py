@@ -19,10 +19,11 @@ Every program walks whole tiles of ``block_k`` keys aligned to multiples of ``bl
 inclusive key range ``[lo, hi]`` computed per program in step 2, masking keys outside it, so
 no load starts at an unaligned or out-of-bounds slot.
 
-Layout: ``q [B, N, Dk]``, raw caches ``[B, S, K, D]``, compressed caches ``[B, C, K, D]`` (the
-twin's). Limits (else ``NotImplementedError``, and callers fall back to the twin): ``Dk`` and
-``Dv`` powers of two ``>= 16``; ``S`` and ``l'`` multiples of a power of two ``>= 16``; ``C`` a
-multiple of 16. Query heads per group are padded to a power of two ``>= 16``.
+Layout: ``q [B, N, Dk]``, raw caches ``[B, S, K, D]`` (the window's may be a ring of
+``S' >= w`` slots), compressed caches ``[B, C, K, D]``: the twin's. Limits (else
+``NotImplementedError``, and callers fall back to the twin): ``Dk`` and ``Dv`` powers of two
+``>= 16``; ``S``, ``S'`` and ``l'`` multiples of a power of two ``>= 16``; ``C`` a multiple of
+16. Query heads per group are padded to a power of two ``>= 16``.
 """
 
 from __future__ import annotations
@@ -77,8 +78,12 @@ def _next_pow2(x: int) -> int:
 
 # Kernels ---------------------------------------------------------------------------------------
 
-def _attend_range(q, k_ref, v_ref, lo, hi, *, scale, block_k, precision, s_ref=None):
+def _attend_range(q, k_ref, v_ref, lo, hi, *, scale, block_k, precision, s_ref=None,
+                  ring=False):
     """Online-softmax attention of ``q [Gp, Dk]`` over keys ``[lo, hi]`` of ``k_ref [S, Dk]``.
+
+    With ``ring``, position ``p`` is read from slot ``p % S`` (a tile never wraps: ``S`` is a
+    multiple of ``block_k``).
 
     Returns ``(o [Gp, Dv], m [Gp], l [Gp])`` in f32: unnormalised output, max logit, sum of
     ``exp(s - m)``; an empty range gives ``(0, MASK_VALUE, 0)``.
@@ -90,7 +95,8 @@ def _attend_range(q, k_ref, v_ref, lo, hi, *, scale, block_k, precision, s_ref=N
     def body(i, carry):
         o, m_i, l_i = carry
         start = pl.multiple_of((first + i) * block_k, block_k)
-        k = k_ref[pl.ds(start, block_k), :]  # [BK, Dk]
+        slot = pl.multiple_of(start % k_ref.shape[0], block_k) if ring else start
+        k = k_ref[pl.ds(slot, block_k), :]  # [BK, Dk]
         s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale  # [Gp, BK]
         pos = start + jnp.arange(block_k, dtype=jnp.int32)
         valid = ((pos >= lo) & (pos <= hi))[None, :]  # [1, BK]
@@ -100,7 +106,7 @@ def _attend_range(q, k_ref, v_ref, lo, hi, *, scale, block_k, precision, s_ref=N
         m_new = jnp.maximum(m_i, s.max(axis=1))  # every tile holds a valid key: m_new is real
         alpha = jnp.exp(m_i - m_new)
         p = jnp.where(valid, jnp.exp(s - m_new[:, None]), 0.0)  # [Gp, BK]
-        v = v_ref[pl.ds(start, block_k), :]  # [BK, Dv]
+        v = v_ref[pl.ds(slot, block_k), :]  # [BK, Dv]
         o = alpha[:, None] * o + plgpu.dot(p.astype(v.dtype), v, precision=precision)
         return o, m_new, alpha * l_i + p.sum(axis=1)
 
@@ -124,7 +130,7 @@ def _sparse_kernel(lo_ref, hi_ref, q_ref, k_slc_ref, v_slc_ref, k_swa_ref, v_swa
     o, m_i, l_i = jax.lax.cond(
         pl.program_id(2) < num_slc,
         lambda: _attend_range(q, k_slc_ref, v_slc_ref, lo, hi, **kw),
-        lambda: _attend_range(q, k_swa_ref, v_swa_ref, lo, hi, **kw),
+        lambda: _attend_range(q, k_swa_ref, v_swa_ref, lo, hi, ring=True, **kw),
     )
     o_ref[...] = o
     m_ref[...] = m_i
@@ -157,11 +163,12 @@ def _seq_spec(s_len, d):
 
 
 def _range_call(lo, hi, qg, k, v, *, with_logits, scale, block_k, precision, params,
-                interpret, name):
+                interpret, name, ring=False):
     b, kh, m = lo.shape
     gp, dk = qg.shape[2:]
     s_len, dv = k.shape[1], v.shape[-1]
-    kernel = functools.partial(_range_kernel, scale=scale, block_k=block_k, precision=precision)
+    kernel = functools.partial(_range_kernel, scale=scale, block_k=block_k, precision=precision,
+                               ring=ring)
     out_specs, out_shape = _partial_specs(gp, dv), _partial_shapes(b, kh, m, gp, dv)
     if with_logits:
         out_specs.append(pl.BlockSpec((None, None, gp, s_len), lambda b, k, j: (b, k, 0, 0)))
@@ -323,7 +330,8 @@ def decode_attention(
     else:
         kw = dict(with_logits=False, block_k=block_k, **common)
         parts_slc = _range_call(lo_s, hi_s, qg, k_slc, v_slc, name="nsa_decode_slc", **kw)
-        parts_swa = _range_call(lo_w, hi_w, qg, k_swa, v_swa, name="nsa_decode_swa", **kw)
+        parts_swa = _range_call(lo_w, hi_w, qg, k_swa, v_swa, name="nsa_decode_swa", ring=True,
+                                **kw)
     o_slc, _ = merge_partials(*(x[:, :, :, :g] for x in parts_slc))
     o_swa, _ = merge_partials(*(x[:, :, :, :g] for x in parts_swa))
 

@@ -12,7 +12,8 @@ computes exactly what the full-sequence forward computes at row ``t``:
 - the gated sum of the three branches.
 
 Cache layout is sequence-first like the training path: raw keys ``[B, S, K, Dk]`` with slot
-``s`` holding position ``s``; compressed keys ``[B, C, K, Dk]`` with slot ``i`` holding
+``s`` holding position ``s`` (the window's keys may instead be a ring of ``S' >= w`` slots,
+position ``p`` in slot ``p % S'``); compressed keys ``[B, C, K, Dk]`` with slot ``i`` holding
 compressed token ``i``. Slots past a sequence's length may hold anything finite; they are
 masked.
 """
@@ -115,7 +116,8 @@ def decode_attention(
       k_cmp, v_cmp: compressed keys/values ``[B, C, K, Dk]``, ``[B, C, K, Dv]``; slots
         ``>= num_visible_cmp(seq_lens)`` are ignored.
       k_slc, v_slc: the selected branch's raw keys/values ``[B, S, K, D*]``.
-      k_swa, v_swa: the window branch's raw keys/values ``[B, S', K, D*]``.
+      k_swa, v_swa: the window branch's raw keys/values ``[B, S', K, D*]``, position ``p`` in
+        slot ``p % S'``: the whole sequence (``S' = S``) or a ring of ``S' >= w`` slots.
       gates: branch gates ``[B, N, 3]`` (cmp, slc, swa), after the sigmoid.
       seq_lens: ``int32 [B]`` tokens in the cache, the new one included (``1 <= L <= S``).
       cmp_block_size, cmp_stride, slc_block_size, top_n, window_size: ``l, d, l', n, w``.
@@ -164,12 +166,12 @@ def decode_attention(
         v_sel.reshape(b, kh, m_keys, dv), "bkgs,bksd->bkgd",
     )
 
-    # Sliding window: the last w positions, read as one slice per sequence.
-    w_len = min(window_size, k_swa.shape[1])
-    start = jnp.clip(t - window_size + 1, 0, k_swa.shape[1] - w_len)  # [B]
-    pos = start[:, None] + jnp.arange(w_len, dtype=jnp.int32)  # [B, W]
-    k_win = k_swa[jnp.arange(b)[:, None], pos].astype(jnp.float32)  # [B, W, K, Dk]
-    v_win = v_swa[jnp.arange(b)[:, None], pos].astype(jnp.float32)  # [B, W, K, Dv]
+    # Sliding window: the last w positions; position p sits in slot p % S' (S' >= w).
+    start = jnp.maximum(t - window_size + 1, 0)  # [B]
+    pos = start[:, None] + jnp.arange(window_size, dtype=jnp.int32)  # [B, w]
+    slot = pos % k_swa.shape[1]
+    k_win = k_swa[jnp.arange(b)[:, None], slot].astype(jnp.float32)  # [B, w, K, Dk]
+    v_win = v_swa[jnp.arange(b)[:, None], slot].astype(jnp.float32)  # [B, w, K, Dv]
     s_swa = jnp.einsum("bkgd,bskd->bkgs", qg, k_win, precision=HIGHEST) * scale
     mask = (pos <= t[:, None]) & (pos > t[:, None] - window_size)  # [B, W]
     o_swa, _ = masked_attention(s_swa, mask[:, None, None, :], v_win, "bkgs,bskd->bkgd")

@@ -76,47 +76,64 @@ def test_decode_reference_matches_forward_at_every_position(kind):
     assert_close(o, out[0], jnp.float32, f"decode twin vs forward ({kind})")
 
 
-def _layer_case(kind, kv_mode, dtype, seed=0):
+# Prompts longer than the separate-KV ring buffers (64 slots here), one right-padded past them.
+LONG_PROMPT_LENS = (80, 47)
+LONG_DECODE_STEPS = 20
+
+
+def _layer_case(kind, kv_mode, dtype, prompt_lens, steps, seed=0):
     cfg = SMALL.replace(cmp_kind=kind, kv_mode=kv_mode)
     layer = NativeSparseAttention(32, 8, 2, 16, v_head_dim=8, config=cfg, dtype=dtype,
                                   rngs=nnx.Rngs(seed))
-    b, p = len(PROMPT_LENS), max(PROMPT_LENS)
-    x = jax.random.normal(jax.random.key(seed + 1), (b, p + DECODE_STEPS, 32)).astype(dtype)
+    b, p = len(prompt_lens), max(prompt_lens)
+    x = jax.random.normal(jax.random.key(seed + 1), (b, p + steps, 32)).astype(dtype)
     return layer, x
 
 
-def _decode_layer(layer, x):
+def _decode_layer(layer, x, prompt_lens, steps):
     """Prefills the padded prompts, then decodes; returns the prefill and per-step outputs."""
-    lengths = jnp.asarray(PROMPT_LENS, jnp.int32)
-    b, p = len(PROMPT_LENS), max(PROMPT_LENS)
+    lengths = jnp.asarray(prompt_lens, jnp.int32)
+    b, p = len(prompt_lens), max(prompt_lens)
     cache = layer.init_cache(b, x.shape[1])
     y_pre, cache = nnx.jit(lambda m, x, c, n: m.prefill(x, c, n))(layer, x[:, :p], cache, lengths)
     step = nnx.jit(lambda m, x, c: m.decode(x, c))
     rows = jnp.arange(b)
     ys = []
-    for s in range(DECODE_STEPS):
+    for s in range(steps):
         y, cache = step(layer, x[rows, lengths + s], cache)
         ys.append(y)
-    np.testing.assert_array_equal(np.asarray(cache.lengths), np.asarray(lengths) + DECODE_STEPS)
+    np.testing.assert_array_equal(np.asarray(cache.lengths), np.asarray(lengths) + steps)
     return y_pre, jnp.stack(ys, axis=1)  # [B, P, D], [B, steps, D]
 
 
 @pytest.mark.parametrize(
-    "kind,kv_mode,dtype",
-    [("mlp", "separate", jnp.float32), ("mean", "shared", jnp.float32),
-     ("linear", "separate", jnp.float32), ("mlp", "shared", jnp.bfloat16)],
+    "kind,kv_mode,dtype,long",
+    [("mlp", "separate", jnp.float32, False), ("mean", "shared", jnp.float32, False),
+     ("linear", "separate", jnp.float32, False), ("mlp", "shared", jnp.bfloat16, False),
+     ("mlp", "separate", jnp.float32, True)],
 )
-def test_layer_decode_matches_forward(kind, kv_mode, dtype):
-    layer, x = _layer_case(kind, kv_mode, dtype)
+def test_layer_decode_matches_forward(kind, kv_mode, dtype, long):
+    prompt_lens, steps = ((LONG_PROMPT_LENS, LONG_DECODE_STEPS) if long
+                          else (PROMPT_LENS, DECODE_STEPS))
+    layer, x = _layer_case(kind, kv_mode, dtype, prompt_lens, steps)
     ref = _forward(layer, x)  # [B, T, D] the full-sequence forward
-    y_pre, y_dec = _decode_layer(layer, x)
-    for b, n in enumerate(PROMPT_LENS):
+    y_pre, y_dec = _decode_layer(layer, x, prompt_lens, steps)
+    for b, n in enumerate(prompt_lens):
         assert_close(y_pre[b, :n], ref[b, :n], dtype, f"prefill of sequence {b}")
-        want = ref[b, n:n + DECODE_STEPS]
+        want = ref[b, n:n + steps]
         assert_close(y_dec[b], want, dtype, f"decode of sequence {b}")
         if dtype == jnp.float32:  # tight at every single position, not only on average
-            for s in range(DECODE_STEPS):
+            for s in range(steps):
                 assert_close(y_dec[b, s], want[s], dtype, f"sequence {b} position {n + s}")
+
+
+def test_separate_kv_cache_keeps_rings_for_the_compressed_and_window_keys():
+    cfg = NSAConfig(kv_mode="separate")  # l=32, w=512, l'=64
+    layer = NativeSparseAttention(64, 4, 2, 16, config=cfg, rngs=nnx.Rngs(0))
+    cache = layer.init_cache(2, 65536)
+    shapes = {name: buf.shape for name, buf in cache.k.items()}
+    assert shapes == {"cmp": (2, 64, 2, 16), "slc": (2, 65536, 2, 16), "swa": (2, 512, 2, 16)}
+    assert cache.max_len == 65536 and cache.k_cmp.shape == (2, 4096, 2, 16)
 
 
 def test_cache_appends_compressed_tokens_exactly_when_blocks_complete():
@@ -261,12 +278,13 @@ def test_layer_decode_through_the_triton_kernel_matches_forward(monkeypatch):
     monkeypatch.setattr(cache_lib, "_decode_chain", chain)
     cfg = SMALL.replace(cmp_kind="mlp", kv_mode="separate")
     layer = NativeSparseAttention(32, 4, 2, 16, config=cfg, rngs=nnx.Rngs(3))
-    lengths = jnp.asarray([2, 21], jnp.int32)
+    lengths = jnp.asarray([2, 60], jnp.int32)  # the second wraps the 64-slot window ring
     steps = 12
-    x = jax.random.normal(jax.random.key(4), (2, 21 + steps, 32))
+    x = jax.random.normal(jax.random.key(4), (2, 60 + steps, 32))
     ref = _forward(layer, x)
     cache = layer.init_cache(2, x.shape[1])
-    _, cache = layer.prefill(x[:, :21], cache, lengths)
+    assert cache.k["swa"].shape[1] == 64 < cache.max_len
+    _, cache = layer.prefill(x[:, :60], cache, lengths)
     step = nnx.jit(lambda m, x, c: m.decode(x, c))
     ys = []
     for s in range(steps):

@@ -51,6 +51,28 @@ def test_decode_kernel_matches_twin(n, kh, dk, dv, block_k, fuse, dtype):
     assert_close(o, o_ref, dtype, f"decode kernel G={n // kh} block_k={block_k} fuse={fuse}")
 
 
+def test_decode_kernel_reads_the_window_from_a_ring():
+    """A window ring of 32 slots (position p in slot p % 32) gives the full buffer's result."""
+    seq_lens = jnp.asarray([1, 7, 30, 64], jnp.int32)
+    q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates = _inputs(
+        5, len(seq_lens), 8, 2, 16, 16, 64, 64, jnp.float32)
+    ring = 32
+    slots = np.arange(ring)
+    last = np.asarray(seq_lens)[:, None] - 1
+    pos = np.maximum(last - np.mod(last - slots[None, :], ring), 0)  # [B, ring] newest position
+    rows = np.arange(len(seq_lens))[:, None]
+    k_ring, v_ring = k_swa[rows, pos], v_swa[rows, pos]
+    full = (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq_lens)
+    ringed = (q, k_cmp, v_cmp, k_slc, v_slc, k_ring, v_ring, gates, seq_lens)
+    o_ref, _ = ref.decode_attention(*full, **GEOM)
+    o_twin, _ = ref.decode_attention(*ringed, **GEOM)
+    assert_close(o_twin, o_ref, jnp.float32, "twin with a window ring")
+    for fuse in (True, False):
+        sizes = gpu.BlockSizes(block_k=16, target_programs=64, fuse_sparse=fuse)
+        o, _ = gpu.decode_attention(*ringed, **GEOM, block_sizes=sizes, interpret=True)
+        assert_close(o, o_ref, jnp.float32, f"kernel with a window ring, fuse={fuse}")
+
+
 def test_split_range_covers_each_key_once():
     lo = jnp.asarray([0, 5, 17, 3, 9], jnp.int32)
     hi = jnp.asarray([63, 40, 17, 2, 70], jnp.int32)  # the fourth range is empty
