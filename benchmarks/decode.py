@@ -72,8 +72,12 @@ def dense_bytes(b: int, ctx: int) -> int:
 
 
 def make_nsa_set(key, b: int, ctx: int, dtype=jnp.bfloat16):
-    """``(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq_lens)`` with full sequences."""
+    """``(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq_lens)`` with full sequences.
+
+    Laid out as ``NSACache`` lays out separate keys: the window's keys in a ring of ``w`` slots.
+    """
     c = -(-num_cmp(ctx) // 64) * 64
+    ring = min(ctx, NSA["window_size"])
     ks = jax.random.split(key, 8)
 
     def normal(i, shape):
@@ -81,7 +85,7 @@ def make_nsa_set(key, b: int, ctx: int, dtype=jnp.bfloat16):
 
     return (normal(0, (b, HQ, D)), normal(1, (b, c, HKV, D)), normal(2, (b, c, HKV, D)),
             normal(3, (b, ctx, HKV, D)), normal(4, (b, ctx, HKV, D)),
-            normal(5, (b, ctx, HKV, D)), normal(6, (b, ctx, HKV, D)),
+            normal(5, (b, ring, HKV, D)), normal(6, (b, ring, HKV, D)),
             jax.nn.sigmoid(jax.random.normal(ks[7], (b, HQ, 3))),
             jnp.full((b,), ctx, jnp.int32))
 
