@@ -173,6 +173,69 @@ def check(key) -> list[str]:
     return lines
 
 
+def smoke_one(stage: str, dtype_name: str) -> None:
+    """One stage, forward and VJP, at a small awkward shape against the reference."""
+    from pallas_kernels.compressed import reference as cmp_ref
+    from pallas_kernels.selected import reference as slc_ref
+    from pallas_kernels.selection import reference as sel_ref
+    from pallas_kernels.sliding_window import reference as swa_ref
+    from tests.pallas_kernels.suite import Case, random_indices
+    dtype = jnp.dtype(dtype_name)
+    case = Case(b=1, t=1000, n=16, kh=2, dk=128, dv=128, cmp_block_size=32, cmp_stride=16,
+                slc_block_size=64, top_n=16, window_size=128)
+    q, k, v, _, _ = inputs(jax.random.key(1), case.b, case.t, case.n, case.kh, case.dk,
+                           case.dv, dtype)
+    c = case.num_cmp
+    kc, vc = k[:, :c], v[:, :c]
+    if stage == "sel":
+        _, lse = cmp_ref.compressed_attention(q, kc, vc, block_size=32, stride=16)
+        kw = dict(seq_len=case.t, cmp_block_size=32, cmp_stride=16, slc_block_size=64, top_n=16)
+        a = np.sort(np.asarray(sel_gpu.select_blocks(q, kc, lse, **kw)), -1)
+        r = np.sort(np.asarray(sel_ref.select_blocks(q, kc, lse, **kw)), -1)
+        print(f"smoke sel {dtype_name}: rows differing {(a != r).any(-1).sum()} of "
+              f"{a.shape[1] * a.shape[2]}", flush=True)
+        return
+    if stage == "cmp":
+        fns = (lambda *x: cmp_gpu.compressed_attention(*x, block_size=32, stride=16),
+               lambda *x: cmp_ref.compressed_attention(*x, block_size=32, stride=16))
+        args = (q, kc, vc)
+    elif stage == "swa":
+        fns = (lambda *x: swa_gpu.sliding_window_attention(*x, window_size=128),
+               lambda *x: swa_ref.sliding_window_attention(*x, window_size=128))
+        args = (q, k, v)
+    else:
+        idx = jnp.asarray(random_indices(np.random.default_rng(0), case))
+        fns = (lambda *x: slc_gpu.selected_attention(*x, idx, block_size=64),
+               lambda *x: slc_ref.selected_attention(*x, idx, block_size=64))
+        args = (q, k, v)
+    outs = []
+    for fn in fns:
+        (o, lse), vjp = jax.vjp(jax.jit(fn), *args)
+        ct = jax.random.normal(jax.random.key(3), o.shape, jnp.float32).astype(dtype)
+        outs.append((o, lse, *vjp((ct, jnp.zeros_like(lse)))))
+    fin = np.isfinite(np.asarray(outs[1][1]))
+    errs = [rel_err(outs[0][0], outs[1][0]),
+            rel_err(np.asarray(outs[0][1])[fin], np.asarray(outs[1][1])[fin])]
+    errs += [rel_err(a, b) for a, b in zip(outs[0][2:], outs[1][2:], strict=True)]
+    print(f"smoke {stage} {dtype_name}: o, lse, dq, dk, dv rel err " +
+          " ".join(f"{e:.1e}" for e in errs), flush=True)
+
+
+def smoke_all() -> None:
+    """Every stage and dtype in its own process, so one crash does not hide the others."""
+    import subprocess
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    procs = [(s, d, subprocess.Popen([sys.executable, __file__, "--smoke-one", s, d], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+             for s in ("cmp", "swa", "sel", "slc") for d in ("bfloat16", "float32")]
+    for s, d, p in procs:
+        out, _ = p.communicate()
+        lines = [x for x in out.splitlines() if x.strip() and "Warning" not in x
+                 and "deprecat" not in x.lower()]
+        tail = [x for x in lines if x.startswith("smoke")] or lines[-6:]
+        print(f"--- {s} {d} rc={p.returncode}\n" + "\n".join(tail), flush=True)
+
+
 def run_variants(args, records, table):
     """Tile variants of each stage at the largest length (forward and backward)."""
     t = max(args.seq)
@@ -232,7 +295,15 @@ def main():
     ap.add_argument("--dk192", type=int, default=16384, help="T for the Dk=192, Dv=128 run (0: skip)")
     ap.add_argument("--variants", action="store_true", help="also time tile variants")
     ap.add_argument("--skip-main", action="store_true", help="only the check and the variants")
+    ap.add_argument("--smoke", action="store_true", help="only the per-stage smoke checks")
+    ap.add_argument("--smoke-one", nargs=2, metavar=("STAGE", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.smoke_one:
+        smoke_one(*args.smoke_one)
+        return
+    if args.smoke:
+        smoke_all()
+        return
     args.banded_variants = [(64, 64, 4), (128, 64, 8), (128, 128, 8), (64, 32, 4)]
     args.selected_variants = [(2, 256), (4, 256), (8, 256), (4, 1024)]
     args.selection_variants = [(64, 64, 4), (64, 64, 8), (128, 64, 8), (32, 64, 4)]

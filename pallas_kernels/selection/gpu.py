@@ -37,6 +37,7 @@ from pallas_kernels.common import default_scale
 from pallas_kernels.selection.reference import NUM_FORCED, overlap_weights
 
 BIG_INT = 1 << 30
+SMEM_BUDGET = 160 * 1024  # bytes of tiles per program (the H200 allows 227 KiB)
 
 
 def _pow2(x: int) -> int:
@@ -220,12 +221,15 @@ def select_blocks(
     seq_len = seq_len or t
     nb = -(-seq_len // lp)
     bs = block_sizes or BlockSizes(**tuned_block_sizes.SELECTION)
+    dkp = max(16, _pow2(dk))
     bq = min(bs.block_q, max(16, _pow2(t)))
     bc = max(bs.block_c, 16 * rp)
+    itemsize = jnp.dtype(q.dtype).itemsize
+    while itemsize * dkp * (bq + bs.num_stages * bc) > SMEM_BUDGET and bq > 16:
+        bq //= 2  # wide heads in float32: fewer queries per program
     nbc = bc // rp
     num_chunks = max(-(-nb // nbc), -(-c // bc), 1)
     tp = -(-t // bq) * bq
-    dkp = max(16, _pow2(dk))
     q = jax.lax.stop_gradient(q)
     lse = jax.lax.stop_gradient(lse_cmp).astype(jnp.float32)
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)

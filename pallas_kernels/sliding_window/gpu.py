@@ -37,6 +37,8 @@ from pallas_kernels.common import default_scale
 
 LOG2E = math.log2(math.e)
 MASK_VALUE = -1e30
+# Bytes of shared memory one program's tiles may take (the H200 allows 227 KiB per block).
+SMEM_BUDGET = 160 * 1024
 
 
 def _pow2(x: int) -> int:
@@ -72,12 +74,24 @@ class BlockSizes:
             if getattr(self, f) < 1:
                 raise ValueError(f"BlockSizes.{f}={getattr(self, f)} must be >= 1")
 
-    def clamp(self, t: int, s: int) -> BlockSizes:
-        """Shrinks the tiles to short sequences (``t`` queries, ``s`` keys), keeping >= 16."""
+    def clamp(self, t: int, s: int, itemsize: int = 2, dkp: int = 128,
+              dvp: int = 128) -> BlockSizes:
+        """Shrinks the tiles to short sequences (``t`` queries, ``s`` keys) and to the shared
+        memory of one program (wide heads, float32), keeping them >= 16."""
         tq, ts = max(16, _pow2(t)), max(16, _pow2(s))
-        return dataclasses.replace(
-            self, block_q=min(self.block_q, tq), block_k=min(self.block_k, ts),
-            block_q_dkv=min(self.block_q_dkv, tq), block_k_dkv=min(self.block_k_dkv, ts))
+        bq, bk = min(self.block_q, tq), min(self.block_k, ts)
+        bqd, bkd = min(self.block_q_dkv, tq), min(self.block_k_dkv, ts)
+
+        def fits(resident, streamed, stages):
+            return itemsize * (resident + stages * streamed) <= SMEM_BUDGET
+
+        while not fits(bq * dkp, bk * (dkp + dvp), self.num_stages) and max(bq, bk) > 16:
+            bq, bk = (bq // 2, bk) if bq >= bk and bq > 16 else (bq, max(16, bk // 2))
+        while (not fits(bkd * (dkp + dvp), bqd * (dkp + dvp), self.num_stages_bwd)
+               and max(bqd, bkd) > 16):
+            bqd, bkd = (bqd // 2, bkd) if bqd >= bkd and bqd > 16 else (bqd, max(16, bkd // 2))
+        return dataclasses.replace(self, block_q=bq, block_k=bk, block_q_dkv=bqd,
+                                   block_k_dkv=bkd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,11 +401,11 @@ def banded_attention(
     """
     b, t, n, dk = q.shape
     s, dv = k.shape[1], v.shape[-1]
-    bs = block_sizes.clamp(t, s)
+    dkp, dvp = max(16, _pow2(dk)), max(16, _pow2(dv))
+    bs = block_sizes.clamp(t, s, jnp.dtype(q.dtype).itemsize, dkp, dvp)
     tq = max(bs.block_q, bs.block_q_dkv)
     tk = max(bs.block_k, bs.block_k_dkv)
     tp, sp = -(-t // tq) * tq, -(-s // tk) * tk
-    dkp, dvp = max(16, _pow2(dk)), max(16, _pow2(dv))
     qp = _pad_axis(_pad_axis(q, 1, tp), 3, dkp)
     kp = _pad_axis(_pad_axis(k, 1, sp), 3, dkp)
     vp = _pad_axis(_pad_axis(v, 1, sp), 3, dvp)
