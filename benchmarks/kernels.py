@@ -221,19 +221,23 @@ def smoke_one(stage: str, dtype_name: str) -> None:
           " ".join(f"{e:.1e}" for e in errs), flush=True)
 
 
-def smoke_all() -> None:
+def smoke_all(stages=("cmp", "swa", "sel", "slc"), merges=("dynamic",)) -> None:
     """Every stage and dtype in its own process, so one crash does not hide the others."""
     import subprocess
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    procs = [(s, d, subprocess.Popen([sys.executable, __file__, "--smoke-one", s, d], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-             for s in ("cmp", "swa", "sel", "slc") for d in ("bfloat16", "float32")]
-    for s, d, p in procs:
+    jobs = [(s, d, m) for s in stages for d in ("bfloat16", "float32")
+            for m in (merges if s == "sel" else ("dynamic",))]
+    procs = []
+    for s, d, m in jobs:
+        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", NSA_SELECTION_MERGE=m)
+        procs.append((s, d, m, subprocess.Popen(
+            [sys.executable, __file__, "--smoke-one", s, d], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)))
+    for s, d, m, p in procs:
         out, _ = p.communicate()
         lines = [x for x in out.splitlines() if x.strip() and "Warning" not in x
                  and "deprecat" not in x.lower()]
-        tail = [x for x in lines if x.startswith("smoke")] or lines[-6:]
-        print(f"--- {s} {d} rc={p.returncode}\n" + "\n".join(tail), flush=True)
+        tail = [x for x in lines if x.startswith("smoke")] or lines[-4:]
+        print(f"--- {s} {d} {m} rc={p.returncode}\n" + "\n".join(tail), flush=True)
 
 
 def run_variants(args, records, table):
@@ -295,14 +299,15 @@ def main():
     ap.add_argument("--dk192", type=int, default=16384, help="T for the Dk=192, Dv=128 run (0: skip)")
     ap.add_argument("--variants", action="store_true", help="also time tile variants")
     ap.add_argument("--skip-main", action="store_true", help="only the check and the variants")
-    ap.add_argument("--smoke", action="store_true", help="only the per-stage smoke checks")
+    ap.add_argument("--smoke", nargs="*", help="only the per-stage smoke checks (stages)")
+    ap.add_argument("--merges", nargs="*", default=["dynamic"], help=argparse.SUPPRESS)
     ap.add_argument("--smoke-one", nargs=2, metavar=("STAGE", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.smoke_one:
         smoke_one(*args.smoke_one)
         return
-    if args.smoke:
-        smoke_all()
+    if args.smoke is not None:
+        smoke_all(tuple(args.smoke) or ("cmp", "swa", "sel", "slc"), tuple(args.merges))
         return
     args.banded_variants = [(64, 64, 4), (128, 64, 8), (128, 128, 8), (64, 32, 4)]
     args.selected_variants = [(2, 256), (4, 256), (8, 256), (4, 1024)]

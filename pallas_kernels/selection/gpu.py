@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,8 @@ from pallas_kernels.common import default_scale
 from pallas_kernels.selection.reference import NUM_FORCED, overlap_weights
 
 BIG_INT = 1 << 30
+# Debug switch for the merge loop ("dynamic" the default; "static", "none" for bisecting).
+_VARIANT = os.environ.get("NSA_SELECTION_MERGE", "dynamic")
 SMEM_BUDGET = 160 * 1024  # bytes of tiles per program (the H200 allows 227 KiB)
 
 
@@ -140,11 +143,8 @@ def _kernel(q_ref, kc_ref, lse_ref, w_in_ref, w_next_ref, idx_ref, *, cfg: _Conf
         forced = (j == 0) | (j == cur[:, None]) | (j == cur[:, None] - 1)
         pri = jnp.where(valid, jnp.where(forced, jnp.inf, score), -jnp.inf)
 
-        def merge_cond(state):
-            return state[0]
-
-        def merge_body(state):
-            _, pri, vals, ids = state
+        def merge_body(_, state):
+            pri, vals, ids = state
             c_max = jnp.max(pri, axis=1)  # [bq]
             c_arg = jnp.min(jnp.where(pri == c_max[:, None], j, BIG_INT), axis=1)
             l_min = jnp.min(vals, axis=1)
@@ -152,14 +152,22 @@ def _kernel(q_ref, kc_ref, lse_ref, w_in_ref, w_next_ref, idx_ref, *, cfg: _Conf
             worst = jnp.max(jnp.where(at_min, ids, -BIG_INT), axis=1)
             slot = jnp.min(jnp.where(at_min & (ids == worst[:, None]), slot_col, BIG_INT),
                            axis=1)
-            take = c_max > l_min  # [bq]
-            put = take[:, None] & (slot_col == slot[:, None])
+            put = (c_max > l_min)[:, None] & (slot_col == slot[:, None])
             vals = jnp.where(put, c_max[:, None], vals)
             ids = jnp.where(put, c_arg[:, None], ids)
             pri = jnp.where(j == c_arg[:, None], -jnp.inf, pri)
-            return jnp.max(take.astype(jnp.int32)) > 0, pri, vals, ids
+            return pri, vals, ids
 
-        _, _, vals, ids = lax.while_loop(merge_cond, merge_body, (True, pri, vals, ids))
+        # Only candidates above the list's current minimum can enter (the minimum only
+        # grows), so that many rounds, at most, are needed: usually none in long sequences.
+        if _VARIANT == "none":
+            return jnp.maximum(vals, jnp.max(pri, axis=1, keepdims=True)), ids, pending
+        if _VARIANT == "static":
+            rounds = min(cfg.top_n, nbc)
+        else:
+            above = (pri > jnp.min(vals, axis=1)[:, None]).astype(jnp.int32)
+            rounds = jnp.minimum(jnp.max(jnp.sum(above, axis=1)), min(cfg.top_n, nbc))
+        _, vals, ids = lax.fori_loop(0, rounds, merge_body, (pri, vals, ids))
         return vals, ids, pending
 
     # Slots past top_n start at +inf so they are never replaced; they stay -1.
