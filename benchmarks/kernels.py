@@ -240,6 +240,14 @@ def smoke_all(stages=("cmp", "swa", "sel", "slc"), merges=("dynamic",)) -> None:
         print(f"--- {s} {d} {m} rc={p.returncode}\n" + "\n".join(tail), flush=True)
 
 
+def grad_of(f):
+    """``f``'s input gradients under its own output as cotangent (forward + backward)."""
+    def g(*x):
+        o, vjp = jax.vjp(lambda *y: f(*y)[0], *x)
+        return vjp(o)
+    return g
+
+
 def run_variants(args, records, table):
     """Tile variants of each stage at the largest length (forward and backward)."""
     t = max(args.seq)
@@ -256,15 +264,10 @@ def run_variants(args, records, table):
         except Exception as err:  # a tile that does not compile: report and go on
             print(f"variant {name}: {type(err).__name__}: {str(err)[:200]}", flush=True)
             return
-        records.append(dict(name="variant/" + name, **{"pass": "fwd"}, T=t, **r))
+        records.append(dict(name="variant/" + name, **{"pass": "fwdbwd" if "bwd" in name else "fwd"},
+                            T=t, **r))
         table.append((f"variant {name}", t, r["ms"]))
         print(f"variant {name:60s} {r['ms']:8.3f} ms", flush=True)
-
-    def grad_of(f, *a):
-        def g(*x):
-            o, vjp = jax.vjp(lambda *y: f(*y)[0], *x)
-            return vjp(o)
-        return g
 
     for bq, bk, nw in args.banded_variants:
         bs = swa_gpu.BlockSizes(block_q=bq, block_k=bk, block_q_dkv=bk, block_k_dkv=bq,
@@ -309,9 +312,9 @@ def main():
     if args.smoke is not None:
         smoke_all(tuple(args.smoke) or ("cmp", "swa", "sel", "slc"), tuple(args.merges))
         return
-    args.banded_variants = [(64, 64, 4), (128, 64, 8), (128, 128, 8), (64, 32, 4)]
-    args.selected_variants = [(2, 256), (4, 256), (8, 256), (4, 1024)]
-    args.selection_variants = [(64, 64, 4), (64, 64, 8), (128, 64, 8), (32, 64, 4)]
+    args.banded_variants = [(64, 64, 4), (128, 128, 8)]
+    args.selected_variants = [(2, 256), (8, 1024)]
+    args.selection_variants = [(64, 64, 8), (128, 64, 8), (32, 64, 4)]
     os.makedirs(args.out, exist_ok=True)
 
     dev = jax.devices()[0]
@@ -359,7 +362,19 @@ def main():
         add("nsa/selected", "fwd", timeit(slc_s, q, k, v, idx, reps=args.reps), fl["slc"])
         add("nsa/window", "fwd", timeit(swa_s, q, k, v, reps=args.reps), fl["swa"])
         add("nsa/combine", "fwd", timeit(comb_s, gates, o_cmp, o_slc, o_swa, reps=args.reps))
-        del q, k, v, gates, ct, o_cmp, lse, k_cmp, idx, o_slc, o_swa
+        # Each attention stage forward + backward (cotangent: its own output).
+        v_cmp = compress(v, {}, kind="mean", block_size=CFG.cmp_block_size, stride=CFG.cmp_stride)
+        for name, fn, a, f in (
+            ("nsa/compressed", lambda q, kc, vc: cmp_gpu.compressed_attention(
+                q, kc, vc, block_size=CFG.cmp_block_size, stride=CFG.cmp_stride), (q, k_cmp, v_cmp),
+             fl["cmp"]),
+            ("nsa/selected", lambda q, k, v: slc_gpu.selected_attention(
+                q, k, v, idx, block_size=CFG.slc_block_size), (q, k, v), fl["slc"]),
+            ("nsa/window", lambda q, k, v: swa_gpu.sliding_window_attention(
+                q, k, v, window_size=CFG.window_size), (q, k, v), fl["swa"]),
+        ):
+            add(name, "fwdbwd", timeit(jax.jit(grad_of(fn)), *a, reps=args.reps), f)
+        del q, k, v, gates, ct, o_cmp, lse, k_cmp, v_cmp, idx, o_slc, o_swa
 
     if args.variants:
         run_variants(args, records, table)
@@ -421,6 +436,14 @@ def write_markdown(doc, path):
             r = _get(recs, "nsa/" + st, "fwd", t, dk)
             cells.append("-" if r is None else
                          f"{r['ms']:.2f}" + (f" ({r['tflops']:.0f})" if "tflops" in r else ""))
+        lines.append(f"| {t}{'' if dk == 128 else f' (Dk={dk})'} | " + " | ".join(cells) + " |")
+    lines += ["", "Attention stages forward + backward (ms, TFLOP/s of useful work, bwd = 2.5x fwd):",
+              "", "| T | compressed | selected | window |", "| --- | --- | --- | --- |"]
+    for t, dk, _ in keys:
+        cells = []
+        for st in ("compressed", "selected", "window"):
+            r = _get(recs, "nsa/" + st, "fwdbwd", t, dk)
+            cells.append("-" if r is None else f"{r['ms']:.2f} ({r['tflops']:.0f})")
         lines.append(f"| {t}{'' if dk == 128 else f' (Dk={dk})'} | " + " | ".join(cells) + " |")
     var = [r for r in recs if r["name"].startswith("variant/")]
     if var:

@@ -39,6 +39,8 @@ LOG2E = math.log2(math.e)
 MASK_VALUE = -1e30
 # Bytes of shared memory one program's tiles may take (the H200 allows 227 KiB per block).
 SMEM_BUDGET = 160 * 1024
+# Query blocks one compressed-key dk/dv program walks at most (per head) before splitting.
+MAX_Q_BLOCKS_PER_PROGRAM = 32
 
 
 def _pow2(x: int) -> int:
@@ -246,7 +248,7 @@ def _bwd_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, c
 
 
 def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                    cfg: BandConfig, g: int, num_q_blocks: int):
+                    cfg: BandConfig, g: int, num_q_blocks: int, split_size: int):
     bq, bk = cfg.block_sizes.block_q_dkv, cfg.block_sizes.block_k_dkv
     i0 = pl.program_id(0) * bk
     kh = pl.program_id(1) % (q_ref.shape[1] // g)
@@ -263,6 +265,10 @@ def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_
     else:
         t_last = (i0 + bk - 1) * cfg.key_stride + cfg.key_offset + cfg.window - 1
         q_hi = jnp.minimum(lax.div(t_last, bq) + 1, num_q_blocks)
+    # This program's share of the query blocks (a long band is split over programs).
+    split = pl.program_id(2)
+    q_lo = jnp.maximum(q_lo, split * split_size)
+    q_hi = jnp.minimum(q_hi, (split + 1) * split_size)
 
     def head_body(h, carry):
         head = kh * g + h
@@ -319,27 +325,44 @@ def _bwd(q, k, v, o, lse, do, cfg: BandConfig):
         interpret=cfg.interpret,
         name=f"nsa_{cfg.name}_bwd_dq",
     )(q, k, v, do, lse, delta)
+    # Without a lower edge (compressed tokens) a key block is seen by every later query: split
+    # that range over programs and add the float32 partials, rather than one long serial loop.
+    nq = tp // bs.block_q_dkv
+    n_split = 1 if cfg.window is not None else min(64, max(1, nq // MAX_Q_BLOCKS_PER_PROGRAM))
+    split_size = -(-nq // n_split)
+
+    def kv_map(j, bk, sp_):
+        return (sp_ * b + bk // kh, j, bk % kh, 0)
+
+    def full_map(j, bk, sp_):
+        return (bk // kh, 0, 0, 0)
+
     dk_, dv_ = pl.pallas_call(
-        functools.partial(_bwd_dkv_kernel, cfg=cfg, g=g, num_q_blocks=tp // bs.block_q_dkv),
-        grid=(sp // bs.block_k_dkv, b * kh),
+        functools.partial(_bwd_dkv_kernel, cfg=cfg, g=g, num_q_blocks=nq, split_size=split_size),
+        grid=(sp // bs.block_k_dkv, b * kh, n_split),
         in_specs=[
-            pl.BlockSpec((None, tp, n, dk), lambda j, bk: (bk // kh, 0, 0, 0)),
-            pl.BlockSpec((None, bs.block_k_dkv, None, dk), lambda j, bk: (bk // kh, j, bk % kh, 0)),
-            pl.BlockSpec((None, bs.block_k_dkv, None, dv), lambda j, bk: (bk // kh, j, bk % kh, 0)),
-            pl.BlockSpec((None, tp, n, dv), lambda j, bk: (bk // kh, 0, 0, 0)),
-            pl.BlockSpec((None, n, tp), lambda j, bk: (bk // kh, 0, 0)),
-            pl.BlockSpec((None, n, tp), lambda j, bk: (bk // kh, 0, 0)),
+            pl.BlockSpec((None, tp, n, dk), full_map),
+            pl.BlockSpec((None, bs.block_k_dkv, None, dk),
+                         lambda j, bk, sp_: (bk // kh, j, bk % kh, 0)),
+            pl.BlockSpec((None, bs.block_k_dkv, None, dv),
+                         lambda j, bk, sp_: (bk // kh, j, bk % kh, 0)),
+            pl.BlockSpec((None, tp, n, dv), full_map),
+            pl.BlockSpec((None, n, tp), lambda j, bk, sp_: (bk // kh, 0, 0)),
+            pl.BlockSpec((None, n, tp), lambda j, bk, sp_: (bk // kh, 0, 0)),
         ],
         out_specs=[
-            pl.BlockSpec((None, bs.block_k_dkv, None, dk), lambda j, bk: (bk // kh, j, bk % kh, 0)),
-            pl.BlockSpec((None, bs.block_k_dkv, None, dv), lambda j, bk: (bk // kh, j, bk % kh, 0)),
+            pl.BlockSpec((None, bs.block_k_dkv, None, dk), kv_map),
+            pl.BlockSpec((None, bs.block_k_dkv, None, dv), kv_map),
         ],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=[jax.ShapeDtypeStruct((n_split * b, sp, kh, dk), jnp.float32),
+                   jax.ShapeDtypeStruct((n_split * b, sp, kh, dv), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps_bwd,
                                              num_stages=bs.num_stages_bwd),
         interpret=cfg.interpret,
         name=f"nsa_{cfg.name}_bwd_dkv",
     )(q, k, v, do, lse, delta)
+    dk_ = dk_.reshape(n_split, b, sp, kh, dk).sum(0).astype(k.dtype)
+    dv_ = dv_.reshape(n_split, b, sp, kh, dv).sum(0).astype(v.dtype)
     return dq, dk_, dv_
 
 
