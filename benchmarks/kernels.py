@@ -78,8 +78,8 @@ def inputs(key, b, t, hq, hkv, dk, dv, dtype=jnp.bfloat16):
 # FLOP models (useful work only)
 # ------------------------------------------------------------------------------------------
 def flops(t, hq, dk, dv, cfg=CFG, b=1):
-    l, d, lp, n, w = (cfg.cmp_block_size, cfg.cmp_stride, cfg.slc_block_size, cfg.slc_top_n,
-                      cfg.window_size)
+    l, d, lp, n, w = (cfg.cmp_block_size, cfg.cmp_stride,  # noqa: E741 (the paper's symbols)
+                      cfg.slc_block_size, cfg.slc_top_n, cfg.window_size)
     pos = np.arange(t, dtype=np.float64)
     vis_cmp = np.maximum(0, np.floor((pos - l + 1) / d) + 1).sum()  # compressed keys seen
     vis_slc = np.minimum(n * lp, pos + 1).sum()  # selected keys (upper bound: full blocks)
@@ -264,8 +264,8 @@ def run_variants(args, records, table):
         except Exception as err:  # a tile that does not compile: report and go on
             print(f"variant {name}: {type(err).__name__}: {str(err)[:200]}", flush=True)
             return
-        records.append(dict(name="variant/" + name, **{"pass": "fwdbwd" if "bwd" in name else "fwd"},
-                            T=t, **r))
+        pas = "fwdbwd" if "bwd" in name else "fwd"
+        records.append(dict(name="variant/" + name, **{"pass": pas}, T=t, **r))
         table.append((f"variant {name}", t, r["ms"]))
         print(f"variant {name:60s} {r['ms']:8.3f} ms", flush=True)
 
@@ -276,20 +276,20 @@ def run_variants(args, records, table):
             q, k, v, window_size=512, block_sizes=bs)
         cmpf = lambda q, k, v, bs=bs: cmp_gpu.compressed_attention(  # noqa: E731
             q, k, v, block_size=32, stride=16, block_sizes=bs)
-        variant(f"swa fwd bq{bq} bk{bk} w{nw}", lambda *a: swa(*a)[0], q, k, v)
+        variant(f"swa fwd bq{bq} bk{bk} w{nw}", lambda *a, f=swa: f(*a)[0], q, k, v)
         variant(f"swa fwd+bwd bq{bq} bk{bk} w{nw}", grad_of(swa), q, k, v)
-        variant(f"cmp fwd bq{bq} bk{bk} w{nw}", lambda *a: cmpf(*a)[0], q, k_cmp, v_cmp)
+        variant(f"cmp fwd bq{bq} bk{bk} w{nw}", lambda *a, f=cmpf: f(*a)[0], q, k_cmp, v_cmp)
         variant(f"cmp fwd+bwd bq{bq} bk{bk} w{nw}", grad_of(cmpf), q, k_cmp, v_cmp)
     for nw, e in args.selected_variants:
         bs = slc_gpu.BlockSizes(entries_per_chunk=e, num_warps=nw, num_warps_bwd=nw)
         slc = lambda q, k, v, bs=bs: slc_gpu.selected_attention(  # noqa: E731
             q, k, v, idx, block_size=64, block_sizes=bs)
-        variant(f"slc fwd w{nw}", lambda *a: slc(*a)[0], q, k, v)
+        variant(f"slc fwd w{nw}", lambda *a, f=slc: f(*a)[0], q, k, v)
         variant(f"slc fwd+bwd w{nw} e{e}", grad_of(slc), q, k, v)
     for bq, bc, nw in args.selection_variants:
         bs = sel_gpu.BlockSizes(block_q=bq, block_c=bc, num_warps=nw)
-        variant(f"topn bq{bq} bc{bc} w{nw}", lambda q, kc, l, bs=bs: sel_gpu.select_blocks(
-            q, kc, l, seq_len=t, cmp_block_size=32, cmp_stride=16, slc_block_size=64,
+        variant(f"topn bq{bq} bc{bc} w{nw}", lambda q, kc, lse, bs=bs: sel_gpu.select_blocks(
+            q, kc, lse, seq_len=t, cmp_block_size=32, cmp_stride=16, slc_block_size=64,
             top_n=16, block_sizes=bs), q, k_cmp, lse)
 
 
@@ -299,15 +299,25 @@ def main():
     ap.add_argument("--seq", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--commit", default=os.environ.get("NSA_COMMIT", "unknown"))
-    ap.add_argument("--dk192", type=int, default=16384, help="T for the Dk=192, Dv=128 run (0: skip)")
+    ap.add_argument("--dk192", type=int, default=16384,
+                    help="T for the Dk=192, Dv=128 run (0: skip)")
     ap.add_argument("--variants", action="store_true", help="also time tile variants")
     ap.add_argument("--skip-main", action="store_true", help="only the check and the variants")
+    ap.add_argument("--from-log", help="write the result files from a printed log of a run")
+    ap.add_argument("--device", default="NVIDIA H200", help="device of the --from-log run")
     ap.add_argument("--smoke", nargs="*", help="only the per-stage smoke checks (stages)")
     ap.add_argument("--merges", nargs="*", default=["dynamic"], help=argparse.SUPPRESS)
     ap.add_argument("--smoke-one", nargs=2, metavar=("STAGE", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.smoke_one:
         smoke_one(*args.smoke_one)
+        return
+    if args.from_log:
+        records, checks = records_from_log(args.from_log)
+        write_results(args, args.device, checks, records,
+                      source="parsed from the printed log of the run (the run reached its time "
+                             "limit before writing this file); medians as printed, min/max "
+                             "not recorded")
         return
     if args.smoke is not None:
         smoke_all(tuple(args.smoke) or ("cmp", "swa", "sel", "slc"), tuple(args.merges))
@@ -333,7 +343,7 @@ def main():
         fl = flops(t, hq, dk, dv)
         bwd_factor = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
 
-        def add(name, pas, r, f=None):
+        def add(name, pas, r, f=None, base=base, t=t, dk=dk, bwd_factor=bwd_factor):
             rec = dict(name=name, **{"pass": pas}, **base, **r)
             if f:
                 rec["tflops"] = f * bwd_factor.get(pas, 1.0) / (r["ms"] * 1e-3) / 1e12
@@ -366,32 +376,41 @@ def main():
         v_cmp = compress(v, {}, kind="mean", block_size=CFG.cmp_block_size, stride=CFG.cmp_stride)
         for name, fn, a, f in (
             ("nsa/compressed", lambda q, kc, vc: cmp_gpu.compressed_attention(
-                q, kc, vc, block_size=CFG.cmp_block_size, stride=CFG.cmp_stride), (q, k_cmp, v_cmp),
-             fl["cmp"]),
-            ("nsa/selected", lambda q, k, v: slc_gpu.selected_attention(
+                q, kc, vc, block_size=CFG.cmp_block_size, stride=CFG.cmp_stride),
+             (q, k_cmp, v_cmp), fl["cmp"]),
+            ("nsa/selected", lambda q, k, v, idx=idx: slc_gpu.selected_attention(
                 q, k, v, idx, block_size=CFG.slc_block_size), (q, k, v), fl["slc"]),
             ("nsa/window", lambda q, k, v: swa_gpu.sliding_window_attention(
                 q, k, v, window_size=CFG.window_size), (q, k, v), fl["swa"]),
         ):
             add(name, "fwdbwd", timeit(jax.jit(grad_of(fn)), *a, reps=args.reps), f)
         del q, k, v, gates, ct, o_cmp, lse, k_cmp, v_cmp, idx, o_slc, o_swa
+        write_results(args, dev.device_kind, summary, records, quiet=True)  # after every shape
 
     if args.variants:
         run_variants(args, records, table)
 
+    write_results(args, dev.device_kind, summary, records)
+
+
+def write_results(args, device: str, checks: list[str], records: list[dict], source: str = "",
+                  quiet: bool = False):
+    """``kernels.json``, ``kernels.md`` and ``kernels.png`` under ``args.out``."""
     doc = {
-        "benchmark": "kernels", "device": dev.device_kind, "jax": jax.__version__,
+        "benchmark": "kernels", "device": device, "jax": jax.__version__,
         "date": datetime.date.today().isoformat(), "commit": args.commit,
         "nsa_config": dict(cmp_block_size=CFG.cmp_block_size, cmp_stride=CFG.cmp_stride,
                            slc_block_size=CFG.slc_block_size, slc_top_n=CFG.slc_top_n,
                            window_size=CFG.window_size, cmp_kind="mean", kv_mode="shared"),
-        "check": summary,
+        "check": checks,
         "block_sizes": {"sliding_window": tuned_block_sizes.SLIDING_WINDOW,
                         "compressed": tuned_block_sizes.COMPRESSED,
                         "selected": tuned_block_sizes.SELECTED,
                         "selection": tuned_block_sizes.SELECTION},
         "records": records,
     }
+    if source:
+        doc["source"] = source
     with open(os.path.join(args.out, "kernels.json"), "w") as fh:
         json.dump(doc, fh, indent=1)
     write_markdown(doc, os.path.join(args.out, "kernels.md"))
@@ -399,7 +418,31 @@ def main():
         plot(doc, os.path.join(args.out, "kernels.png"))
     except Exception as err:  # matplotlib missing: the JSON and table still stand
         print(f"plot skipped: {err}")
-    print(open(os.path.join(args.out, "kernels.md")).read())
+    if not quiet:
+        print(open(os.path.join(args.out, "kernels.md")).read())
+
+
+def records_from_log(path: str) -> tuple[list[dict], list[str]]:
+    """Records (and check lines) from this script's printed table, for a run cut short.
+
+    Each line ``T= 65536 Dk=128 nsa fwd 56.724 ms 174.0 TFLOP/s`` becomes a record; the medians
+    keep the printed precision and min/max are not known.
+    """
+    import re
+    pat = re.compile(r"T=\s*(\d+) Dk=(\d+) (\S+)\s+(\S+)\s+([\d.]+) ms\s*([\d.]+)?")
+    recs, checks = [], []
+    for line in open(path):
+        if line.startswith("check"):
+            checks.append(line.strip())
+        m = pat.match(line.strip())
+        if m:
+            t, dk, name, pas, ms, tf = m.groups()
+            rec = dict(name=name, **{"pass": pas}, B=1, T=int(t), HQ=64, HKV=4, Dk=int(dk),
+                       Dv=128, dtype="bfloat16", ms=float(ms))
+            if tf:
+                rec["tflops"] = float(tf)
+            recs.append(rec)
+    return recs, checks
 
 
 def _get(recs, name, pas, t, dk=128):
@@ -437,7 +480,8 @@ def write_markdown(doc, path):
             cells.append("-" if r is None else
                          f"{r['ms']:.2f}" + (f" ({r['tflops']:.0f})" if "tflops" in r else ""))
         lines.append(f"| {t}{'' if dk == 128 else f' (Dk={dk})'} | " + " | ".join(cells) + " |")
-    lines += ["", "Attention stages forward + backward (ms, TFLOP/s of useful work, bwd = 2.5x fwd):",
+    lines += ["", "Attention stages forward + backward (ms, TFLOP/s of useful work; bwd counted "
+              "as 2.5x fwd):",
               "", "| T | compressed | selected | window |", "| --- | --- | --- | --- |"]
     for t, dk, _ in keys:
         cells = []

@@ -1,9 +1,11 @@
 """Tuned tile sizes of the Pallas-Triton kernels, one table per stage.
 
 Each entry holds keyword arguments of the stage's frozen ``BlockSizes`` dataclass (in
-``pallas_kernels/<branch>/gpu.py``). Values were picked on an H200 at the paper's benchmark
-shape (``B=1, HQ=64, HKV=4, D=128``, bf16; see ``docs/gpu_kernels.md``); kernels clamp them to
-small sequences, so the same table serves the CPU interpret tests.
+``pallas_kernels/<branch>/gpu.py``). These are the values the committed H200 measurements
+(``docs/results/kernels.json``) ran with, chosen from the usual flash-attention shapes for
+``D=128`` in bf16; a sweep over them (``benchmarks/kernels.py --variants``) has not been run
+yet. Kernels clamp them to short sequences and to shared memory, so the same table serves the
+CPU interpret tests.
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ def _fwd_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
     m_slots = idx_ref.shape[0]
 
     def body(slot, carry):
-        acc, m, l = carry
+        acc, m, den = carry
         j = idx_ref[slot]
         jc = jnp.maximum(j, 0)
         k = k_ref[pl.ds(jc * bs, bs), :]  # [l', Dk]
@@ -110,18 +110,18 @@ def _fwd_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
-        l = l * alpha + jnp.sum(p, axis=1)
+        den = den * alpha + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, precision=prec)
-        return acc, m_new, l
+        return acc, m_new, den
 
     gp, dv = q.shape[0], v_ref.shape[-1]
     acc = jnp.zeros((gp, dv), jnp.float32)
     m = jnp.full((gp,), MASK_VALUE, jnp.float32)
-    l = jnp.zeros((gp,), jnp.float32)
-    acc, m, l = lax.fori_loop(0, m_slots, body, (acc, m, l))
-    seen = l > 0
-    o_ref[...] = (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, (m + jnp.log2(jnp.where(seen, l, 1.0))) / LOG2E, -jnp.inf)
+    den = jnp.zeros((gp,), jnp.float32)
+    acc, m, den = lax.fori_loop(0, m_slots, body, (acc, m, den))
+    seen = den > 0
+    o_ref[...] = (acc / jnp.where(seen, den, 1.0)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, (m + jnp.log2(jnp.where(seen, den, 1.0))) / LOG2E, -jnp.inf)
 
 
 def _bwd_dq_kernel(idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,

@@ -219,7 +219,7 @@ def select_blocks(
     c, kh = k_cmp.shape[1], k_cmp.shape[2]
     if kh < 1 or n % kh:
         raise ValueError(f"select_blocks: {n=} query heads not a multiple of {kh=} KV heads")
-    l, d, lp = cmp_block_size, cmp_stride, slc_block_size
+    l, d, lp = cmp_block_size, cmp_stride, slc_block_size  # noqa: E741 (the paper's symbols)
     if l % d or lp % d or l > lp:
         raise ValueError(f"select_blocks: need d | l, d | l', l <= l'; got l={l}, d={d}, l'={lp}")
     rp = lp // d

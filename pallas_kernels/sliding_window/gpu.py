@@ -166,7 +166,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: BandConfig):
     qk_scale = cfg.scale * LOG2E  # work in base 2
 
     def body(j, carry):
-        acc, m, l = carry
+        acc, m, den = carry
         k = k_ref[pl.ds(j * bk, bk), :]  # [bk, Dk]
         v = v_ref[pl.ds(j * bk, bk), :]  # [bk, Dv]
         s = _dot(q, k, trans_b=True, precision=prec) * qk_scale  # [bq, bk]
@@ -175,18 +175,18 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: BandConfig):
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
-        l = l * alpha + jnp.sum(p, axis=1)
+        den = den * alpha + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, precision=prec)
-        return acc, m_new, l
+        return acc, m_new, den
 
     lo, hi = _key_block_range(cfg, q0, bq, bk)
     acc = jnp.zeros((bq, dv), jnp.float32)
     m = jnp.full((bq,), MASK_VALUE, jnp.float32)
-    l = jnp.zeros((bq,), jnp.float32)
-    acc, m, l = lax.fori_loop(lo, hi, body, (acc, m, l))
-    seen = l > 0
-    o_ref[...] = (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, (m + jnp.log2(jnp.where(seen, l, 1.0))) / LOG2E, -jnp.inf)
+    den = jnp.zeros((bq,), jnp.float32)
+    acc, m, den = lax.fori_loop(lo, hi, body, (acc, m, den))
+    seen = den > 0
+    o_ref[...] = (acc / jnp.where(seen, den, 1.0)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, (m + jnp.log2(jnp.where(seen, den, 1.0))) / LOG2E, -jnp.inf)
 
 
 def _fwd(q, k, v, cfg: BandConfig):
