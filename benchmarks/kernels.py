@@ -1,0 +1,526 @@
+"""Kernel benchmark: NSA through the Pallas-Triton backend next to cuDNN dense attention.
+
+Protocol (``shared/BENCHMARKS.md``): bf16 random-normal inputs, fresh per shape; a correctness
+check against the pure-jnp reference at a small size first; then, per sequence length, the
+median of ``--reps`` timed repetitions after warm-up (compilation excluded) of
+
+* ``nsa`` fwd / bwd / fwdbwd (mean-pooling ``phi``, given gates, shared K/V),
+* the NSA forward stages ``nsa/compressed`` (``phi`` + compressed attention), ``nsa/topn``,
+  ``nsa/selected``, ``nsa/window``, ``nsa/combine``,
+* ``cudnn_dense`` (causal, GQA) and ``cudnn_window`` (``w``) fwd / bwd / fwdbwd,
+
+with achieved TFLOP/s (useful FLOPs: masked work not counted). ``bwd`` is the VJP applied to
+saved residuals. Writes ``kernels.json`` (schema of ``BENCHMARKS.md``), ``kernels.md`` and
+``kernels.png`` under ``--out``.
+
+    python benchmarks/kernels.py --out docs/results --seq 8192 16384 32768 65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+warnings.filterwarnings("ignore", message=".*[Tt]riton.*", category=DeprecationWarning)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from nsa_jax import NSAConfig, nsa_attention  # noqa: E402
+from nsa_jax.compression import compress  # noqa: E402
+from nsa_jax.ops import combine_branches  # noqa: E402
+from pallas_kernels import tuned_block_sizes  # noqa: E402
+from pallas_kernels.compressed import gpu as cmp_gpu  # noqa: E402
+from pallas_kernels.selected import gpu as slc_gpu  # noqa: E402
+from pallas_kernels.selection import gpu as sel_gpu  # noqa: E402
+from pallas_kernels.sliding_window import gpu as swa_gpu  # noqa: E402
+
+CFG = NSAConfig(cmp_block_size=32, cmp_stride=16, slc_block_size=64, slc_top_n=16,
+                window_size=512, cmp_kind="mean", kv_mode="shared")
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def timeit(fn, *args, reps: int) -> dict:
+    """Median/min/max milliseconds of ``fn(*args)`` after two warm-up calls."""
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return dict(ms=statistics.median(times), min_ms=min(times), max_ms=max(times))
+
+
+def inputs(key, b, t, hq, hkv, dk, dv, dtype=jnp.bfloat16):
+    ks = jax.random.split(key, 5)
+    q = jax.random.normal(ks[0], (b, t, hq, dk), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (b, t, hkv, dk), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (b, t, hkv, dv), jnp.float32).astype(dtype)
+    gates = jax.nn.sigmoid(jax.random.normal(ks[3], (b, t, hq, 3), jnp.float32))
+    ct = jax.random.normal(ks[4], (b, t, hq, dv), jnp.float32).astype(dtype)
+    return q, k, v, gates.astype(dtype), ct
+
+
+# ------------------------------------------------------------------------------------------
+# FLOP models (useful work only)
+# ------------------------------------------------------------------------------------------
+def flops(t, hq, dk, dv, cfg=CFG, b=1):
+    l, d, lp, n, w = (cfg.cmp_block_size, cfg.cmp_stride,  # noqa: E741 (the paper's symbols)
+                      cfg.slc_block_size, cfg.slc_top_n, cfg.window_size)
+    pos = np.arange(t, dtype=np.float64)
+    vis_cmp = np.maximum(0, np.floor((pos - l + 1) / d) + 1).sum()  # compressed keys seen
+    vis_slc = np.minimum(n * lp, pos + 1).sum()  # selected keys (upper bound: full blocks)
+    vis_swa = np.minimum(w, pos + 1).sum()
+    per_key = 2 * b * hq * (dk + dv)  # QK^T and PV per query-key pair
+    out = {
+        "cmp": per_key * vis_cmp,
+        "topn": 2 * b * hq * dk * vis_cmp,  # scores recomputed (QK^T only)
+        "slc": per_key * vis_slc,
+        "swa": per_key * vis_swa,
+        "dense": per_key * t * (t + 1) / 2,
+    }
+    out["nsa"] = out["cmp"] + out["topn"] + out["slc"] + out["swa"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Functions under test
+# ------------------------------------------------------------------------------------------
+def nsa_fn(impl):
+    def f(q, k, v, gates):
+        return nsa_attention(q, k, v, gates, None, config=CFG, implementation=impl)
+    return f
+
+
+def cudnn_dense(q, k, v, gates=None):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
+def cudnn_window(q, k, v, gates=None):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn",
+                                        local_window_size=(CFG.window_size - 1, 0))
+
+
+def fwd_bwd(fn):
+    def f(q, k, v, gates, ct):
+        out, vjp = jax.vjp(fn, q, k, v, gates)
+        return out, vjp(ct)
+    return jax.jit(f)
+
+
+def time_passes(fn, args, ct, reps):
+    """fwd, bwd (VJP on saved residuals), fwdbwd timings of ``fn(q, k, v, gates)``."""
+    res = {"fwd": timeit(jax.jit(fn), *args, reps=reps)}
+    _, vjp = jax.vjp(fn, *args)
+    res["bwd"] = timeit(jax.jit(lambda f, c: f(c)), vjp, ct, reps=reps)
+    del vjp
+    res["fwdbwd"] = timeit(fwd_bwd(fn), *args, ct, reps=reps)
+    return res
+
+
+def stage_fns(t):
+    """The NSA forward split into its stages, each jitted alone (inputs from the previous)."""
+    geom = dict(kind="mean", block_size=CFG.cmp_block_size, stride=CFG.cmp_stride)
+
+    def cmp_stage(q, k, v):
+        k_cmp, v_cmp = compress(k, {}, **geom), compress(v, {}, **geom)
+        o, lse = cmp_gpu.compressed_attention(q, k_cmp, v_cmp, block_size=CFG.cmp_block_size,
+                                              stride=CFG.cmp_stride)
+        return o, lse, k_cmp
+
+    def topn_stage(q, k_cmp, lse):
+        return sel_gpu.select_blocks(q, k_cmp, lse, seq_len=t, cmp_block_size=CFG.cmp_block_size,
+                                     cmp_stride=CFG.cmp_stride, slc_block_size=CFG.slc_block_size,
+                                     top_n=CFG.slc_top_n)
+
+    def slc_stage(q, k, v, idx):
+        return slc_gpu.selected_attention(q, k, v, idx, block_size=CFG.slc_block_size)[0]
+
+    def swa_stage(q, k, v):
+        return swa_gpu.sliding_window_attention(q, k, v, window_size=CFG.window_size)[0]
+
+    return (jax.jit(cmp_stage), jax.jit(topn_stage), jax.jit(slc_stage), jax.jit(swa_stage),
+            jax.jit(combine_branches))
+
+
+# ------------------------------------------------------------------------------------------
+def check(key) -> list[str]:
+    """Small-size agreement of the GPU backend with the reference: outputs and gradients."""
+    lines = []
+    q, k, v, gates, ct = inputs(key, 1, 2000, 16, 1, 128, 128)
+    o, vjp = jax.vjp(jax.jit(nsa_fn("pallas_triton")), q, k, v, gates)
+    o_ref, vjp_ref = jax.vjp(jax.jit(nsa_fn("reference")), q, k, v, gates)
+    errs = {"out": rel_err(o, o_ref)}
+    for nm, a, r in zip("q k v gates".split(), vjp(ct), vjp_ref(ct), strict=True):
+        errs["d" + nm] = rel_err(a, r)
+    lines.append("check nsa T=2000 N=16 K=1 bf16: " +
+                 ", ".join(f"{a}={b:.2e}" for a, b in errs.items()))
+    ok = all(e < 2e-2 for e in errs.values())
+    lines.append("check " + ("PASSED" if ok else "FAILED"))
+    return lines
+
+
+def smoke_one(stage: str, dtype_name: str) -> None:
+    """One stage, forward and VJP, at a small awkward shape against the reference."""
+    from pallas_kernels.compressed import reference as cmp_ref
+    from pallas_kernels.selected import reference as slc_ref
+    from pallas_kernels.selection import reference as sel_ref
+    from pallas_kernels.sliding_window import reference as swa_ref
+    from tests.pallas_kernels.suite import Case, random_indices
+    dtype = jnp.dtype(dtype_name)
+    case = Case(b=1, t=1000, n=16, kh=2, dk=128, dv=128, cmp_block_size=32, cmp_stride=16,
+                slc_block_size=64, top_n=16, window_size=128)
+    q, k, v, _, _ = inputs(jax.random.key(1), case.b, case.t, case.n, case.kh, case.dk,
+                           case.dv, dtype)
+    c = case.num_cmp
+    kc, vc = k[:, :c], v[:, :c]
+    if stage == "sel":
+        _, lse = cmp_ref.compressed_attention(q, kc, vc, block_size=32, stride=16)
+        kw = dict(seq_len=case.t, cmp_block_size=32, cmp_stride=16, slc_block_size=64, top_n=16)
+        a = np.sort(np.asarray(sel_gpu.select_blocks(q, kc, lse, **kw)), -1)
+        r = np.sort(np.asarray(sel_ref.select_blocks(q, kc, lse, **kw)), -1)
+        print(f"smoke sel {dtype_name}: rows differing {(a != r).any(-1).sum()} of "
+              f"{a.shape[1] * a.shape[2]}", flush=True)
+        return
+    if stage == "cmp":
+        fns = (lambda *x: cmp_gpu.compressed_attention(*x, block_size=32, stride=16),
+               lambda *x: cmp_ref.compressed_attention(*x, block_size=32, stride=16))
+        args = (q, kc, vc)
+    elif stage == "swa":
+        fns = (lambda *x: swa_gpu.sliding_window_attention(*x, window_size=128),
+               lambda *x: swa_ref.sliding_window_attention(*x, window_size=128))
+        args = (q, k, v)
+    else:
+        idx = jnp.asarray(random_indices(np.random.default_rng(0), case))
+        fns = (lambda *x: slc_gpu.selected_attention(*x, idx, block_size=64),
+               lambda *x: slc_ref.selected_attention(*x, idx, block_size=64))
+        args = (q, k, v)
+    outs = []
+    for fn in fns:
+        (o, lse), vjp = jax.vjp(jax.jit(fn), *args)
+        ct = jax.random.normal(jax.random.key(3), o.shape, jnp.float32).astype(dtype)
+        outs.append((o, lse, *vjp((ct, jnp.zeros_like(lse)))))
+    fin = np.isfinite(np.asarray(outs[1][1]))
+    errs = [rel_err(outs[0][0], outs[1][0]),
+            rel_err(np.asarray(outs[0][1])[fin], np.asarray(outs[1][1])[fin])]
+    errs += [rel_err(a, b) for a, b in zip(outs[0][2:], outs[1][2:], strict=True)]
+    print(f"smoke {stage} {dtype_name}: o, lse, dq, dk, dv rel err " +
+          " ".join(f"{e:.1e}" for e in errs), flush=True)
+
+
+def smoke_all(stages=("cmp", "swa", "sel", "slc"), merges=("dynamic",)) -> None:
+    """Every stage and dtype in its own process, so one crash does not hide the others."""
+    import subprocess
+    jobs = [(s, d, m) for s in stages for d in ("bfloat16", "float32")
+            for m in (merges if s == "sel" else ("dynamic",))]
+    procs = []
+    for s, d, m in jobs:
+        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", NSA_SELECTION_MERGE=m)
+        procs.append((s, d, m, subprocess.Popen(
+            [sys.executable, __file__, "--smoke-one", s, d], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)))
+    for s, d, m, p in procs:
+        out, _ = p.communicate()
+        lines = [x for x in out.splitlines() if x.strip() and "Warning" not in x
+                 and "deprecat" not in x.lower()]
+        tail = [x for x in lines if x.startswith("smoke")] or lines[-4:]
+        print(f"--- {s} {d} {m} rc={p.returncode}\n" + "\n".join(tail), flush=True)
+
+
+def grad_of(f):
+    """``f``'s input gradients under its own output as cotangent (forward + backward)."""
+    def g(*x):
+        o, vjp = jax.vjp(lambda *y: f(*y)[0], *x)
+        return vjp(o)
+    return g
+
+
+def run_variants(args, records, table):
+    """Tile variants of each stage at the largest length (forward and backward)."""
+    t = max(args.seq)
+    q, k, v, gates, ct = inputs(jax.random.key(99), 1, t, 64, 4, 128, 128)
+    geom = dict(kind="mean", block_size=CFG.cmp_block_size, stride=CFG.cmp_stride)
+    k_cmp, v_cmp = compress(k, {}, **geom), compress(v, {}, **geom)
+    _, lse = cmp_gpu.compressed_attention(q, k_cmp, v_cmp, block_size=32, stride=16)
+    idx = sel_gpu.select_blocks(q, k_cmp, lse, seq_len=t, cmp_block_size=32, cmp_stride=16,
+                                slc_block_size=64, top_n=16)
+
+    def variant(name, fn, *a):
+        try:
+            r = timeit(jax.jit(fn), *a, reps=args.reps)
+        except Exception as err:  # a tile that does not compile: report and go on
+            print(f"variant {name}: {type(err).__name__}: {str(err)[:200]}", flush=True)
+            return
+        pas = "fwdbwd" if "bwd" in name else "fwd"
+        records.append(dict(name="variant/" + name, **{"pass": pas}, T=t, **r))
+        table.append((f"variant {name}", t, r["ms"]))
+        print(f"variant {name:60s} {r['ms']:8.3f} ms", flush=True)
+
+    for bq, bk, nw in args.banded_variants:
+        bs = swa_gpu.BlockSizes(block_q=bq, block_k=bk, block_q_dkv=bk, block_k_dkv=bq,
+                                num_warps=nw, num_warps_bwd=nw)
+        swa = lambda q, k, v, bs=bs: swa_gpu.sliding_window_attention(  # noqa: E731
+            q, k, v, window_size=512, block_sizes=bs)
+        cmpf = lambda q, k, v, bs=bs: cmp_gpu.compressed_attention(  # noqa: E731
+            q, k, v, block_size=32, stride=16, block_sizes=bs)
+        variant(f"swa fwd bq{bq} bk{bk} w{nw}", lambda *a, f=swa: f(*a)[0], q, k, v)
+        variant(f"swa fwd+bwd bq{bq} bk{bk} w{nw}", grad_of(swa), q, k, v)
+        variant(f"cmp fwd bq{bq} bk{bk} w{nw}", lambda *a, f=cmpf: f(*a)[0], q, k_cmp, v_cmp)
+        variant(f"cmp fwd+bwd bq{bq} bk{bk} w{nw}", grad_of(cmpf), q, k_cmp, v_cmp)
+    for nw, e in args.selected_variants:
+        bs = slc_gpu.BlockSizes(entries_per_chunk=e, num_warps=nw, num_warps_bwd=nw)
+        slc = lambda q, k, v, bs=bs: slc_gpu.selected_attention(  # noqa: E731
+            q, k, v, idx, block_size=64, block_sizes=bs)
+        variant(f"slc fwd w{nw}", lambda *a, f=slc: f(*a)[0], q, k, v)
+        variant(f"slc fwd+bwd w{nw} e{e}", grad_of(slc), q, k, v)
+    for bq, bc, nw in args.selection_variants:
+        bs = sel_gpu.BlockSizes(block_q=bq, block_c=bc, num_warps=nw)
+        variant(f"topn bq{bq} bc{bc} w{nw}", lambda q, kc, lse, bs=bs: sel_gpu.select_blocks(
+            q, kc, lse, seq_len=t, cmp_block_size=32, cmp_stride=16, slc_block_size=64,
+            top_n=16, block_sizes=bs), q, k_cmp, lse)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="docs/results")
+    ap.add_argument("--seq", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--commit", default=os.environ.get("NSA_COMMIT", "unknown"))
+    ap.add_argument("--dk192", type=int, default=16384,
+                    help="T for the Dk=192, Dv=128 run (0: skip)")
+    ap.add_argument("--variants", action="store_true", help="also time tile variants")
+    ap.add_argument("--skip-main", action="store_true", help="only the check and the variants")
+    ap.add_argument("--from-log", help="write the result files from a printed log of a run")
+    ap.add_argument("--device", default="NVIDIA H200", help="device of the --from-log run")
+    ap.add_argument("--smoke", nargs="*", help="only the per-stage smoke checks (stages)")
+    ap.add_argument("--merges", nargs="*", default=["dynamic"], help=argparse.SUPPRESS)
+    ap.add_argument("--smoke-one", nargs=2, metavar=("STAGE", "DTYPE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.smoke_one:
+        smoke_one(*args.smoke_one)
+        return
+    if args.from_log:
+        records, checks = records_from_log(args.from_log)
+        write_results(args, args.device, checks, records,
+                      source="parsed from the printed log of the run (the run reached its time "
+                             "limit before writing this file); medians as printed, min/max "
+                             "not recorded")
+        return
+    if args.smoke is not None:
+        smoke_all(tuple(args.smoke) or ("cmp", "swa", "sel", "slc"), tuple(args.merges))
+        return
+    args.banded_variants = [(64, 64, 4), (128, 128, 8)]
+    args.selected_variants = [(2, 256), (8, 1024)]
+    args.selection_variants = [(64, 64, 8), (128, 64, 8), (32, 64, 4)]
+    os.makedirs(args.out, exist_ok=True)
+
+    dev = jax.devices()[0]
+    print(f"device {dev.device_kind}, jax {jax.__version__}", flush=True)
+    summary = check(jax.random.key(0))
+    print("\n".join(summary), flush=True)
+
+    records, table = [], []
+    hq, hkv = 64, 4
+    shapes = [] if args.skip_main else [(t, 128, 128) for t in args.seq]
+    if args.dk192 and not args.skip_main:
+        shapes.append((args.dk192, 192, 128))
+    for t, dk, dv in shapes:
+        q, k, v, gates, ct = inputs(jax.random.key(t + dk), 1, t, hq, hkv, dk, dv)
+        base = dict(B=1, T=t, HQ=hq, HKV=hkv, Dk=dk, Dv=dv, dtype="bfloat16")
+        fl = flops(t, hq, dk, dv)
+        bwd_factor = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
+
+        def add(name, pas, r, f=None, base=base, t=t, dk=dk, bwd_factor=bwd_factor):
+            rec = dict(name=name, **{"pass": pas}, **base, **r)
+            if f:
+                rec["tflops"] = f * bwd_factor.get(pas, 1.0) / (r["ms"] * 1e-3) / 1e12
+            records.append(rec)
+            tf = f"{rec['tflops']:7.1f}" if "tflops" in rec else "       "
+            print(f"T={t:6d} Dk={dk} {name:16s} {pas:7s} {r['ms']:9.3f} ms {tf} TFLOP/s",
+                  flush=True)
+            return rec
+
+        nsa = nsa_fn("pallas_triton")
+        for pas, r in time_passes(nsa, (q, k, v, gates), ct, args.reps).items():
+            add("nsa", pas, r, fl["nsa"])
+        for name, fn, f in (("cudnn_dense", cudnn_dense, fl["dense"]),
+                            ("cudnn_window", cudnn_window, fl["swa"])):
+            try:
+                for pas, r in time_passes(fn, (q, k, v, gates), ct, args.reps).items():
+                    add(name, pas, r, f)
+            except Exception as err:  # cuDNN may reject a shape (e.g. Dk != Dv)
+                print(f"{name} T={t} Dk={dk}: {type(err).__name__}: {str(err)[:300]}")
+        cmp_s, topn_s, slc_s, swa_s, comb_s = stage_fns(t)
+        o_cmp, lse, k_cmp = cmp_s(q, k, v)
+        idx = topn_s(q, k_cmp, lse)
+        o_slc, o_swa = slc_s(q, k, v, idx), swa_s(q, k, v)
+        add("nsa/compressed", "fwd", timeit(cmp_s, q, k, v, reps=args.reps), fl["cmp"])
+        add("nsa/topn", "fwd", timeit(topn_s, q, k_cmp, lse, reps=args.reps), fl["topn"])
+        add("nsa/selected", "fwd", timeit(slc_s, q, k, v, idx, reps=args.reps), fl["slc"])
+        add("nsa/window", "fwd", timeit(swa_s, q, k, v, reps=args.reps), fl["swa"])
+        add("nsa/combine", "fwd", timeit(comb_s, gates, o_cmp, o_slc, o_swa, reps=args.reps))
+        # Each attention stage forward + backward (cotangent: its own output).
+        v_cmp = compress(v, {}, kind="mean", block_size=CFG.cmp_block_size, stride=CFG.cmp_stride)
+        for name, fn, a, f in (
+            ("nsa/compressed", lambda q, kc, vc: cmp_gpu.compressed_attention(
+                q, kc, vc, block_size=CFG.cmp_block_size, stride=CFG.cmp_stride),
+             (q, k_cmp, v_cmp), fl["cmp"]),
+            ("nsa/selected", lambda q, k, v, idx=idx: slc_gpu.selected_attention(
+                q, k, v, idx, block_size=CFG.slc_block_size), (q, k, v), fl["slc"]),
+            ("nsa/window", lambda q, k, v: swa_gpu.sliding_window_attention(
+                q, k, v, window_size=CFG.window_size), (q, k, v), fl["swa"]),
+        ):
+            add(name, "fwdbwd", timeit(jax.jit(grad_of(fn)), *a, reps=args.reps), f)
+        del q, k, v, gates, ct, o_cmp, lse, k_cmp, v_cmp, idx, o_slc, o_swa
+        write_results(args, dev.device_kind, summary, records, quiet=True)  # after every shape
+
+    if args.variants:
+        run_variants(args, records, table)
+
+    write_results(args, dev.device_kind, summary, records)
+
+
+def write_results(args, device: str, checks: list[str], records: list[dict], source: str = "",
+                  quiet: bool = False):
+    """``kernels.json``, ``kernels.md`` and ``kernels.png`` under ``args.out``."""
+    doc = {
+        "benchmark": "kernels", "device": device, "jax": jax.__version__,
+        "date": datetime.date.today().isoformat(), "commit": args.commit,
+        "nsa_config": dict(cmp_block_size=CFG.cmp_block_size, cmp_stride=CFG.cmp_stride,
+                           slc_block_size=CFG.slc_block_size, slc_top_n=CFG.slc_top_n,
+                           window_size=CFG.window_size, cmp_kind="mean", kv_mode="shared"),
+        "check": checks,
+        "block_sizes": {"sliding_window": tuned_block_sizes.SLIDING_WINDOW,
+                        "compressed": tuned_block_sizes.COMPRESSED,
+                        "selected": tuned_block_sizes.SELECTED,
+                        "selection": tuned_block_sizes.SELECTION},
+        "records": records,
+    }
+    if source:
+        doc["source"] = source
+    with open(os.path.join(args.out, "kernels.json"), "w") as fh:
+        json.dump(doc, fh, indent=1)
+    write_markdown(doc, os.path.join(args.out, "kernels.md"))
+    try:
+        plot(doc, os.path.join(args.out, "kernels.png"))
+    except Exception as err:  # matplotlib missing: the JSON and table still stand
+        print(f"plot skipped: {err}")
+    if not quiet:
+        print(open(os.path.join(args.out, "kernels.md")).read())
+
+
+def records_from_log(path: str) -> tuple[list[dict], list[str]]:
+    """Records (and check lines) from this script's printed table, for a run cut short.
+
+    Each line ``T= 65536 Dk=128 nsa fwd 56.724 ms 174.0 TFLOP/s`` becomes a record; the medians
+    keep the printed precision and min/max are not known.
+    """
+    import re
+    pat = re.compile(r"T=\s*(\d+) Dk=(\d+) (\S+)\s+(\S+)\s+([\d.]+) ms\s*([\d.]+)?")
+    recs, checks = [], []
+    for line in open(path):
+        if line.startswith("check"):
+            checks.append(line.strip())
+        m = pat.match(line.strip())
+        if m:
+            t, dk, name, pas, ms, tf = m.groups()
+            rec = dict(name=name, **{"pass": pas}, B=1, T=int(t), HQ=64, HKV=4, Dk=int(dk),
+                       Dv=128, dtype="bfloat16", ms=float(ms))
+            if tf:
+                rec["tflops"] = float(tf)
+            recs.append(rec)
+    return recs, checks
+
+
+def _get(recs, name, pas, t, dk=128):
+    for r in recs:
+        if r["name"] == name and r["pass"] == pas and r["T"] == t and r.get("Dk", dk) == dk:
+            return r
+    return None
+
+
+def write_markdown(doc, path):
+    recs = doc["records"]
+    lines = ["# Kernel benchmark: NSA (Pallas-Triton) vs cuDNN dense attention",
+             "",
+             f"{doc['device']}, jax {doc['jax']}, {doc['date']}, commit {doc['commit']}. "
+             "B=1, HQ=64, HKV=4, bf16; NSA l=32, d=16, l'=64, n=16, w=512, mean-pooling phi. "
+             "Median ms of 10 after warm-up; ratio = cuDNN dense / NSA, same run.",
+             "", "| T | Dk/Dv | pass | NSA ms | cuDNN dense ms | ratio | cuDNN window ms |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    keys = sorted({(r["T"], r.get("Dk", 128), r.get("Dv", 128)) for r in recs
+                   if r["name"] == "nsa"})
+    for t, dk, dv in keys:
+        for pas in ("fwd", "bwd", "fwdbwd"):
+            n, c, w = (_get(recs, nm, pas, t, dk) for nm in ("nsa", "cudnn_dense", "cudnn_window"))
+            ratio = f"{c['ms'] / n['ms']:.2f}x" if (n and c) else "-"
+            lines.append(f"| {t} | {dk}/{dv} | {pas} | {n['ms']:.2f} | "
+                         f"{c['ms'] if c else float('nan'):.2f} | {ratio} | "
+                         f"{w['ms'] if w else float('nan'):.2f} |")
+    lines += ["", "NSA forward by stage (ms, TFLOP/s of useful work):", "",
+              "| T | compressed | top-n | selected | window | combine |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for t, dk, _ in keys:
+        cells = []
+        for st in ("compressed", "topn", "selected", "window", "combine"):
+            r = _get(recs, "nsa/" + st, "fwd", t, dk)
+            cells.append("-" if r is None else
+                         f"{r['ms']:.2f}" + (f" ({r['tflops']:.0f})" if "tflops" in r else ""))
+        lines.append(f"| {t}{'' if dk == 128 else f' (Dk={dk})'} | " + " | ".join(cells) + " |")
+    lines += ["", "Attention stages forward + backward (ms, TFLOP/s of useful work; bwd counted "
+              "as 2.5x fwd):",
+              "", "| T | compressed | selected | window |", "| --- | --- | --- | --- |"]
+    for t, dk, _ in keys:
+        cells = []
+        for st in ("compressed", "selected", "window"):
+            r = _get(recs, "nsa/" + st, "fwdbwd", t, dk)
+            cells.append("-" if r is None else f"{r['ms']:.2f} ({r['tflops']:.0f})")
+        lines.append(f"| {t}{'' if dk == 128 else f' (Dk={dk})'} | " + " | ".join(cells) + " |")
+    var = [r for r in recs if r["name"].startswith("variant/")]
+    if var:
+        lines += ["", "Tile variants (ms):", ""] + [f"- {r['name'][8:]}: {r['ms']:.3f}"
+                                                    for r in var]
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def plot(doc, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    recs = doc["records"]
+    ts = sorted({r["T"] for r in recs if r["name"] == "nsa" and r.get("Dk", 128) == 128})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for pas, style in (("fwd", "-"), ("fwdbwd", "--")):
+        for name, color in (("nsa", "C0"), ("cudnn_dense", "C1"), ("cudnn_window", "C2")):
+            ys = [(_get(recs, name, pas, t) or {}).get("ms", np.nan) for t in ts]
+            axes[0].plot(ts, ys, style, color=color, marker="o", label=f"{name} {pas}")
+    axes[0].set(xscale="log", yscale="log", xlabel="T", ylabel="ms", title="time (lower is better)")
+    axes[0].legend(fontsize=7)
+    bottom = np.zeros(len(ts))
+    for i, st in enumerate(("compressed", "topn", "selected", "window", "combine")):
+        ys = np.array([(_get(recs, "nsa/" + st, "fwd", t) or {}).get("ms", 0.0) for t in ts])
+        axes[1].bar([str(t) for t in ts], ys, bottom=bottom, label=st, color=f"C{i}")
+        bottom += ys
+    axes[1].set(xlabel="T", ylabel="ms", title="NSA forward by stage")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"NSA vs cuDNN, {doc['device']}, B=1 HQ=64 HKV=4 D=128 bf16")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

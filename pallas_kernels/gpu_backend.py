@@ -1,0 +1,39 @@
+"""The Pallas-Triton GPU backend: the four NSA stages as Pallas kernels lowered to Triton.
+
+``BACKEND`` is registered lazily by ``nsa_jax.registry`` as ``"pallas_triton"`` (the default on
+GPU); ``make_backend(interpret=True)`` runs the same kernels in the Pallas interpreter, which
+is how the CPU tests check them. Each stage raises ``NotImplementedError`` for shapes its kernel
+does not take, and the registry then falls back to the pure-jnp reference.
+
+Sliding window: the banded Pallas kernel is the default. cuDNN's windowed attention was
+measured next to it (``benchmarks/kernels.py``, ``docs/gpu_kernels.md``) but returns no
+log-sum-exp through ``jax.nn.dot_product_attention``, which the stage contract requires.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from pallas_kernels.backend import Backend
+from pallas_kernels.compressed import gpu as compressed_gpu
+from pallas_kernels.selected import gpu as selected_gpu
+from pallas_kernels.selection import gpu as selection_gpu
+from pallas_kernels.sliding_window import gpu as sliding_window_gpu
+
+
+def make_backend(interpret: bool = False, name: str | None = None) -> Backend:
+    """The GPU stages, or their interpreted twins on CPU with ``interpret=True``."""
+    return Backend(
+        name=name or ("pallas_triton_interpret" if interpret else "pallas_triton"),
+        platforms=() if interpret else ("gpu",),
+        compressed_attention=functools.partial(compressed_gpu.compressed_attention,
+                                               interpret=interpret),
+        select_blocks=functools.partial(selection_gpu.select_blocks, interpret=interpret),
+        selected_attention=functools.partial(selected_gpu.selected_attention,
+                                             interpret=interpret),
+        sliding_window_attention=functools.partial(sliding_window_gpu.sliding_window_attention,
+                                                   interpret=interpret),
+    )
+
+
+BACKEND = make_backend()

@@ -1,0 +1,418 @@
+"""Selected-branch attention on GPU: the paper's group-centric Pallas-Triton kernels.
+
+One forward program owns one query position ``t`` and one KV head: the ``G`` query heads of the
+group form the rows of a ``[G, Dk]`` tile, and each of the ``n`` selected key blocks of ``l'``
+tokens is loaded once and shared by all of them (NSA paper, section 3.4). Empty (``-1``) slots
+are masked out; the current block is masked causally (key position ``<= t``).
+
+Backward, without atomics:
+
+* ``dq``: the forward's grid again, recomputing the probabilities from the saved log-sum-exp.
+* ``dk/dv``: an inverted index, built in XLA from the selection (sort of ``(block, query)``
+  pairs), lists for each key block the queries that selected it, cut into chunks of at most
+  ``entries_per_chunk`` queries so that block 0 (chosen by every query) is spread over many
+  programs. Each program accumulates one chunk's ``dk/dv`` for its block in registers and
+  writes it to a per-chunk buffer; a sorted segment sum adds the chunks of each block.
+
+``G`` below 16 or not a power of two is padded to one (zero queries, dropped afterwards), as
+are head dims; ``l'`` must be a power of two of at least 16 (else ``NotImplementedError``, and
+the registry falls back to the reference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+from jaxtyping import Array, Float, Int
+
+from pallas_kernels import tuned_block_sizes
+from pallas_kernels.common import default_scale
+from pallas_kernels.sliding_window.gpu import check_qkv
+
+LOG2E = math.log2(math.e)
+MASK_VALUE = -1e30
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Launch parameters of the selected-attention kernels.
+
+    Attributes:
+      entries_per_chunk: queries per ``dk/dv`` program (a power of two).
+      num_warps, num_stages: Triton parameters of the forward and ``dq`` kernels.
+      num_warps_bwd, num_stages_bwd: those of the ``dk/dv`` kernel.
+    """
+
+    entries_per_chunk: int = 256
+    num_warps: int = 4
+    num_stages: int = 2
+    num_warps_bwd: int = 4
+    num_stages_bwd: int = 2
+
+    def __post_init__(self):
+        e = self.entries_per_chunk
+        if e < 1 or e & (e - 1):
+            raise ValueError(f"BlockSizes.entries_per_chunk={e} must be a power of two")
+        for f in ("num_warps", "num_warps_bwd", "num_stages", "num_stages_bwd"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"BlockSizes.{f}={getattr(self, f)} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    block_size: int
+    scale: float
+    g: int  # true heads per group (the kernels see the padded count)
+    block_sizes: BlockSizes
+    interpret: bool
+
+
+def _precision(dtype):
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _dot(a, b, trans_a=False, trans_b=False, precision=None):
+    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
+
+
+# ------------------------------------------------------------------------------------------
+# Forward and dq: one program per (query, KV head)
+# ------------------------------------------------------------------------------------------
+def _fwd_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
+    bs = cfg.block_size
+    t = pl.program_id(0)
+    q = q_ref[...]  # [Gp, Dk]
+    prec = _precision(q.dtype)
+    qk_scale = cfg.scale * LOG2E
+    m_slots = idx_ref.shape[0]
+
+    def body(slot, carry):
+        acc, m, den = carry
+        j = idx_ref[slot]
+        jc = jnp.maximum(j, 0)
+        k = k_ref[pl.ds(jc * bs, bs), :]  # [l', Dk]
+        v = v_ref[pl.ds(jc * bs, bs), :]  # [l', Dv]
+        s = _dot(q, k, trans_b=True, precision=prec) * qk_scale  # [Gp, l']
+        key_pos = jc * bs + jnp.arange(bs, dtype=jnp.int32)
+        mask = ((key_pos <= t) & (j >= 0))[None, :]
+        s = jnp.where(mask, s, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
+        den = den * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, precision=prec)
+        return acc, m_new, den
+
+    gp, dv = q.shape[0], v_ref.shape[-1]
+    acc = jnp.zeros((gp, dv), jnp.float32)
+    m = jnp.full((gp,), MASK_VALUE, jnp.float32)
+    den = jnp.zeros((gp,), jnp.float32)
+    acc, m, den = lax.fori_loop(0, m_slots, body, (acc, m, den))
+    seen = den > 0
+    o_ref[...] = (acc / jnp.where(seen, den, 1.0)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, (m + jnp.log2(jnp.where(seen, den, 1.0))) / LOG2E, -jnp.inf)
+
+
+def _bwd_dq_kernel(idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+                   cfg: _Config):
+    bs = cfg.block_size
+    t = pl.program_id(0)
+    q = q_ref[...]  # [Gp, Dk]
+    do = do_ref[...]  # [Gp, Dv]
+    prec = _precision(q.dtype)
+    lse = lse_ref[...] * LOG2E  # [Gp]
+    delta = delta_ref[...]  # [Gp]
+    qk_scale = cfg.scale * LOG2E
+
+    def body(slot, dq):
+        j = idx_ref[slot]
+        jc = jnp.maximum(j, 0)
+        k = k_ref[pl.ds(jc * bs, bs), :]
+        v = v_ref[pl.ds(jc * bs, bs), :]
+        s = _dot(q, k, trans_b=True, precision=prec) * qk_scale  # [Gp, l']
+        key_pos = jc * bs + jnp.arange(bs, dtype=jnp.int32)
+        mask = ((key_pos <= t) & (j >= 0))[None, :]
+        p = jnp.where(mask, jnp.exp2(jnp.minimum(s - lse[:, None], 0.0)), 0.0)
+        dp = _dot(do, v, trans_b=True, precision=prec)  # [Gp, l']
+        ds = p * (dp - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k, precision=prec)
+
+    dq = lax.fori_loop(0, idx_ref.shape[0], body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _per_query_specs(b_k, gp, dkp, dvp, sp, mp):
+    """BlockSpecs of the (query, KV head) grid: ``grid = (T, B*K)``."""
+    del mp
+    def q_map(t, bk):
+        return (bk // b_k, t, bk % b_k, 0)
+
+    def kv_map(t, bk):
+        return (bk // b_k, 0, bk % b_k, 0)
+
+    return dict(
+        idx=lambda m: pl.BlockSpec((None, None, None, m), q_map),
+        q=pl.BlockSpec((None, None, gp, dkp), q_map),
+        do=pl.BlockSpec((None, None, gp, dvp), q_map),
+        k=pl.BlockSpec((None, sp, None, dkp), kv_map),
+        v=pl.BlockSpec((None, sp, None, dvp), kv_map),
+        row=pl.BlockSpec((None, None, gp), lambda t, bk: (bk // b_k, t, bk % b_k)),
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# dk/dv: one program per chunk of an inverted index (key block -> queries that chose it)
+# ------------------------------------------------------------------------------------------
+def _bwd_dkv_kernel(blk_ref, cnt_ref, tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                    delta_ref, dk_ref, dv_ref, *, cfg: _Config):
+    bs = cfg.block_size
+    c = pl.program_id(0)
+    j = blk_ref[c]
+    jc = jnp.maximum(j, 0)
+    count = jnp.where(j >= 0, cnt_ref[c], 0)
+    k = k_ref[pl.ds(jc * bs, bs), :]  # [l', Dk]
+    v = v_ref[pl.ds(jc * bs, bs), :]  # [l', Dv]
+    prec = _precision(k.dtype)
+    key_pos = jc * bs + jnp.arange(bs, dtype=jnp.int32)
+    qk_scale = cfg.scale * LOG2E
+
+    def body(e, carry):
+        dk, dv = carry
+        t = tab_ref[e]
+        q = q_ref[t]  # [Gp, Dk]
+        do = do_ref[t]  # [Gp, Dv]
+        lse = lse_ref[t] * LOG2E  # [Gp]
+        delta = delta_ref[t]  # [Gp]
+        s = _dot(q, k, trans_b=True, precision=prec) * qk_scale  # [Gp, l']
+        mask = (key_pos <= t)[None, :]
+        p = jnp.where(mask, jnp.exp2(jnp.minimum(s - lse[:, None], 0.0)), 0.0)
+        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True, precision=prec)  # [l', Dv]
+        dp = _dot(do, v, trans_b=True, precision=prec)  # [Gp, l']
+        ds = p * (dp - delta[:, None])
+        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True, precision=prec)  # [l', Dk]
+        return dk, dv
+
+    dk = jnp.zeros(k.shape, jnp.float32)
+    dv = jnp.zeros(v.shape, jnp.float32)
+    dk, dv = lax.fori_loop(0, count, body, (dk, dv))
+    dk_ref[...] = dk * cfg.scale
+    dv_ref[...] = dv
+
+
+def _invert_one(idx_tm, num_blocks: int, per_chunk: int, num_chunks: int):
+    """Inverted index of one (batch, KV head).
+
+    Args:
+      idx_tm: ``int32 [T, M]`` selected blocks, ``-1`` empty.
+
+    Returns:
+      ``blk [NC]`` block of each chunk (``-1`` unused), ``cnt [NC]`` queries in it,
+      ``tab [NC, E]`` their positions (``-1`` past ``cnt``).
+    """
+    t, m = idx_tm.shape
+    key = jnp.where(idx_tm >= 0, idx_tm, num_blocks).reshape(-1)  # [P]
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, m)).reshape(-1)
+    key, pos = lax.sort((key, pos), num_keys=2)  # by block, then query
+    valid = key < num_blocks
+    kc = jnp.minimum(key, num_blocks - 1)
+    cnt = jnp.zeros((num_blocks + 1,), jnp.int32).at[key].add(1)[:num_blocks]
+    chunks = -(-cnt // per_chunk)
+    chunk_start = jnp.cumsum(chunks) - chunks
+    blk_start = jnp.cumsum(cnt) - cnt
+    rank = jnp.arange(key.shape[0], dtype=jnp.int32) - blk_start[kc]
+    cid = jnp.where(valid, chunk_start[kc] + rank // per_chunk, num_chunks)
+    slot = rank % per_chunk
+    tab = jnp.full((num_chunks, per_chunk), -1, jnp.int32).at[cid, slot].set(pos, mode="drop")
+    blk = jnp.full((num_chunks,), -1, jnp.int32).at[cid].set(kc, mode="drop")
+    ccnt = jnp.zeros((num_chunks,), jnp.int32).at[cid].add(1, mode="drop")
+    return blk, ccnt, tab
+
+
+# ------------------------------------------------------------------------------------------
+# Wrappers
+# ------------------------------------------------------------------------------------------
+def _fwd(q, k, v, idx, cfg: _Config):
+    """Padded ``q [B, T, K*Gp, Dkp]``, ``k/v [B, Sp, K, D]``, ``idx [B, T, K, Mp]``."""
+    b, t, ngp, dkp = q.shape
+    sp, kh, dvp = k.shape[1], k.shape[2], v.shape[-1]
+    gp = ngp // kh
+    specs = _per_query_specs(kh, gp, dkp, dvp, sp, idx.shape[-1])
+    bs = cfg.block_sizes
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg=cfg),
+        grid=(t, b * kh),
+        in_specs=[specs["idx"](idx.shape[-1]), specs["q"], specs["k"], specs["v"]],
+        out_specs=[specs["do"], specs["row"]],
+        out_shape=[jax.ShapeDtypeStruct((b, t, ngp, dvp), q.dtype),
+                   jax.ShapeDtypeStruct((b, t, ngp), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
+        interpret=cfg.interpret,
+        name="nsa_slc_fwd",
+    )(idx, q, k, v)
+
+
+def _bwd(q, k, v, idx, o, lse, do, cfg: _Config):
+    b, t, ngp, dkp = q.shape
+    sp, kh, dvp = k.shape[1], k.shape[2], v.shape[-1]
+    gp = ngp // kh
+    bsz = cfg.block_size
+    nb = sp // bsz
+    bs = cfg.block_sizes
+    delta = jnp.einsum("btnd,btnd->btn", o.astype(jnp.float32), do.astype(jnp.float32))
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    specs = _per_query_specs(kh, gp, dkp, dvp, sp, idx.shape[-1])
+    dq = pl.pallas_call(
+        functools.partial(_bwd_dq_kernel, cfg=cfg),
+        grid=(t, b * kh),
+        in_specs=[specs["idx"](idx.shape[-1]), specs["q"], specs["k"], specs["v"],
+                  specs["do"], specs["row"], specs["row"]],
+        out_specs=specs["q"],
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
+        interpret=cfg.interpret,
+        name="nsa_slc_bwd_dq",
+    )(idx, q, k, v, do, lse, delta)
+
+    per_chunk = min(bs.entries_per_chunk, _pow2(t * idx.shape[-1]))
+    nc = -(-(t * idx.shape[-1]) // per_chunk) + nb
+    invert = functools.partial(_invert_one, num_blocks=nb, per_chunk=per_chunk, num_chunks=nc)
+    idx_bktm = jnp.transpose(idx, (0, 2, 1, 3))  # [B, K, T, Mp]
+    blk, cnt, tab = jax.vmap(jax.vmap(invert))(idx_bktm)  # [B, K, NC], [B, K, NC], [B, K, NC, E]
+
+    def grp(c, bk):
+        return (bk // kh, bk % kh, 0)
+
+    dk_part, dv_part = pl.pallas_call(
+        functools.partial(_bwd_dkv_kernel, cfg=cfg),
+        grid=(nc, b * kh),
+        in_specs=[
+            pl.BlockSpec((None, None, nc), grp),
+            pl.BlockSpec((None, None, nc), grp),
+            pl.BlockSpec((None, None, None, per_chunk), lambda c, bk: (bk // kh, bk % kh, c, 0)),
+            pl.BlockSpec((None, t, gp, dkp), lambda c, bk: (bk // kh, 0, bk % kh, 0)),
+            pl.BlockSpec((None, sp, None, dkp), lambda c, bk: (bk // kh, 0, bk % kh, 0)),
+            pl.BlockSpec((None, sp, None, dvp), lambda c, bk: (bk // kh, 0, bk % kh, 0)),
+            pl.BlockSpec((None, t, gp, dvp), lambda c, bk: (bk // kh, 0, bk % kh, 0)),
+            pl.BlockSpec((None, t, gp), lambda c, bk: (bk // kh, 0, bk % kh)),
+            pl.BlockSpec((None, t, gp), lambda c, bk: (bk // kh, 0, bk % kh)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, bsz, dkp), lambda c, bk: (bk, c, 0, 0)),
+            pl.BlockSpec((None, None, bsz, dvp), lambda c, bk: (bk, c, 0, 0)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((b * kh, nc, bsz, dkp), jnp.float32),
+                   jax.ShapeDtypeStruct((b * kh, nc, bsz, dvp), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps_bwd,
+                                             num_stages=bs.num_stages_bwd),
+        interpret=cfg.interpret,
+        name="nsa_slc_bwd_dkv",
+    )(blk, cnt, tab, q, k, v, do, lse, delta)
+
+    # Chunks are in block order, unused ones last: a sorted segment sum per (batch, KV head).
+    seg = jnp.where(blk >= 0, blk, nb).reshape(b * kh, nc)
+
+    def reduce(part, ids):  # [NC, l', D] -> [Sp, D]
+        out = jax.ops.segment_sum(part, ids, num_segments=nb + 1, indices_are_sorted=True)
+        return out[:nb].reshape(nb * bsz, part.shape[-1])
+
+    dk = jax.vmap(reduce)(dk_part, seg).reshape(b, kh, sp, dkp).transpose(0, 2, 1, 3)
+    dv = jax.vmap(reduce)(dv_part, seg).reshape(b, kh, sp, dvp).transpose(0, 2, 1, 3)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _selected(q, k, v, idx, cfg: _Config):
+    return _fwd(q, k, v, idx, cfg)
+
+
+def _selected_fwd(q, k, v, idx, cfg):
+    o, lse = _fwd(q, k, v, idx, cfg)
+    return (o, lse), (q, k, v, idx, o, lse)
+
+
+def _selected_bwd(cfg, res, cts):
+    q, k, v, idx, o, lse = res
+    do, _ = cts  # no gradient flows back through the log-sum-exp output
+    dq, dk, dv = _bwd(q, k, v, idx, o, lse, do.astype(q.dtype), cfg)
+    return dq, dk, dv, None
+
+
+_selected.defvjp(_selected_fwd, _selected_bwd)
+
+
+def _pad_axis(x, axis: int, size: int, value=0):
+    if x.shape[axis] == size:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def selected_attention(
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B S K H"],
+    v: Float[Array, "B S K Hv"],
+    indices: Int[Array, "B T K M"],
+    *,
+    block_size: int,
+    scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> tuple[Float[Array, "B T N Hv"], Float[Array, "B T N"]]:
+    """Attention of each query over the key blocks its group selected; twin of ``reference.py``.
+
+    Args:
+      q: queries ``[B, T, N, Dk]``; query ``t`` sits at position ``t``.
+      k: keys ``[B, S, K, Dk]`` with ``S >= T``.
+      v: values ``[B, S, K, Dv]``.
+      indices: ``int32 [B, T, K, n]`` selected blocks, ``-1`` empty, no duplicates in a row.
+      block_size: ``l'`` (a power of two >= 16 here).
+      scale: logit scale, ``1/sqrt(Dk)`` by default.
+      block_sizes: launch parameters; the tuned table by default.
+      interpret: run in the Pallas interpreter.
+
+    Returns:
+      ``(o, lse)``: ``o [B, T, N, Dv]`` in ``q.dtype`` and ``lse [B, T, N]`` in f32.
+    """
+    check_qkv(q, k, v, "selected_attention")
+    b, t, n, dk = q.shape
+    s, kh, dv = k.shape[1], k.shape[2], v.shape[-1]
+    if indices.ndim != 4 or indices.shape[:3] != (b, t, kh):
+        raise ValueError(f"selected_attention: indices must be [B, T, K, n]={(b, t, kh, '*')}, "
+                         f"got {indices.shape=}")
+    if not jnp.issubdtype(indices.dtype, jnp.integer):
+        raise ValueError(f"selected_attention: integer indices expected, got {indices.dtype=}")
+    if s < t:
+        raise ValueError(f"selected_attention: keys shorter than queries: {q.shape=}, {k.shape=}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise NotImplementedError(f"selected_attention kernel needs a power-of-two "
+                                  f"block_size >= 16, got {block_size}")
+    g = n // kh
+    gp = max(16, _pow2(g))
+    dkp, dvp = max(16, _pow2(dk)), max(16, _pow2(dv))
+    sp = -(-s // block_size) * block_size
+    mp = _pow2(indices.shape[-1])
+    if gp != g:
+        q = _pad_axis(q.reshape(b, t, kh, g, dk), 3, gp).reshape(b, t, kh * gp, dk)
+    qp = _pad_axis(q, 3, dkp)
+    kp = _pad_axis(_pad_axis(k, 1, sp), 3, dkp)
+    vp = _pad_axis(_pad_axis(v, 1, sp), 3, dvp)
+    idx = _pad_axis(indices.astype(jnp.int32), 3, mp, value=-1)
+    cfg = _Config(block_size=int(block_size), scale=default_scale(dk, scale), g=g,
+                  block_sizes=block_sizes or BlockSizes(**tuned_block_sizes.SELECTED),
+                  interpret=interpret)
+    o, lse = _selected(qp, kp, vp, idx, cfg)
+    o = o.reshape(b, t, kh, gp, dvp)[:, :, :, :g, :dv].reshape(b, t, n, dv)
+    lse = lse.reshape(b, t, kh, gp)[..., :g].reshape(b, t, n)
+    return o, lse

@@ -1,0 +1,270 @@
+"""Block selection on GPU: scores (spec Eq. 8-10) and top-n fused in one Pallas-Triton kernel.
+
+One program owns ``block_q`` queries and one KV group. It walks the compressed tokens in chunks
+of ``block_c`` (``block_c / r'`` selection blocks, ``r' = l'/d``) up to the last block its
+queries may select, and for each chunk:
+
+1. recomputes the compressed probabilities ``p = exp(q k_cmp^T * scale - lse)`` of every head
+   of the group (Eq. 8) and sums them over the group (Eq. 10);
+2. maps tokens to selection blocks with the overlap weights of the spec (Eq. 9, corrected), as
+   a small matrix product with a constant ``[block_c, block_c/r']`` weight matrix; the last
+   ``r - 1`` tokens of a chunk also feed the first block of the next chunk (a carried term);
+3. merges the chunk's scores into a running top-n kept in registers: repeatedly the chunk's
+   best block (ties to the lower index) replaces the list's worst entry (ties: the higher
+   index goes) while it is strictly better. Blocks arrive in ascending order, so this keeps
+   exactly the ``n`` best under "score descending, index ascending", as ``lax.top_k`` does.
+
+Forced blocks (0, ``t//l'``, ``t//l' - 1``) score ``+inf``, blocks after ``t//l'`` ``-inf``;
+slots left at ``-inf`` come out as ``-1``. The ``[B, T, K, T/l']`` score array never
+reaches HBM. Probabilities and scores are float32; float32 inputs use full-precision dots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+from jaxtyping import Array, Float, Int
+
+from pallas_kernels import tuned_block_sizes
+from pallas_kernels.common import default_scale
+from pallas_kernels.selection.reference import NUM_FORCED, overlap_weights
+
+BIG_INT = 1 << 30
+# Debug switch for the merge loop ("dynamic" the default; "static", "none" for bisecting).
+_VARIANT = os.environ.get("NSA_SELECTION_MERGE", "dynamic")
+SMEM_BUDGET = 160 * 1024  # bytes of tiles per program (the H200 allows 227 KiB)
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiles of the selection kernel.
+
+    Attributes:
+      block_q: queries per program (power of two >= 16).
+      block_c: compressed tokens per step (power of two; raised to ``16 * l'/d`` if smaller).
+      num_warps, num_stages: Triton launch parameters.
+    """
+
+    block_q: int = 64
+    block_c: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for f in ("block_q", "block_c"):
+            val = getattr(self, f)
+            if val < 16 or val & (val - 1):
+                raise ValueError(f"BlockSizes.{f}={val} must be a power of two >= 16")
+        if self.num_warps < 1 or self.num_stages < 1:
+            raise ValueError(f"{self.num_warps=} and {self.num_stages=} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    l: int  # noqa: E741  (the paper's symbol)
+    d: int
+    lp: int
+    top_n: int
+    scale: float
+    g: int
+    num_cmp: int  # C, the true number of compressed tokens
+    num_blocks: int  # selection blocks of the key sequence
+    block_q: int
+    block_c: int
+    num_chunks: int
+    interpret: bool
+    num_warps: int
+    num_stages: int
+
+
+def _weights(cfg: _Config) -> tuple[np.ndarray, np.ndarray]:
+    """``w_in[a, b]``: weight of chunk token ``a`` for chunk block ``b``; ``w_next``: for the
+    next chunk's block ``b``."""
+    r, rp = cfg.l // cfg.d, cfg.lp // cfg.d
+    w = overlap_weights(cfg.l, cfg.d, cfg.lp)  # offsets o = i - j*r' + r - 1
+    nbc = cfg.block_c // rp
+    a = np.arange(cfg.block_c)[:, None]
+    bb = np.arange(nbc)[None, :]
+
+    def table(o):
+        inside = (o >= 0) & (o < len(w))
+        return np.where(inside, w[np.clip(o, 0, len(w) - 1)], 0.0).astype(np.float32)
+
+    return table(a - bb * rp + r - 1), table(a - cfg.block_c - bb * rp + r - 1)
+
+
+def _kernel(q_ref, kc_ref, lse_ref, w_in_ref, w_next_ref, idx_ref, *, cfg: _Config):
+    bq, bc = cfg.block_q, cfg.block_c
+    rp = cfg.lp // cfg.d
+    nbc = bc // rp
+    n_slots = idx_ref.shape[-1]
+    q0 = pl.program_id(0) * bq
+    kh = pl.program_id(1) % (q_ref.shape[1] // cfg.g)
+    prec = lax.Precision.HIGHEST if jnp.dtype(q_ref.dtype) == jnp.float32 else None
+    hi_prec = lax.Precision.HIGHEST
+    t_pos = q0 + jnp.arange(bq, dtype=jnp.int32)  # [bq]
+    cur = lax.div(t_pos, cfg.lp)  # [bq] current block
+    w_in = w_in_ref[...]  # [bc, nbc]
+    w_next = w_next_ref[...]
+    slot_col = jnp.arange(n_slots, dtype=jnp.int32)[None, :]
+    blk_col = jnp.arange(nbc, dtype=jnp.int32)[None, :]
+
+    def chunk_body(c, carry):
+        vals, ids, pending = carry
+        kc = kc_ref[pl.ds(c * bc, bc), :]  # [bc, Dk]
+        tok = c * bc + jnp.arange(bc, dtype=jnp.int32)
+        vis = ((tok[None, :] * cfg.d + cfg.l - 1 <= t_pos[:, None])
+               & (tok[None, :] < cfg.num_cmp))  # [bq, bc]
+
+        def head_body(h, p_sum):
+            head = kh * cfg.g + h
+            q = q_ref[:, head, :]  # [bq, Dk]
+            lse = lse_ref[head, :]  # [bq]
+            s = plgpu.dot(q, kc, trans_b=True, precision=prec) * cfg.scale  # [bq, bc]
+            return p_sum + jnp.where(vis, jnp.exp(jnp.minimum(s - lse[:, None], 0.0)), 0.0)
+
+        p_sum = lax.fori_loop(0, cfg.g, head_body, jnp.zeros((bq, bc), jnp.float32))
+        score = plgpu.dot(p_sum, w_in, precision=hi_prec) + pending  # [bq, nbc]
+        pending = plgpu.dot(p_sum, w_next, precision=hi_prec)
+        j = c * nbc + blk_col  # [1, nbc]
+        valid = (j <= cur[:, None]) & (j < cfg.num_blocks)
+        forced = (j == 0) | (j == cur[:, None]) | (j == cur[:, None] - 1)
+        pri = jnp.where(valid, jnp.where(forced, jnp.inf, score), -jnp.inf)
+
+        def merge_body(_, state):
+            pri, vals, ids = state
+            c_max = jnp.max(pri, axis=1)  # [bq]
+            c_arg = jnp.min(jnp.where(pri == c_max[:, None], j, BIG_INT), axis=1)
+            l_min = jnp.min(vals, axis=1)
+            at_min = vals == l_min[:, None]
+            worst = jnp.max(jnp.where(at_min, ids, -BIG_INT), axis=1)
+            slot = jnp.min(jnp.where(at_min & (ids == worst[:, None]), slot_col, BIG_INT),
+                           axis=1)
+            put = (c_max > l_min)[:, None] & (slot_col == slot[:, None])
+            vals = jnp.where(put, c_max[:, None], vals)
+            ids = jnp.where(put, c_arg[:, None], ids)
+            pri = jnp.where(j == c_arg[:, None], -jnp.inf, pri)
+            return pri, vals, ids
+
+        # Only candidates above the list's current minimum can enter (the minimum only
+        # grows), so that many rounds, at most, are needed: usually none in long sequences.
+        if _VARIANT == "none":
+            return jnp.maximum(vals, jnp.max(pri, axis=1, keepdims=True)), ids, pending
+        if _VARIANT == "static":
+            rounds = min(cfg.top_n, nbc)
+        else:
+            above = (pri > jnp.min(vals, axis=1)[:, None]).astype(jnp.int32)
+            rounds = jnp.minimum(jnp.max(jnp.sum(above, axis=1)), min(cfg.top_n, nbc))
+        _, vals, ids = lax.fori_loop(0, rounds, merge_body, (pri, vals, ids))
+        return vals, ids, pending
+
+    # Slots past top_n start at +inf so they are never replaced; they stay -1.
+    vals = jnp.where(slot_col < cfg.top_n, -jnp.inf, jnp.inf) + jnp.zeros((bq, 1), jnp.float32)
+    ids = jnp.full((bq, n_slots), -1, jnp.int32)
+    pending = jnp.zeros((bq, nbc), jnp.float32)
+    last_block = lax.div(q0 + bq - 1, cfg.lp)
+    hi = jnp.minimum(lax.div(last_block, nbc) + 1, cfg.num_chunks)
+    vals, ids, _ = lax.fori_loop(0, hi, chunk_body, (vals, ids, pending))
+    idx_ref[...] = ids
+
+
+def select_blocks(
+    q: Float[Array, "B T N H"],
+    k_cmp: Float[Array, "B C K H"],
+    lse_cmp: Float[Array, "B T N"],
+    *,
+    seq_len: int | None = None,
+    cmp_block_size: int,
+    cmp_stride: int,
+    slc_block_size: int,
+    top_n: int,
+    scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> Int[Array, "B T K M"]:
+    """Selected block indices per query and KV group; twin of ``selection/reference.py``.
+
+    Args:
+      q: queries ``[B, T, N, Dk]``.
+      k_cmp: compressed keys ``[B, C, K, Dk]``.
+      lse_cmp: the compressed branch's log-sum-exp ``[B, T, N]`` (``-inf`` for empty rows).
+      seq_len: key sequence length (defaults to ``T``); fixes the number of blocks.
+      cmp_block_size, cmp_stride, slc_block_size: ``l``, ``d``, ``l'``.
+      top_n: ``n`` slots per query, forced blocks included (``>= 3``).
+      scale: logit scale of the compressed branch.
+      block_sizes: tiles; the tuned table by default.
+      interpret: run in the Pallas interpreter.
+
+    Returns:
+      ``int32 [B, T, K, n]`` block indices in no particular order, ``-1`` for unused slots.
+    """
+    b, t, n, dk = q.shape
+    if k_cmp.ndim != 4 or k_cmp.shape[0] != b or k_cmp.shape[3] != dk:
+        raise ValueError(f"select_blocks: {q.shape=} and {k_cmp.shape=} do not match")
+    if lse_cmp.shape != (b, t, n):
+        raise ValueError(f"select_blocks: lse_cmp must be [B, T, N]={(b, t, n)}, "
+                         f"got {lse_cmp.shape=}")
+    c, kh = k_cmp.shape[1], k_cmp.shape[2]
+    if kh < 1 or n % kh:
+        raise ValueError(f"select_blocks: {n=} query heads not a multiple of {kh=} KV heads")
+    l, d, lp = cmp_block_size, cmp_stride, slc_block_size  # noqa: E741 (the paper's symbols)
+    if l % d or lp % d or l > lp:
+        raise ValueError(f"select_blocks: need d | l, d | l', l <= l'; got l={l}, d={d}, l'={lp}")
+    rp = lp // d
+    if rp & (rp - 1) or top_n < NUM_FORCED:
+        raise NotImplementedError(f"select_blocks kernel needs l'/d a power of two and top_n >= "
+                                  f"{NUM_FORCED}; got l'/d={rp}, top_n={top_n}")
+    seq_len = seq_len or t
+    nb = -(-seq_len // lp)
+    bs = block_sizes or BlockSizes(**tuned_block_sizes.SELECTION)
+    dkp = max(16, _pow2(dk))
+    bq = min(bs.block_q, max(16, _pow2(t)))
+    bc = max(bs.block_c, 16 * rp)
+    itemsize = jnp.dtype(q.dtype).itemsize
+    while itemsize * dkp * (bq + bs.num_stages * bc) > SMEM_BUDGET and bq > 16:
+        bq //= 2  # wide heads in float32: fewer queries per program
+    nbc = bc // rp
+    num_chunks = max(-(-nb // nbc), -(-c // bc), 1)
+    tp = -(-t // bq) * bq
+    q = jax.lax.stop_gradient(q)
+    lse = jax.lax.stop_gradient(lse_cmp).astype(jnp.float32)
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    q = jnp.pad(q, [(0, 0), (0, tp - t), (0, 0), (0, dkp - dk)])
+    kc = jnp.pad(jax.lax.stop_gradient(k_cmp),
+                 [(0, 0), (0, num_chunks * bc - c), (0, 0), (0, dkp - dk)])
+    lse = jnp.pad(jnp.swapaxes(lse, 1, 2), [(0, 0), (0, 0), (0, tp - t)])  # [B, N, Tp]
+    n_slots = max(_pow2(top_n), 16)
+    cfg = _Config(l=l, d=d, lp=lp, top_n=top_n, scale=default_scale(dk, scale), g=n // kh,
+                  num_cmp=c, num_blocks=nb, block_q=bq, block_c=bc, num_chunks=num_chunks,
+                  interpret=interpret, num_warps=bs.num_warps, num_stages=bs.num_stages)
+    w_in, w_next = (jnp.asarray(w) for w in _weights(cfg))
+    idx = pl.pallas_call(
+        functools.partial(_kernel, cfg=cfg),
+        grid=(tp // bq, b * kh),
+        in_specs=[
+            pl.BlockSpec((None, bq, n, dkp), lambda i, bk: (bk // kh, i, 0, 0)),
+            pl.BlockSpec((None, num_chunks * bc, None, dkp),
+                         lambda i, bk: (bk // kh, 0, bk % kh, 0)),
+            pl.BlockSpec((None, n, bq), lambda i, bk: (bk // kh, 0, i)),
+            pl.BlockSpec((bc, nbc), lambda i, bk: (0, 0)),
+            pl.BlockSpec((bc, nbc), lambda i, bk: (0, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, bq, None, n_slots), lambda i, bk: (bk // kh, i, bk % kh, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, tp, kh, n_slots), jnp.int32),
+        compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
+        interpret=interpret,
+        name="nsa_sel_topn",
+    )(q, kc, lse, w_in, w_next)
+    return idx[:, :t, :, :top_n]

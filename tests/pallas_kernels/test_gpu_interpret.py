@@ -1,0 +1,148 @@
+"""The kernel suite on the Pallas-Triton GPU kernels, run by the Pallas interpreter on CPU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import gpu_backend
+from pallas_kernels.compressed import reference as compressed_ref
+from pallas_kernels.selection import gpu as selection_gpu
+from pallas_kernels.selection import reference as selection_ref
+from tests.pallas_kernels.suite import DEFAULT_CASES, Case, KernelSuite, _normal
+
+
+class TestTritonInterpret(KernelSuite):
+    """Every stage of the GPU backend against its pure-jnp twin, f32 and bf16."""
+
+    cases = DEFAULT_CASES
+
+    @staticmethod
+    def make_backend():
+        return gpu_backend.make_backend(interpret=True)
+
+    def test_full_nsa_matches_reference(self):
+        pytest.skip("replaced by TestTritonInterpretFullNSA: the suite's version compares the "
+                    "rounding noise of a gradient that is exactly zero (see that class)")
+
+
+@pytest.mark.parametrize("case", [
+    # The paper's geometry (r = 2, r' = 4: overlap weights 1, 2, 2, 2, 1), several chunks.
+    Case(b=1, t=300, n=4, kh=1, dk=16, dv=16, cmp_block_size=32, cmp_stride=16,
+         slc_block_size=64, top_n=4),
+    # l = l' = d: scores are the compressed probabilities themselves; more blocks than slots.
+    Case(b=1, t=200, n=2, kh=2, dk=16, dv=16, cmp_block_size=16, cmp_stride=16,
+         slc_block_size=16, top_n=5),
+], ids=lambda c: c.id)
+def test_select_blocks_geometries(case):
+    """Fused top-n agrees with the reference on block geometries the default cases miss."""
+    ks = jax.random.split(jax.random.key(case.t), 3)
+    c = case.num_cmp
+    q = _normal(ks[0], (case.b, case.t, case.n, case.dk), jnp.float32)
+    k_cmp = _normal(ks[1], (case.b, c, case.kh, case.dk), jnp.float32)
+    v_cmp = _normal(ks[2], (case.b, c, case.kh, case.dv), jnp.float32)
+    _, lse = compressed_ref.compressed_attention(q, k_cmp, v_cmp, block_size=case.cmp_block_size,
+                                                 stride=case.cmp_stride)
+    kw = dict(seq_len=case.t, cmp_block_size=case.cmp_block_size, cmp_stride=case.cmp_stride,
+              slc_block_size=case.slc_block_size, top_n=case.top_n)
+    idx = np.sort(np.asarray(selection_gpu.select_blocks(q, k_cmp, lse, interpret=True, **kw)), -1)
+    ref = np.sort(np.asarray(selection_ref.select_blocks(q, k_cmp, lse, **kw)), -1)
+    np.testing.assert_array_equal(idx, ref)
+
+
+class TestTritonInterpretFullNSA:
+    """The whole NSA through the interpreted GPU backend against the reference, with the one
+    gradient that is zero in exact arithmetic checked as such.
+
+    A bias added to every compressed key (``phi``'s output bias ``b2`` on the K side) shifts all
+    logits of a query's compressed softmax by the same amount, so its gradient is exactly 0 and
+    both implementations return rounding noise there (about 1e-6 of the other gradients). A
+    relative error between two noises says nothing, so that leaf is required to be at rounding
+    level instead: ``||g|| <= tol * ||grad of the K-side first-layer bias||``.
+    """
+
+    interpret = True
+
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+    def test_full_nsa_matches_reference(self, dtype):
+        import dataclasses
+
+        from nsa_jax import NSAConfig, nsa_attention, registry
+        from nsa_jax.compression import init_compression_params
+        from tests.tolerances import RTOL, assert_close
+
+        backend = gpu_backend.make_backend(interpret=self.interpret, name="under-test-gpu")
+        registry.register_backend(dataclasses.replace(backend, platforms=()))
+        case = DEFAULT_CASES[1]
+        cfg = NSAConfig(cmp_block_size=case.cmp_block_size, cmp_stride=case.cmp_stride,
+                        slc_block_size=case.slc_block_size, slc_top_n=case.top_n,
+                        window_size=case.window_size, cmp_kind="mlp")
+        ks = jax.random.split(jax.random.key(11), 8)
+        q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)
+        k = _normal(ks[1], (case.b, case.t, case.kh, case.dk), dtype)
+        v = _normal(ks[2], (case.b, case.t, case.kh, case.dv), dtype)
+        gates = jax.nn.sigmoid(_normal(ks[3], (case.b, case.t, case.n, 3), jnp.float32))
+        params = {
+            "k": init_compression_params(ks[4], kind="mlp", num_kv_heads=case.kh,
+                                         block_size=case.cmp_block_size, head_dim=case.dk),
+            "v": init_compression_params(ks[5], kind="mlp", num_kv_heads=case.kh,
+                                         block_size=case.cmp_block_size, head_dim=case.dv),
+        }
+
+        def run(impl):
+            return lambda *a: nsa_attention(*a, config=cfg, implementation=impl)
+
+        args = (q, k, v, gates, params)
+        o, vjp = jax.vjp(run("under-test-gpu"), *args)
+        o_ref, vjp_ref = jax.vjp(run("reference"), *args)
+        assert_close(o, o_ref, dtype, "nsa output")
+        ct = _normal(jax.random.key(7), o.shape, o.dtype)
+        grads, grads_ref = vjp(ct), vjp_ref(ct)
+        for name, g, r in zip(("q", "k", "v", "gates"), grads[:4], grads_ref[:4], strict=True):
+            assert not np.isnan(np.asarray(g, np.float32)).any(), f"NaN in grad of {name}"
+            assert_close(g, r, dtype, f"nsa grad of {name}")
+        for side in ("k", "v"):
+            for leaf in sorted(params[side]):
+                g, r = grads[4][side][leaf], grads_ref[4][side][leaf]
+                what = f"nsa grad of cmp_params[{side!r}][{leaf!r}]"
+                if (side, leaf) == ("k", "b2"):
+                    scale = np.linalg.norm(np.asarray(grads_ref[4]["k"]["b1"], np.float64))
+                    for x in (g, r):
+                        norm = np.linalg.norm(np.asarray(x, np.float64))
+                        assert norm <= RTOL[jnp.dtype(dtype)] * scale, f"{what}: {norm:.2e}"
+                else:
+                    assert_close(g, r, dtype, what)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_compressed_dkv_split(monkeypatch, dtype):
+    """The compressed-key dk/dv pass split over programs (float32 partials, summed) agrees with
+    the reference; long sequences take this path, the suite's short ones do not."""
+    from pallas_kernels.compressed import gpu as compressed_gpu
+    from pallas_kernels.sliding_window import gpu as sliding_window_gpu
+    from tests.tolerances import assert_close
+
+    monkeypatch.setattr(sliding_window_gpu, "MAX_Q_BLOCKS_PER_PROGRAM", 1)
+    b, t, n, kh, dk, dv, l, d = 1, 150, 4, 2, 32, 16, 16, 8
+    c = (t - l) // d + 1
+    ks = jax.random.split(jax.random.key(3), 4)
+    q = _normal(ks[0], (b, t, n, dk), dtype)
+    k_cmp = _normal(ks[1], (b, c, kh, dk), dtype)
+    v_cmp = _normal(ks[2], (b, c, kh, dv), dtype)
+    small = sliding_window_gpu.BlockSizes(block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=16)
+
+    def fn(*a):
+        return compressed_gpu.compressed_attention(*a, block_size=l, stride=d,
+                                                   block_sizes=small, interpret=True)[0]
+
+    def ref(*a):
+        return compressed_ref.compressed_attention(*a, block_size=l, stride=d)[0]
+
+    o, vjp = jax.vjp(fn, q, k_cmp, v_cmp)
+    o_ref, vjp_ref = jax.vjp(ref, q, k_cmp, v_cmp)
+    assert_close(o, o_ref, dtype, "compressed output")
+    ct = _normal(ks[3], o.shape, o.dtype)
+    for name, g, r in zip(("q", "k_cmp", "v_cmp"), vjp(ct), vjp_ref(ct), strict=True):
+        assert_close(g, r, dtype, f"compressed grad of {name} (split dk/dv)")
