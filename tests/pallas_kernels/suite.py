@@ -24,7 +24,7 @@ import pytest
 
 from nsa_jax import NSAConfig, nsa_attention, registry
 from nsa_jax.compression import init_compression_params
-from tests.tolerances import assert_close
+from tests.tolerances import RTOL, assert_close
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,9 +132,18 @@ class KernelSuite:
         for i, gk, gr in zip(diff_argnums, grads, grads_ref, strict=True):
             leaves, leaves_ref = jax.tree.leaves(gk), jax.tree.leaves(gr)
             assert len(leaves) == len(leaves_ref), f"{what}: grad {i} structure differs"
+            total = np.sqrt(sum(np.sum(np.asarray(r, np.float64) ** 2) for r in leaves_ref))
             for j, (a, r) in enumerate(zip(leaves, leaves_ref, strict=True)):
                 assert not np.isnan(np.asarray(a, np.float32)).any(), f"{what}: NaN in grad {i}"
-                assert_close(a, r, dtype, f"{what} grad of arg {i} leaf {j}")
+                ref_norm = np.linalg.norm(np.asarray(r, np.float64))
+                if len(leaves) > 1 and ref_norm <= 1e-4 * total:
+                    # Zero in exact arithmetic (e.g. phi's key bias: softmax is shift-invariant):
+                    # both sides hold rounding noise, so require noise-level, not equal noise.
+                    norm = np.linalg.norm(np.asarray(a, np.float64))
+                    tol = RTOL[jnp.dtype(dtype)] * total
+                    assert norm <= tol, f"{what} grad {i} leaf {j}: {norm:.2e} > {tol:.2e}"
+                else:
+                    assert_close(a, r, dtype, f"{what} grad of arg {i} leaf {j}")
 
     # ----------------------------------------------------------------------------------------
     def test_compressed_attention(self):

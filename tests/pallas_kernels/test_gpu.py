@@ -12,7 +12,6 @@ from pallas_kernels.compressed import reference as compressed_ref
 from pallas_kernels.selection import gpu as selection_gpu
 from pallas_kernels.selection import reference as selection_ref
 from tests.pallas_kernels.suite import DEFAULT_CASES, Case, KernelSuite, _normal
-from tests.pallas_kernels.test_gpu_interpret import TestTritonInterpretFullNSA
 
 pytestmark = [
     pytest.mark.gpu,
@@ -41,16 +40,6 @@ class TestTritonGpu(KernelSuite):
     @staticmethod
     def make_backend():
         return gpu_backend.make_backend(interpret=False)
-
-    def test_full_nsa_matches_reference(self):
-        pytest.skip("replaced by TestTritonGpuFullNSA: the suite's version compares the "
-                    "rounding noise of a gradient that is exactly zero")
-
-
-class TestTritonGpuFullNSA(TestTritonInterpretFullNSA):
-    """The whole NSA through the compiled kernels (see the base class for the checks)."""
-
-    interpret = False
 
 
 def test_select_blocks_long_sequence():

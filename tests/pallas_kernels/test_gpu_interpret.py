@@ -23,10 +23,6 @@ class TestTritonInterpret(KernelSuite):
     def make_backend():
         return gpu_backend.make_backend(interpret=True)
 
-    def test_full_nsa_matches_reference(self):
-        pytest.skip("replaced by TestTritonInterpretFullNSA: the suite's version compares the "
-                    "rounding noise of a gradient that is exactly zero (see that class)")
-
 
 @pytest.mark.parametrize("case", [
     # The paper's geometry (r = 2, r' = 4: overlap weights 1, 2, 2, 2, 1), several chunks.
@@ -50,70 +46,6 @@ def test_select_blocks_geometries(case):
     idx = np.sort(np.asarray(selection_gpu.select_blocks(q, k_cmp, lse, interpret=True, **kw)), -1)
     ref = np.sort(np.asarray(selection_ref.select_blocks(q, k_cmp, lse, **kw)), -1)
     np.testing.assert_array_equal(idx, ref)
-
-
-class TestTritonInterpretFullNSA:
-    """The whole NSA through the interpreted GPU backend against the reference, with the one
-    gradient that is zero in exact arithmetic checked as such.
-
-    A bias added to every compressed key (``phi``'s output bias ``b2`` on the K side) shifts all
-    logits of a query's compressed softmax by the same amount, so its gradient is exactly 0 and
-    both implementations return rounding noise there (about 1e-6 of the other gradients). A
-    relative error between two noises says nothing, so that leaf is required to be at rounding
-    level instead: ``||g|| <= tol * ||grad of the K-side first-layer bias||``.
-    """
-
-    interpret = True
-
-    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-    def test_full_nsa_matches_reference(self, dtype):
-        import dataclasses
-
-        from nsa_jax import NSAConfig, nsa_attention, registry
-        from nsa_jax.compression import init_compression_params
-        from tests.tolerances import RTOL, assert_close
-
-        backend = gpu_backend.make_backend(interpret=self.interpret, name="under-test-gpu")
-        registry.register_backend(dataclasses.replace(backend, platforms=()))
-        case = DEFAULT_CASES[1]
-        cfg = NSAConfig(cmp_block_size=case.cmp_block_size, cmp_stride=case.cmp_stride,
-                        slc_block_size=case.slc_block_size, slc_top_n=case.top_n,
-                        window_size=case.window_size, cmp_kind="mlp")
-        ks = jax.random.split(jax.random.key(11), 8)
-        q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)
-        k = _normal(ks[1], (case.b, case.t, case.kh, case.dk), dtype)
-        v = _normal(ks[2], (case.b, case.t, case.kh, case.dv), dtype)
-        gates = jax.nn.sigmoid(_normal(ks[3], (case.b, case.t, case.n, 3), jnp.float32))
-        params = {
-            "k": init_compression_params(ks[4], kind="mlp", num_kv_heads=case.kh,
-                                         block_size=case.cmp_block_size, head_dim=case.dk),
-            "v": init_compression_params(ks[5], kind="mlp", num_kv_heads=case.kh,
-                                         block_size=case.cmp_block_size, head_dim=case.dv),
-        }
-
-        def run(impl):
-            return lambda *a: nsa_attention(*a, config=cfg, implementation=impl)
-
-        args = (q, k, v, gates, params)
-        o, vjp = jax.vjp(run("under-test-gpu"), *args)
-        o_ref, vjp_ref = jax.vjp(run("reference"), *args)
-        assert_close(o, o_ref, dtype, "nsa output")
-        ct = _normal(jax.random.key(7), o.shape, o.dtype)
-        grads, grads_ref = vjp(ct), vjp_ref(ct)
-        for name, g, r in zip(("q", "k", "v", "gates"), grads[:4], grads_ref[:4], strict=True):
-            assert not np.isnan(np.asarray(g, np.float32)).any(), f"NaN in grad of {name}"
-            assert_close(g, r, dtype, f"nsa grad of {name}")
-        for side in ("k", "v"):
-            for leaf in sorted(params[side]):
-                g, r = grads[4][side][leaf], grads_ref[4][side][leaf]
-                what = f"nsa grad of cmp_params[{side!r}][{leaf!r}]"
-                if (side, leaf) == ("k", "b2"):
-                    scale = np.linalg.norm(np.asarray(grads_ref[4]["k"]["b1"], np.float64))
-                    for x in (g, r):
-                        norm = np.linalg.norm(np.asarray(x, np.float64))
-                        assert norm <= RTOL[jnp.dtype(dtype)] * scale, f"{what}: {norm:.2e}"
-                else:
-                    assert_close(g, r, dtype, what)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
