@@ -315,13 +315,14 @@ def _bwd_dkv_kernel(*refs, sched: KVSchedule, geom: Geometry, mask_fn: MaskFn, n
         v = v_ref[...]
         dp = lax.dot_general(v, do.astype(v.dtype), NT_DIMS,
                              preferred_element_type=jnp.float32)  # [bk, R]
-        ds = p * (dp - delta_ref[...])
+        # Scaled here, not at the end, so sums continued from an earlier call stay consistent.
+        ds = p * (dp - delta_ref[...]) * geom.scale
         dk_scr[...] += lax.dot_general(ds.astype(q.dtype), q, NN_DIMS,
                                        preferred_element_type=jnp.float32)
 
     @pl.when(sched.last(*ids, *scalars))
     def _finish():
-        dk_ref[...] = (dk_scr[...] * geom.scale).astype(dk_ref.dtype)
+        dk_ref[...] = dk_scr[...].astype(dk_ref.dtype)
         dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
