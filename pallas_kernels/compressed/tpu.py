@@ -37,6 +37,7 @@ from pallas_kernels.sliding_window.tpu import (
     flash_bwd_dq,
     flash_fwd,
     from_rows,
+    idiv,
     pad_head_dim,
     stat_from_rows,
     tile_tokens,
@@ -89,7 +90,7 @@ def _last_block(cfg: _CmpConfig, i):
     tq, l, d, bk = cfg.geom.tq, cfg.block_size, cfg.stride, cfg.geom.bk
     mx = jnp.maximum if isinstance(i, jax.Array) else np.maximum
     mn = jnp.minimum if isinstance(i, jax.Array) else np.minimum
-    return mn(mx(i * tq + tq - l, 0) // d // bk, cfg.num_key_blocks - 1)
+    return mn(idiv(mx(i * tq + tq - l, 0), d * bk), cfg.num_key_blocks - 1)
 
 
 def _q_schedule(cfg: _CmpConfig, b: int, kh: int) -> QSchedule:
@@ -113,7 +114,7 @@ def _kv_schedule(cfg: _CmpConfig, b: int, kh: int) -> KVSchedule:
     nt = cfg.num_tiles
 
     def first_tile(cb):  # the first tile with a query that sees compressed token cb * bk
-        return (cb * bk * d + l - 1) // tq
+        return idiv(cb * bk * d + l - 1, tq)
 
     steps = nt - first_tile(0)
     return KVSchedule(
@@ -126,6 +127,7 @@ def _kv_schedule(cfg: _CmpConfig, b: int, kh: int) -> KVSchedule:
     )
 
 
+@functools.partial(jax.jit, static_argnums=3)  # one compiled kernel per config and shape
 def _fwd_rows(q_rows, k_keys, v_keys, cfg: _CmpConfig):
     b, kh = q_rows.shape[:2]
     return flash_fwd(q_rows, k_keys, v_keys, sched=_q_schedule(cfg, b, kh), geom=cfg.geom,
@@ -142,6 +144,7 @@ def _cmp_rows_fwd(q_rows, k_keys, v_keys, cfg):
     return (o_rows, lse), (q_rows, k_keys, v_keys, o_rows, lse)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _cmp_rows_bwd(cfg, res, cts):
     q_rows, k_keys, v_keys, o_rows, lse = res
     do_rows, dlse = cts

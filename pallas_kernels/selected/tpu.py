@@ -212,6 +212,7 @@ def _chunks(total: int, per_call: int):
     return [(s, min(per_call, total - s)) for s in range(0, total, per_call)]
 
 
+@functools.partial(jax.jit, static_argnums=6)  # one compiled kernel per config and shape
 def _fwd_rows(q_rows, k_keys, v_keys, idx_rows, union, count, cfg: _SlcConfig):
     b, kh = q_rows.shape[:2]
     r, m = cfg.geom.rows, idx_rows.shape[-1]
@@ -240,6 +241,7 @@ def _slc_rows_fwd(q_rows, k_keys, v_keys, idx_rows, union, count, cfg):
     return (o_rows, lse), (q_rows, k_keys, v_keys, idx_rows, union, count, o_rows, lse)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _slc_rows_bwd(cfg, res, cts):
     q_rows, k_keys, v_keys, idx_rows, union, count, o_rows, lse = res
     do_rows, dlse = cts

@@ -51,6 +51,17 @@ def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+def idiv(x, m: int):
+    """``x // m`` for non-negative ``x``: numpy, or traced inside a kernel or an index map.
+
+    Traced, it is a truncating division: floor division lowers through ``sign``, whose Mosaic
+    rule needs the TPU generation at lowering time.
+    """
+    if isinstance(x, jax.Array):
+        return lax.div(x, jnp.asarray(m, x.dtype))
+    return x // m
+
+
 def tile_tokens(group_size: int, min_rows: int) -> int:
     """Tokens per query tile: the fewest with ``tq * G`` a multiple of 128 and ``>= min_rows``."""
     base = NUM_LANES // math.gcd(group_size, NUM_LANES)
@@ -550,10 +561,10 @@ def _window_q_schedule(cfg: _WindowConfig, b: int, kh: int) -> QSchedule:
     nkb = cfg.num_key_blocks
 
     def lo_of(i):
-        return jnp.maximum(i * tq - w + 1, 0) // bk
+        return idiv(jnp.maximum(i * tq - w + 1, 0), bk)
 
     def hi_of(i):
-        return jnp.minimum((i * tq + tq - 1) // bk, nkb - 1)
+        return jnp.minimum(idiv(i * tq + tq - 1, bk), nkb - 1)
 
     return QSchedule(
         grid=(b, kh, cfg.num_tiles, steps),
@@ -573,10 +584,10 @@ def _window_kv_schedule(cfg: _WindowConfig, b: int, kh: int) -> KVSchedule:
     steps = int(np.max(hi - lo + 1))
 
     def lo_of(kb):
-        return kb * bk // tq
+        return idiv(kb * bk, tq)
 
     def hi_of(kb):
-        return jnp.minimum((kb * bk + bk - 1 + w - 1) // tq, nt - 1)
+        return jnp.minimum(idiv(kb * bk + bk - 1 + w - 1, tq), nt - 1)
 
     return KVSchedule(
         grid=(b, kh, cfg.num_key_blocks, steps),
@@ -588,6 +599,9 @@ def _window_kv_schedule(cfg: _WindowConfig, b: int, kh: int) -> KVSchedule:
     )
 
 
+# Jitted with the static config so that repeated calls (the primal and the VJP's forward, or
+# eager calls in tests) reuse one compiled kernel.
+@functools.partial(jax.jit, static_argnums=3)
 def _window_fwd_rows(q_rows, k_keys, v_keys, cfg: _WindowConfig):
     b, kh = q_rows.shape[:2]
     return flash_fwd(q_rows, k_keys, v_keys, sched=_window_q_schedule(cfg, b, kh),
@@ -605,6 +619,7 @@ def _window_rows_fwd(q_rows, k_keys, v_keys, cfg):
     return (o_rows, lse), (q_rows, k_keys, v_keys, o_rows, lse)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _window_rows_bwd(cfg, res, cts):
     q_rows, k_keys, v_keys, o_rows, lse = res
     do_rows, dlse = cts
