@@ -166,8 +166,10 @@ def _check_vjp(fn, ref, args, dtype, key, what):
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_all_branches_other_seeds(seed):
-    """Each kernel, forward and backward, under other seeds (core split and visiting order)."""
-    case = Case(b=1, t=150, n=8, kh=2, dk=128, dv=64, window_size=48)
+    """Each kernel, forward and backward, under other seeds (order of the parallel steps); the
+    second seed uses G = 3, whose 384-row tiles take the non-power-of-two row-to-token path."""
+    case = (Case(b=1, t=150, n=8, kh=2, dk=128, dv=64, window_size=48),
+            Case(b=1, t=150, n=6, kh=2, dk=128, dv=64, window_size=48))[seed - 1]
     ip = interpret_params(seed)
     dtype = (jnp.float32, jnp.bfloat16)[seed % 2]
     ref = registry.REFERENCE
@@ -209,11 +211,13 @@ def test_several_key_blocks_per_tile():
 def test_selected_tables_split_over_calls(dtype):
     """A scalar-memory budget so small that the forward and dQ run as several calls over query
     tiles and dK/dV as several calls adding into aliased accumulators; keys longer than queries
-    (``S > T``), and rows whose every slot is ``-1``."""
+    (``S > T``); rows, and a whole tile, whose every slot is ``-1``."""
     case = Case(b=2, t=70, n=8, kh=2, dk=128, dv=128, slc_block_size=16, top_n=4)
     q, k, v, key = _qkv(case, dtype, 4, s_len=90)
     idx = random_indices(np.random.default_rng(4), case)
-    idx[0, 5:9, 1] = -1  # queries that select nothing: output 0, lse -inf, no NaN
+    # Queries that select nothing (output 0, lse -inf, no NaN), filling all of tile 1 (tokens
+    # 32..63) so that its union is empty.
+    idx[0, 30:64, 1] = -1
     idx = jnp.asarray(idx)
     bs = slc_tpu.BlockSizes(smem_table_bytes=400)
     ip = interpret_params(4)
