@@ -13,9 +13,6 @@ calls.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,14 +21,13 @@ from jax._src.pallas.mosaic.interpret import interpret_pallas_call
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from nsa_jax import NSAConfig, nsa_attention, registry
-from nsa_jax.compression import init_compression_params
+from nsa_jax import registry
 from pallas_kernels import tpu_backend
 from pallas_kernels.compressed import tpu as cmp_tpu
 from pallas_kernels.selected import tpu as slc_tpu
 from pallas_kernels.sliding_window import tpu as swa_tpu
 from tests.pallas_kernels.suite import Case, KernelSuite, random_indices
-from tests.tolerances import RTOL, assert_close
+from tests.tolerances import assert_close
 
 
 def interpret_params(seed: int) -> pltpu.InterpretParams:
@@ -72,65 +68,6 @@ class TestMosaicInterpret(KernelSuite):
     @staticmethod
     def make_backend() -> registry.Backend:
         return tpu_backend.make_backend(interpret=interpret_params(0))
-
-    def test_full_nsa_matches_reference(self):
-        """The whole NSA through this backend vs the reference, outputs and every gradient.
-
-        Overrides the suite's version for one reason: the gradient of the key compressor's
-        output bias (``cmp_params["k"]["b2"]``) is exactly zero in exact arithmetic (adding one
-        vector to every compressed key shifts each query's logits by a constant, which the
-        softmax ignores, and the selection carries no gradient), so both implementations return
-        rounding noise there and a relative error between two noises means nothing. Such a
-        leaf is held to the tolerance relative to the norm of its argument's whole gradient;
-        every other leaf, and every other argument, to the usual relative error.
-        """
-        backend = self.make_backend()
-        name = f"under-test-{backend.name}"
-        registry.register_backend(dataclasses.replace(backend, name=name, platforms=()))
-        case = self.cases[1]
-        cfg = NSAConfig(cmp_block_size=case.cmp_block_size, cmp_stride=case.cmp_stride,
-                        slc_block_size=case.slc_block_size, slc_top_n=case.top_n,
-                        window_size=case.window_size, cmp_kind="mlp")
-        for dtype in self.dtypes:
-            ks = jax.random.split(jax.random.key(11), 8)
-            q, k, v = (_normal(ks[i], (case.b, case.t, h, d), dtype) for i, h, d in
-                       ((0, case.n, case.dk), (1, case.kh, case.dk), (2, case.kh, case.dv)))
-            gates = jax.nn.sigmoid(_normal(ks[3], (case.b, case.t, case.n, 3), jnp.float32))
-            params = {
-                part: init_compression_params(key, kind="mlp", num_kv_heads=case.kh,
-                                              block_size=case.cmp_block_size, head_dim=dim)
-                for part, key, dim in (("k", ks[4], case.dk), ("v", ks[5], case.dv))
-            }
-            args = (q, k, v, gates, params)
-
-            def run(impl, *a):
-                return nsa_attention(*a, config=cfg, implementation=impl)
-
-            what = f"nsa {backend.name} {jnp.dtype(dtype)}"
-            o, vjp = jax.vjp(functools.partial(run, name), *args)
-            o_ref, vjp_ref = jax.vjp(functools.partial(run, "reference"), *args)
-            assert_close(o, o_ref, dtype, f"{what} output")
-            ct = _normal(jax.random.key(7), o.shape, o.dtype)
-            for i, (g, g_ref) in enumerate(zip(vjp(ct), vjp_ref(ct), strict=True)):
-                _assert_grad_tree_close(g, g_ref, dtype, f"{what} grad of arg {i}")
-        _ran_race_detection()
-
-
-def _assert_grad_tree_close(g, g_ref, dtype, what):
-    """Each leaf by relative error, except leaves that are zero up to rounding in the reference
-    (norm below the tolerance times the whole tree's norm), which must be as small in ``g``."""
-    leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(g)]
-    leaves_ref = [np.asarray(x, np.float64) for x in jax.tree.leaves(g_ref)]
-    assert len(leaves) == len(leaves_ref), f"{what}: structure differs"
-    tol = RTOL[jnp.dtype(dtype)]
-    total = np.sqrt(sum(np.sum(x * x) for x in leaves_ref))
-    for j, (a, r) in enumerate(zip(leaves, leaves_ref, strict=True)):
-        assert not np.isnan(a).any(), f"{what} leaf {j}: NaN"
-        if np.linalg.norm(r) <= tol * total:
-            err = np.linalg.norm(a - r) / total
-            assert err <= tol, f"{what} leaf {j} (zero up to rounding): {err:.3e} > {tol:.1e}"
-        else:
-            assert_close(a, r, dtype, f"{what} leaf {j}")
 
 
 def _normal(key, shape, dtype):
