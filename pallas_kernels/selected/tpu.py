@@ -131,8 +131,8 @@ def block_pairs(union, count, num_tiles: int, total: int):
       total: table length per ``(b, k)`` (at least ``tiles * U``).
 
     Returns:
-      ``(block, tile, valid)``, each ``int32 [B, K, total]``; entries past the real pairs repeat
-      the last real one with ``valid = 0``.
+      ``(block, tile, valid)``, each ``int32 [B, K, total]``, entries past the real pairs
+      repeating the last real one with ``valid = 0``; and the number of real pairs ``[B, K]``.
     """
     b, kh, nt, u = union.shape
     tile = jnp.broadcast_to(jnp.arange(nt, dtype=jnp.int32)[:, None], (nt, u))
@@ -146,7 +146,7 @@ def block_pairs(union, count, num_tiles: int, total: int):
     pos = jnp.arange(total, dtype=jnp.int32)
     valid = pos < n_real
     key = jnp.where(valid, key, last)
-    return key // nt, key % nt, valid.astype(jnp.int32)
+    return key // nt, key % nt, valid.astype(jnp.int32), n_real[..., 0]
 
 
 def _expand_rows(idx_btkm, g: int, tq: int):
@@ -162,8 +162,11 @@ def _expand_rows(idx_btkm, g: int, tq: int):
 # Kernel calls.
 
 
-def _q_schedule(cfg: _SlcConfig, b: int, kh: int, i0: int, n_tiles: int) -> QSchedule:
+def _q_schedule(cfg: _SlcConfig, b: int, kh: int, i0: int, n_tiles: int, count) -> QSchedule:
+    """Tiles ``i0 .. i0 + n_tiles - 1``; the step axis is as long as the largest union among
+    them (a dynamic grid bound), not the worst case ``U``."""
     u = cfg.union_size
+    steps = jnp.maximum(jnp.max(count[:, :, i0:i0 + n_tiles]), 1).astype(jnp.int32)
 
     def off(bi, hi, i):
         return (bi * kh + hi) * n_tiles + i
@@ -172,7 +175,7 @@ def _q_schedule(cfg: _SlcConfig, b: int, kh: int, i0: int, n_tiles: int) -> QSch
         return union_ref[off(bi, hi, i) * u + j]
 
     return QSchedule(
-        grid=(b, kh, n_tiles, u),
+        grid=(b, kh, n_tiles, steps),
         q_tile=lambda bi, hi, i, j, *s: i0 + i,
         kv_block=block,
         kv_fetch=block,
@@ -180,9 +183,12 @@ def _q_schedule(cfg: _SlcConfig, b: int, kh: int, i0: int, n_tiles: int) -> QSch
     )
 
 
-def _kv_schedule(cfg: _SlcConfig, b: int, kh: int) -> KVSchedule:
+def _kv_schedule(cfg: _SlcConfig, b: int, kh: int, p0: int, n_real) -> KVSchedule:
+    """Pairs ``p0 .. p0 + pairs_per_call - 1`` of every ``(b, k)``; the step axis stops after
+    the last real pair of the call (a dynamic grid bound)."""
     p_c = cfg.pairs_per_call
     size = b * kh * p_c
+    steps = jnp.maximum(jnp.max(jnp.clip(n_real - p0, 0, p_c)), 1).astype(jnp.int32)
 
     def off(bi, hi, p):
         return (bi * kh + hi) * p_c + p
@@ -196,10 +202,12 @@ def _kv_schedule(cfg: _SlcConfig, b: int, kh: int) -> KVSchedule:
 
     def last(bi, hi, p, block_ref, tile_ref, valid_ref):
         o = off(bi, hi, p)
-        return (p == p_c - 1) | (block_ref[jnp.minimum(o + 1, size - 1)] != block_ref[o])
+        # Called in the kernel body only, where the dynamic grid bound is known.
+        is_end = p == pl.num_programs(2) - 1
+        return is_end | (block_ref[jnp.minimum(o + 1, size - 1)] != block_ref[o])
 
     return KVSchedule(
-        grid=(b, kh, p_c),
+        grid=(b, kh, steps),
         kv_block=block,
         q_tile=lambda bi, hi, p, block_ref, tile_ref, valid_ref: tile_ref[off(bi, hi, p)],
         active=lambda bi, hi, p, block_ref, tile_ref, valid_ref: valid_ref[off(bi, hi, p)] > 0,
@@ -221,7 +229,7 @@ def _fwd_rows(q_rows, k_keys, v_keys, idx_rows, union, count, cfg: _SlcConfig):
     for i0, nc in _chunks(cfg.num_tiles, cfg.tiles_per_call):
         spec = pl.BlockSpec((None, None, r, m), lambda bi, hi, i, j, *s, i0=i0: (bi, hi, i0 + i, 0))
         outs.append(flash_fwd(
-            q_rows, k_keys, v_keys, sched=_q_schedule(cfg, b, kh, i0, nc), geom=cfg.geom,
+            q_rows, k_keys, v_keys, sched=_q_schedule(cfg, b, kh, i0, nc, count), geom=cfg.geom,
             mask_fn=mask, name="nsa_selected", interpret=cfg.interpret,
             scalars=(union[:, :, i0:i0 + nc].reshape(-1), count[:, :, i0:i0 + nc].reshape(-1)),
             extras=[(idx_rows, spec)]))
@@ -255,21 +263,22 @@ def _slc_rows_bwd(cfg, res, cts):
     for i0, nc in _chunks(cfg.num_tiles, cfg.tiles_per_call):
         spec = pl.BlockSpec((None, None, r, m), lambda bi, hi, i, j, *s, i0=i0: (bi, hi, i0 + i, 0))
         dqs.append(flash_bwd_dq(
-            q_rows, k_keys, v_keys, do_rows, lse, delta, sched=_q_schedule(cfg, b, kh, i0, nc),
+            q_rows, k_keys, v_keys, do_rows, lse, delta,
+            sched=_q_schedule(cfg, b, kh, i0, nc, count),
             scalars=(union[:, :, i0:i0 + nc].reshape(-1), count[:, :, i0:i0 + nc].reshape(-1)),
             extras=[(idx_rows, spec)], **common))
     dq = dqs[0] if len(dqs) == 1 else jnp.concatenate(dqs, axis=2)
 
     p_c = cfg.pairs_per_call
     total = round_up(cfg.num_tiles * cfg.union_size, p_c)
-    blocks, tiles, valid = block_pairs(union, count, cfg.num_tiles, total)
+    blocks, tiles, valid, n_real = block_pairs(union, count, cfg.num_tiles, total)
     idx_cols = jnp.swapaxes(idx_rows, 2, 3)  # [B, K, n, Tp*G]
-    sched = _kv_schedule(cfg, b, kh)
-    spec = pl.BlockSpec((None, None, m, r), lambda bi, hi, p, *s: (bi, hi, 0, sched.q_tile(
-        bi, hi, p, *s)))
     dk = jnp.zeros(k_keys.shape, jnp.float32)
     dv = jnp.zeros(v_keys.shape, jnp.float32)
     for p0, _ in _chunks(total, p_c):
+        sched = _kv_schedule(cfg, b, kh, p0, n_real)
+        spec = pl.BlockSpec((None, None, m, r), lambda bi, hi, p, *s, sched=sched: (
+            bi, hi, 0, sched.q_tile(bi, hi, p, *s)))
         tables = tuple(x[:, :, p0:p0 + p_c].reshape(-1) for x in (blocks, tiles, valid))
         dk, dv = flash_bwd_dkv(q_rows, k_keys, v_keys, do_rows, lse, delta, sched=sched,
                                scalars=tables, extras=[(idx_cols, spec)],

@@ -151,7 +151,7 @@ class QSchedule:
     Each function takes the four grid indices then the scalar-prefetch refs.
 
     Attributes:
-      grid: the grid.
+      grid: the grid; ``steps`` may be a traced scalar (a dynamic grid bound).
       q_tile: the query tile of a step (its global index).
       kv_block: the key block whose keys a step masks against (meaningful when active).
       kv_fetch: the key block to hold in VMEM; equal to the previous step's when inactive, so
@@ -171,7 +171,7 @@ class KVSchedule:
     """Grid ``(B, K, outer, steps)`` (or ``(B, K, steps)``): key block outer, query tiles inner.
 
     Attributes:
-      grid: the grid.
+      grid: the grid; its last entry may be a traced scalar (a dynamic grid bound).
       kv_block: the key block a step accumulates into.
       q_tile: the query tile to hold (repeats the previous one when inactive).
       active: whether the step computes.
@@ -243,7 +243,7 @@ def _fwd_kernel(*refs, sched: QSchedule, geom: Geometry, mask_fn: MaskFn, n_scal
         acc_scr[...] = acc_scr[...] * alpha[:, :1] + pv
         m_scr[...] = m_next
 
-    @pl.when(step == sched.grid[3] - 1)
+    @pl.when(step == pl.num_programs(3) - 1)
     def _finish():
         l = l_scr[...]
         seen = l > 0.0  # rows with no visible key: output 0, log-sum-exp -inf
@@ -289,7 +289,7 @@ def _bwd_dq_kernel(*refs, sched: QSchedule, geom: Geometry, mask_fn: MaskFn, n_s
         dq_scr[...] += lax.dot_general(ds.astype(k.dtype), k, NN_DIMS,
                                        preferred_element_type=jnp.float32)
 
-    @pl.when(step == sched.grid[3] - 1)
+    @pl.when(step == pl.num_programs(3) - 1)
     def _finish():
         dq_ref[...] = (dq_scr[...] * geom.scale).astype(dq_ref.dtype)
 

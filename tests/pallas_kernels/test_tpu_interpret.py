@@ -184,13 +184,13 @@ def test_selected_tables():
                 assert list(union[b, h, i, :len(want)]) == want
                 assert (union[b, h, i, len(want):] == (want[-1] if want else 0)).all()
                 pairs += [(b, h, j, i) for j in want]
-    blocks, tiles, valid = (np.asarray(x) for x in slc_tpu.block_pairs(
+    blocks, tiles, valid, n_real = (np.asarray(x) for x in slc_tpu.block_pairs(
         jnp.asarray(union), jnp.asarray(count), nt, nt * nb + 3))
     for b in range(case.b):
         for h in range(case.kh):
             want = sorted((j, i) for bb, hh, j, i in pairs if (bb, hh) == (b, h))
             n = len(want)
-            assert valid[b, h].sum() == n and valid[b, h, :n].all()
+            assert valid[b, h].sum() == n == n_real[b, h] and valid[b, h, :n].all()
             assert list(zip(blocks[b, h, :n], tiles[b, h, :n], strict=True)) == want
             assert (blocks[b, h, n:] == want[-1][0]).all()  # padding repeats: no re-fetch
             assert (tiles[b, h, n:] == want[-1][1]).all()
