@@ -9,10 +9,10 @@ of a group (``R = tq * G`` rows) and each token keeps its own selection by maski
   ``U = min(tq * n, ceil(S / l'))`` key blocks; a row keeps a key iff its token selected the
   block and the key is not in its future. The union of each tile (sorted, padded by repeating
   the last block so padding steps copy nothing) and its size are scalar-prefetched and drive
-  the K/V index maps.
+  the K/V index maps; the step axis is a dynamic grid bound, the largest union of the call.
 * dK/dV (key block outer, no atomics): the inverse index. Every (tile, key block) pair of the
   unions is sorted by key block; a grid step visits one pair, and the steps of one key block are
-  consecutive, accumulating dK and dV in VMEM.
+  consecutive, accumulating dK and dV in VMEM; the step axis ends at the call's last real pair.
 
 Scalar memory (1 MiB per core) bounds the prefetched tables: a call carries at most
 ``BlockSizes.smem_table_bytes`` of them, and longer sequences are split into several calls
