@@ -39,6 +39,7 @@ from pallas_kernels.sliding_window.tpu import (
     from_rows,
     idiv,
     pad_head_dim,
+    settle,
     stat_from_rows,
     tile_tokens,
     to_keys,
@@ -136,16 +137,20 @@ def _fwd_rows(q_rows, k_keys, v_keys, cfg: _CmpConfig):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _cmp_rows(q_rows, k_keys, v_keys, cfg: _CmpConfig):
-    return _fwd_rows(q_rows, k_keys, v_keys, cfg)
+    return settle(_fwd_rows(q_rows, k_keys, v_keys, cfg), cfg.interpret)
 
 
 def _cmp_rows_fwd(q_rows, k_keys, v_keys, cfg):
-    o_rows, lse = _fwd_rows(q_rows, k_keys, v_keys, cfg)
+    o_rows, lse = settle(_fwd_rows(q_rows, k_keys, v_keys, cfg), cfg.interpret)
     return (o_rows, lse), (q_rows, k_keys, v_keys, o_rows, lse)
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _cmp_rows_bwd(cfg, res, cts):
+    return settle(_bwd(cfg, res, cts), cfg.interpret)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _bwd(cfg, res, cts):
     q_rows, k_keys, v_keys, o_rows, lse = res
     do_rows, dlse = cts
     b, kh = q_rows.shape[:2]

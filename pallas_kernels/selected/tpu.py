@@ -44,6 +44,7 @@ from pallas_kernels.sliding_window.tpu import (
     from_rows,
     pad_head_dim,
     round_up,
+    settle,
     stat_from_rows,
     tile_tokens,
     to_keys,
@@ -241,16 +242,21 @@ def _fwd_rows(q_rows, k_keys, v_keys, idx_rows, union, count, cfg: _SlcConfig):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _slc_rows(q_rows, k_keys, v_keys, idx_rows, union, count, cfg: _SlcConfig):
-    return _fwd_rows(q_rows, k_keys, v_keys, idx_rows, union, count, cfg)
+    return settle(_fwd_rows(q_rows, k_keys, v_keys, idx_rows, union, count, cfg), cfg.interpret)
 
 
 def _slc_rows_fwd(q_rows, k_keys, v_keys, idx_rows, union, count, cfg):
-    o_rows, lse = _fwd_rows(q_rows, k_keys, v_keys, idx_rows, union, count, cfg)
+    o_rows, lse = settle(_fwd_rows(q_rows, k_keys, v_keys, idx_rows, union, count, cfg),
+                         cfg.interpret)
     return (o_rows, lse), (q_rows, k_keys, v_keys, idx_rows, union, count, o_rows, lse)
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _slc_rows_bwd(cfg, res, cts):
+    return settle(_bwd(cfg, res, cts), cfg.interpret)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _bwd(cfg, res, cts):
     q_rows, k_keys, v_keys, idx_rows, union, count, o_rows, lse = res
     do_rows, dlse = cts
     b, kh = q_rows.shape[:2]

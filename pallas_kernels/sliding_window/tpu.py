@@ -503,6 +503,19 @@ def flash_bwd_dkv(
     )(*args)
 
 
+def settle(out, interpret):
+    """Returns ``out`` once computed when the kernels are interpreted (a no-op under tracing).
+
+    The TPU interpreter runs a kernel through host callbacks that dispatch more XLA work on the
+    CPU client. If the caller dispatches a computation that depends on an interpreted kernel
+    still in flight, the callbacks' work can queue behind it and both wait forever; finishing
+    each interpreted call before returning rules that out.
+    """
+    if interpret is None or interpret is False:
+        return out
+    return jax.block_until_ready(out)
+
+
 def bwd_delta(o_rows, do_rows, dlse_rows):
     """``delta = rowsum(dO * O) - dlse`` as ``[B, K, 1, rows]``.
 
@@ -611,16 +624,20 @@ def _window_fwd_rows(q_rows, k_keys, v_keys, cfg: _WindowConfig):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _window_rows(q_rows, k_keys, v_keys, cfg: _WindowConfig):
-    return _window_fwd_rows(q_rows, k_keys, v_keys, cfg)
+    return settle(_window_fwd_rows(q_rows, k_keys, v_keys, cfg), cfg.interpret)
 
 
 def _window_rows_fwd(q_rows, k_keys, v_keys, cfg):
-    o_rows, lse = _window_fwd_rows(q_rows, k_keys, v_keys, cfg)
+    o_rows, lse = settle(_window_fwd_rows(q_rows, k_keys, v_keys, cfg), cfg.interpret)
     return (o_rows, lse), (q_rows, k_keys, v_keys, o_rows, lse)
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _window_rows_bwd(cfg, res, cts):
+    return settle(_window_bwd(cfg, res, cts), cfg.interpret)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _window_bwd(cfg, res, cts):
     q_rows, k_keys, v_keys, o_rows, lse = res
     do_rows, dlse = cts
     b, kh = q_rows.shape[:2]
