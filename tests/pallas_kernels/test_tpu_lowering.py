@@ -1,8 +1,9 @@
 """Every Mosaic kernel, forward and backward, lowers for TPU at the paper's shapes.
 
 Lowering runs the Pallas-to-Mosaic lowering on CPU (no execution), which enforces Mosaic's
-block-shape rules. Shapes: ``T`` = 8k and 64k, ``HQ = 64``, ``HKV = 4``, ``D = 128``, bf16,
-``l = 32``, ``d = 16``, ``l' = 64``, ``n = 16``, ``w = 512``. The tests also check, from the
+block-shape rules. Shapes: ``T`` = 8k and 64k, ``HQ = 64``, ``HKV = 4``, ``D = 128`` (and the
+paper's ``Dk = 192, Dv = 128`` at 8k), bf16, ``l = 32``, ``d = 16``, ``l' = 64``, ``n = 16``,
+``w = 512``. The tests also check, from the
 traced kernels, that every call's scalar-prefetched tables fit the scalar-memory budget and its
 double-buffered blocks plus scratch fit the smallest VMEM (v4's 16 MiB).
 """
@@ -30,10 +31,10 @@ def _sds(*shape, dtype=DTYPE):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def _stage(name: str, t: int):
+def _stage(name: str, t: int, dk: int = D, dv: int = D):
     """``(function of the differentiable inputs, their shapes)`` for one branch at length t."""
-    q = _sds(B, t, HQ, D)
-    kv = (_sds(B, t, HKV, D), _sds(B, t, HKV, D))
+    q = _sds(B, t, HQ, dk)
+    kv = (_sds(B, t, HKV, dk), _sds(B, t, HKV, dv))
     if name == "sliding_window":
         return (lambda q, k, v: swa_tpu.sliding_window_attention(
             q, k, v, window_size=WINDOW, scale=None)), (q, *kv)
@@ -41,7 +42,7 @@ def _stage(name: str, t: int):
         c = (t - L_CMP) // D_CMP + 1
         return (lambda q, k, v: cmp_tpu.compressed_attention(
             q, k, v, block_size=L_CMP, stride=D_CMP, scale=None)), (
-            q, _sds(B, c, HKV, D), _sds(B, c, HKV, D))
+            q, _sds(B, c, HKV, dk), _sds(B, c, HKV, dv))
     idx = _sds(B, t, HKV, TOP_N, dtype=jnp.int32)
     return (lambda q, k, v, idx: slc_tpu.selected_attention(
         q, k, v, idx, block_size=L_SLC, scale=None)), (q, *kv, idx)
@@ -80,10 +81,12 @@ def _nbytes(shape, dtype) -> int:
     return math.prod(shape) * jnp.dtype(dtype).itemsize
 
 
-@pytest.mark.parametrize("t", [8192, 65536])
+@pytest.mark.parametrize("t,dk,dv", [(8192, D, D), (65536, D, D), (8192, 192, 128)])
 @pytest.mark.parametrize("branch", ["sliding_window", "compressed", "selected"])
-def test_lowers_for_tpu(branch, t):
-    fn, args = _stage(branch, t)
+def test_lowers_for_tpu(branch, t, dk, dv):
+    """The brief's shapes (D = 128) at 8k and 64k, and the paper's Dk = 192, Dv = 128 (padded
+    to 256 inside the kernels) at 8k."""
+    fn, args = _stage(branch, t, dk, dv)
     f = _fwd_and_bwd(fn, 3)
     traced = jax.jit(f).trace(*args)
     eqns = _pallas_eqns(traced.jaxpr.jaxpr)
