@@ -13,6 +13,8 @@ calls.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -163,6 +165,32 @@ def test_selected_tables_split_over_calls(dtype):
                                                      interpret=ip),
                lambda *a: registry.REFERENCE.selected_attention(*a, idx, **kw), (q, k, v),
                dtype, key, "selected with split tables")
+
+
+def test_selected_steps_follow_the_unions():
+    """The dynamic grid bound: when every tile's union holds at most 2 blocks, the forward runs 2
+    key steps per tile, not the table width ``U``."""
+    case = Case(b=1, t=90, n=16, kh=1, dk=128, dv=128, slc_block_size=16, top_n=4)
+    q, k, v, _ = _qkv(case, jnp.float32, 6)
+    idx = np.full((1, case.t, 1, case.top_n), -1, np.int32)
+    cur = np.arange(case.t) // case.slc_block_size
+    idx[0, :, 0, 0] = 0
+    idx[0, :, 0, 1] = np.where(cur > 0, cur, -1)  # block 0 and the current block
+    idx = jnp.asarray(idx)
+    points = []
+
+    def record(token, grid_point, core):
+        points.append(tuple(int(x) for x in grid_point))
+        return token
+
+    ip = dataclasses.replace(interpret_params(6), grid_point_recorder=record)
+    o, lse = slc_tpu.selected_attention(q, k, v, idx, block_size=16, interpret=ip)
+    o_ref, lse_ref = registry.REFERENCE.selected_attention(q, k, v, idx, block_size=16)
+    assert_close(o, o_ref, jnp.float32, "selected output")
+    assert_close(lse, lse_ref, jnp.float32, "selected lse")
+    tiles = -(-case.t // 8)  # G = 16: 8 tokens per tile; U would be min(8 * 4, 6) = 6
+    assert len(points) == tiles * 2, (len(points), tiles)
+    assert max(p[3] for p in points) == 1
 
 
 def test_selected_tables():
