@@ -2,7 +2,7 @@
 
 Query ``t`` sees compressed token ``i`` iff ``i*d + l - 1 <= t``: a causal mask in which the
 visible prefix grows by one compressed token every ``d`` queries. The kernels are the shared
-masked flash attention of ``pallas_kernels/sliding_window/tpu.py`` with
+masked flash attention of ``pallas_kernels/tpu_common.py`` with
 
 * forward and dQ: query tile (``tq`` tokens x ``G`` heads) outer, blocks of ``block_k``
   compressed tokens inner, steps past the tile's last visible block skipped (their buffers
@@ -27,7 +27,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from pallas_kernels.common import default_scale
-from pallas_kernels.sliding_window.tpu import (
+from pallas_kernels.tpu_common import (
     NUM_LANES,
     Geometry,
     KVSchedule,

@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels.common import default_scale
-from pallas_kernels.sliding_window.tpu import (
+from pallas_kernels.tpu_common import (
     Geometry,
     KVSchedule,
     QSchedule,
