@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float
 
-from pallas_kernels.common import MASK_VALUE
+from pallas_kernels.common import MASK_VALUE, default_scale
 
 NUM_LANES = 128
 NT_DIMS = (((1,), (1,)), ((), ()))  # x @ y.T
@@ -523,3 +523,90 @@ def bwd_delta(o_rows, do_rows, dlse_rows):
     """
     delta = jnp.sum(o_rows.astype(jnp.float32) * do_rows.astype(jnp.float32), axis=-1)
     return delta[:, :, None, :] - dlse_rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Branches whose schedule is fixed by shapes alone (sliding window, compressed tokens).
+
+
+@dataclasses.dataclass(frozen=True)
+class BandBlockSizes:
+    """Tile sizes of a statically scheduled branch.
+
+    Attributes:
+      min_rows: least query rows per tile (``tq * G``, rounded up to a multiple of 128).
+      block_k: keys per key block (a multiple of 128).
+    """
+
+    min_rows: int = 128
+    block_k: int = 128
+
+    def __post_init__(self):
+        if self.min_rows < 1:
+            raise ValueError(f"{self.min_rows=} must be positive")
+        if self.block_k < NUM_LANES or self.block_k % NUM_LANES:
+            raise ValueError(f"{self.block_k=} must be a positive multiple of {NUM_LANES}")
+
+
+def prepare_rows(q, k, v, block_sizes: BandBlockSizes, scale: float | None):
+    """Kernel layout of ``q [B,T,N,Dk]``, ``k [B,S,K,Dk]``, ``v [B,S,K,Dv]`` and its geometry.
+
+    Returns:
+      ``(q_rows [B,K,R,Hp], k_keys [B,K,Sp,Hp], v_keys [B,K,Sp,Hvp], geom)``.
+    """
+    n, dk = q.shape[2], q.shape[3]
+    kh, dv = k.shape[2], v.shape[-1]
+    g = n // kh
+    tq = tile_tokens(g, block_sizes.min_rows)
+    geom = Geometry(g=g, tq=tq, bk=block_sizes.block_k, scale=default_scale(dk, scale))
+    hp, hvp = pad_head_dim(dk), pad_head_dim(dv)
+    q_rows = to_rows(q, kh, tq, hp)
+    k_keys = to_keys(k, block_sizes.block_k, hp)
+    v_keys = to_keys(v, block_sizes.block_k, hvp)
+    return q_rows, k_keys, v_keys, geom
+
+
+# A band config is a hashable (frozen dataclass) with ``name``, ``geom``, ``interpret`` and the
+# methods ``mask() -> MaskFn``, ``q_schedule(b, kh) -> QSchedule`` and
+# ``kv_schedule(b, kh) -> KVSchedule``; the branch supplies those, this part is shared.
+
+
+# Jitted with the static config so that repeated calls (the primal and the VJP's forward, or
+# eager calls in tests) reuse one compiled kernel.
+@functools.partial(jax.jit, static_argnums=3)
+def _band_fwd_rows(q_rows, k_keys, v_keys, cfg):
+    b, kh = q_rows.shape[:2]
+    return flash_fwd(q_rows, k_keys, v_keys, sched=cfg.q_schedule(b, kh), geom=cfg.geom,
+                     mask_fn=cfg.mask(), name=cfg.name, interpret=cfg.interpret)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _band_bwd_rows(cfg, res, cts):
+    q_rows, k_keys, v_keys, o_rows, lse = res
+    do_rows, dlse = cts
+    b, kh = q_rows.shape[:2]
+    delta = bwd_delta(o_rows, do_rows, dlse)
+    common = dict(geom=cfg.geom, mask_fn=cfg.mask(), name=cfg.name, interpret=cfg.interpret)
+    dq = flash_bwd_dq(q_rows, k_keys, v_keys, do_rows, lse, delta,
+                      sched=cfg.q_schedule(b, kh), **common)
+    dk, dv = flash_bwd_dkv(q_rows, k_keys, v_keys, do_rows, lse, delta,
+                           sched=cfg.kv_schedule(b, kh), **common)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def band_attention(q_rows, k_keys, v_keys, cfg):
+    """``(o_rows, lse)`` of a statically scheduled branch, differentiable in q, k and v."""
+    return settle(_band_fwd_rows(q_rows, k_keys, v_keys, cfg), cfg.interpret)
+
+
+def _band_attention_fwd(q_rows, k_keys, v_keys, cfg):
+    o_rows, lse = settle(_band_fwd_rows(q_rows, k_keys, v_keys, cfg), cfg.interpret)
+    return (o_rows, lse), (q_rows, k_keys, v_keys, o_rows, lse)
+
+
+def _band_attention_bwd(cfg, res, cts):
+    return settle(_band_bwd_rows(cfg, res, cts), cfg.interpret)
+
+
+band_attention.defvjp(_band_attention_fwd, _band_attention_bwd)

@@ -18,52 +18,28 @@ gradients.
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from pallas_kernels.common import default_scale
 from pallas_kernels.tpu_common import (
-    NUM_LANES,
+    BandBlockSizes,
     Geometry,
     KVSchedule,
+    MaskFn,
     QSchedule,
-    bwd_delta,
-    flash_bwd_dkv,
-    flash_bwd_dq,
-    flash_fwd,
+    band_attention,
     from_rows,
     idiv,
-    pad_head_dim,
-    settle,
+    prepare_rows,
     stat_from_rows,
-    tile_tokens,
-    to_keys,
-    to_rows,
 )
 
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes of the compressed kernels.
-
-    Attributes:
-      min_rows: least query rows per tile (``tq * G``, rounded up to a multiple of 128).
-      block_k: compressed tokens per key block (a multiple of 128).
-    """
-
-    min_rows: int = 128
-    block_k: int = 128
-
-    def __post_init__(self):
-        if self.min_rows < 1:
-            raise ValueError(f"{self.min_rows=} must be positive")
-        if self.block_k < NUM_LANES or self.block_k % NUM_LANES:
-            raise ValueError(f"{self.block_k=} must be a positive multiple of {NUM_LANES}")
+# Tile sizes of the compressed-attention kernels (``block_k``: compressed tokens per block).
+BlockSizes = BandBlockSizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +51,16 @@ class _CmpConfig:
     num_tiles: int
     num_key_blocks: int
     interpret: Any
+    name: ClassVar[str] = "nsa_compressed"
+
+    def mask(self) -> MaskFn:
+        return _cmp_mask(self)
+
+    def q_schedule(self, b: int, kh: int) -> QSchedule:
+        return _q_schedule(self, b, kh)
+
+    def kv_schedule(self, b: int, kh: int) -> KVSchedule:
+        return _kv_schedule(self, b, kh)
 
 
 def _cmp_mask(cfg: _CmpConfig):
@@ -128,45 +114,6 @@ def _kv_schedule(cfg: _CmpConfig, b: int, kh: int) -> KVSchedule:
     )
 
 
-@functools.partial(jax.jit, static_argnums=3)  # one compiled kernel per config and shape
-def _fwd_rows(q_rows, k_keys, v_keys, cfg: _CmpConfig):
-    b, kh = q_rows.shape[:2]
-    return flash_fwd(q_rows, k_keys, v_keys, sched=_q_schedule(cfg, b, kh), geom=cfg.geom,
-                     mask_fn=_cmp_mask(cfg), name="nsa_compressed", interpret=cfg.interpret)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _cmp_rows(q_rows, k_keys, v_keys, cfg: _CmpConfig):
-    return settle(_fwd_rows(q_rows, k_keys, v_keys, cfg), cfg.interpret)
-
-
-def _cmp_rows_fwd(q_rows, k_keys, v_keys, cfg):
-    o_rows, lse = settle(_fwd_rows(q_rows, k_keys, v_keys, cfg), cfg.interpret)
-    return (o_rows, lse), (q_rows, k_keys, v_keys, o_rows, lse)
-
-
-def _cmp_rows_bwd(cfg, res, cts):
-    return settle(_bwd(cfg, res, cts), cfg.interpret)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _bwd(cfg, res, cts):
-    q_rows, k_keys, v_keys, o_rows, lse = res
-    do_rows, dlse = cts
-    b, kh = q_rows.shape[:2]
-    delta = bwd_delta(o_rows, do_rows, dlse)
-    common = dict(geom=cfg.geom, mask_fn=_cmp_mask(cfg), name="nsa_compressed",
-                  interpret=cfg.interpret)
-    dq = flash_bwd_dq(q_rows, k_keys, v_keys, do_rows, lse, delta,
-                      sched=_q_schedule(cfg, b, kh), **common)
-    dk, dv = flash_bwd_dkv(q_rows, k_keys, v_keys, do_rows, lse, delta,
-                           sched=_kv_schedule(cfg, b, kh), **common)
-    return dq, dk, dv
-
-
-_cmp_rows.defvjp(_cmp_rows_fwd, _cmp_rows_bwd)
-
-
 def compressed_attention(
     q: Float[Array, "B T N H"],
     k_cmp: Float[Array, "B C K H"],
@@ -197,7 +144,7 @@ def compressed_attention(
       ``(o, lse)``: ``o [B, T, N, Dv]`` in ``q.dtype`` and ``lse [B, T, N]`` in f32.
     """
     del chunk_size
-    b, t, n, dk = q.shape
+    b, t, n, _ = q.shape
     c, kh, dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[-1]
     if n % kh:
         raise ValueError(f"query heads must be a multiple of KV heads: {q.shape=}, "
@@ -206,15 +153,10 @@ def compressed_attention(
         raise ValueError(f"{block_size=} and {stride=} must be positive")
     if c == 0:  # no complete block anywhere in the sequence
         return jnp.zeros((b, t, n, dv), q.dtype), jnp.full((b, t, n), -jnp.inf, jnp.float32)
-    bs = block_sizes or BlockSizes()
-    g = n // kh
-    tq = tile_tokens(g, bs.min_rows)
-    geom = Geometry(g=g, tq=tq, bk=bs.block_k, scale=default_scale(dk, scale))
-    hp, hvp = pad_head_dim(dk), pad_head_dim(dv)
-    q_rows = to_rows(q, kh, tq, hp)
-    k_keys, v_keys = to_keys(k_cmp, bs.block_k, hp), to_keys(v_cmp, bs.block_k, hvp)
+    q_rows, k_keys, v_keys, geom = prepare_rows(q, k_cmp, v_cmp, block_sizes or BlockSizes(),
+                                                scale)
     cfg = _CmpConfig(block_size=block_size, stride=stride, num_cmp=c, geom=geom,
                      num_tiles=q_rows.shape[2] // geom.rows,
-                     num_key_blocks=k_keys.shape[2] // bs.block_k, interpret=interpret)
-    o_rows, lse = _cmp_rows(q_rows, k_keys, v_keys, cfg)
+                     num_key_blocks=k_keys.shape[2] // geom.bk, interpret=interpret)
+    o_rows, lse = band_attention(q_rows, k_keys, v_keys, cfg)
     return from_rows(o_rows, t, n, dv), stat_from_rows(lse, t, n)

@@ -7,56 +7,31 @@ are in ``pallas_kernels/tpu_common.py``; this module supplies the window's mask 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any
+from typing import Any, ClassVar
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from pallas_kernels.common import default_scale
 from pallas_kernels.tpu_common import (
-    NUM_LANES,
+    BandBlockSizes,
     Geometry,
     KVSchedule,
     MaskFn,
     QSchedule,
-    bwd_delta,
-    flash_bwd_dkv,
-    flash_bwd_dq,
-    flash_fwd,
+    band_attention,
     from_rows,
     idiv,
-    pad_head_dim,
-    settle,
+    prepare_rows,
     stat_from_rows,
-    tile_tokens,
-    to_keys,
-    to_rows,
 )
 
 # ------------------------------------------------------------------------------------------------
 # The sliding window.
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes of the sliding-window kernels.
-
-    Attributes:
-      min_rows: least query rows per tile (``tq * G``, rounded up to a multiple of 128).
-      block_k: keys per key block (a multiple of 128).
-    """
-
-    min_rows: int = 128
-    block_k: int = 128
-
-    def __post_init__(self):
-        if self.min_rows < 1:
-            raise ValueError(f"{self.min_rows=} must be positive")
-        if self.block_k < NUM_LANES or self.block_k % NUM_LANES:
-            raise ValueError(f"{self.block_k=} must be a positive multiple of {NUM_LANES}")
+# Tile sizes of the sliding-window kernels.
+BlockSizes = BandBlockSizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +42,16 @@ class _WindowConfig:
     num_tiles: int
     num_key_blocks: int
     interpret: Any
+    name: ClassVar[str] = "nsa_sliding_window"
+
+    def mask(self) -> MaskFn:
+        return _window_mask(self.window, self.seq_len)
+
+    def q_schedule(self, b: int, kh: int) -> QSchedule:
+        return _window_q_schedule(self, b, kh)
+
+    def kv_schedule(self, b: int, kh: int) -> KVSchedule:
+        return _window_kv_schedule(self, b, kh)
 
 
 def _window_mask(w: int, seq_len: int) -> MaskFn:
@@ -123,48 +108,6 @@ def _window_kv_schedule(cfg: _WindowConfig, b: int, kh: int) -> KVSchedule:
     )
 
 
-# Jitted with the static config so that repeated calls (the primal and the VJP's forward, or
-# eager calls in tests) reuse one compiled kernel.
-@functools.partial(jax.jit, static_argnums=3)
-def _window_fwd_rows(q_rows, k_keys, v_keys, cfg: _WindowConfig):
-    b, kh = q_rows.shape[:2]
-    return flash_fwd(q_rows, k_keys, v_keys, sched=_window_q_schedule(cfg, b, kh),
-                     geom=cfg.geom, mask_fn=_window_mask(cfg.window, cfg.seq_len),
-                     name="nsa_sliding_window", interpret=cfg.interpret)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _window_rows(q_rows, k_keys, v_keys, cfg: _WindowConfig):
-    return settle(_window_fwd_rows(q_rows, k_keys, v_keys, cfg), cfg.interpret)
-
-
-def _window_rows_fwd(q_rows, k_keys, v_keys, cfg):
-    o_rows, lse = settle(_window_fwd_rows(q_rows, k_keys, v_keys, cfg), cfg.interpret)
-    return (o_rows, lse), (q_rows, k_keys, v_keys, o_rows, lse)
-
-
-def _window_rows_bwd(cfg, res, cts):
-    return settle(_window_bwd(cfg, res, cts), cfg.interpret)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _window_bwd(cfg, res, cts):
-    q_rows, k_keys, v_keys, o_rows, lse = res
-    do_rows, dlse = cts
-    b, kh = q_rows.shape[:2]
-    delta = bwd_delta(o_rows, do_rows, dlse)
-    common = dict(geom=cfg.geom, mask_fn=_window_mask(cfg.window, cfg.seq_len),
-                  name="nsa_sliding_window", interpret=cfg.interpret)
-    dq = flash_bwd_dq(q_rows, k_keys, v_keys, do_rows, lse, delta,
-                      sched=_window_q_schedule(cfg, b, kh), **common)
-    dk, dv = flash_bwd_dkv(q_rows, k_keys, v_keys, do_rows, lse, delta,
-                           sched=_window_kv_schedule(cfg, b, kh), **common)
-    return dq, dk, dv
-
-
-_window_rows.defvjp(_window_rows_fwd, _window_rows_bwd)
-
-
 def sliding_window_attention(
     q: Float[Array, "B T N H"],
     k: Float[Array, "B T K H"],
@@ -193,21 +136,15 @@ def sliding_window_attention(
       ``(o, lse)``: ``o [B, T, N, Dv]`` in ``q.dtype``, ``lse [B, T, N]`` in f32.
     """
     del chunk_size
-    b, t, n, dk = q.shape
+    b, t, n, _ = q.shape
     kh, dv = k.shape[2], v.shape[-1]
     if n % kh:
         raise ValueError(f"query heads must be a multiple of KV heads: {q.shape=}, {k.shape=}")
     if window_size < 1:
         raise ValueError(f"{window_size=} must be positive")
-    bs = block_sizes or BlockSizes()
-    g = n // kh
-    tq = tile_tokens(g, bs.min_rows)
-    geom = Geometry(g=g, tq=tq, bk=bs.block_k, scale=default_scale(dk, scale))
-    hp, hvp = pad_head_dim(dk), pad_head_dim(dv)
-    q_rows = to_rows(q, kh, tq, hp)
-    k_keys, v_keys = to_keys(k, bs.block_k, hp), to_keys(v, bs.block_k, hvp)
+    q_rows, k_keys, v_keys, geom = prepare_rows(q, k, v, block_sizes or BlockSizes(), scale)
     cfg = _WindowConfig(window=window_size, geom=geom, seq_len=t,
                         num_tiles=q_rows.shape[2] // geom.rows,
-                        num_key_blocks=k_keys.shape[2] // bs.block_k, interpret=interpret)
-    o_rows, lse = _window_rows(q_rows, k_keys, v_keys, cfg)
+                        num_key_blocks=k_keys.shape[2] // geom.bk, interpret=interpret)
+    o_rows, lse = band_attention(q_rows, k_keys, v_keys, cfg)
     return from_rows(o_rows, t, n, dv), stat_from_rows(lse, t, n)
