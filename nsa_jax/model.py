@@ -12,6 +12,14 @@ from nsa_jax.config import ModelConfig
 from nsa_jax.layers import CausalSelfAttention, NativeSparseAttention, default_positions
 
 
+def _check_tokens(tokens, layout: str) -> None:
+    """``tokens`` must be integers with the rank of ``layout`` (``"[B, T]"`` or ``"[B]"``)."""
+    if tokens.ndim != layout.count(",") + 1:
+        raise ValueError(f"tokens must be {layout}, got tokens.shape={tuple(tokens.shape)}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"tokens must be integers, got tokens.dtype={tokens.dtype}")
+
+
 class SwiGLU(nnx.Module):
     """``W_down(silu(W_gate x) * W_up x)``."""
 
@@ -85,10 +93,7 @@ class NSATransformer(nnx.Module):
 
     def __call__(self, tokens: Int[Array, "B T"],
                  positions: Int[Array, "B T"] | None = None) -> Float[Array, "B T V"]:
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [B, T], got tokens.shape={tuple(tokens.shape)}")
-        if not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise TypeError(f"tokens must be integers, got tokens.dtype={tokens.dtype}")
+        _check_tokens(tokens, "[B, T]")
         positions = default_positions(tokens) if positions is None else positions
         x = self.embed(tokens)  # [B, T, D]
         for block in self.blocks:
@@ -111,6 +116,10 @@ class NSATransformer(nnx.Module):
         return tuple(block.attn.init_cache(batch_size, max_len, dtype=dtype)
                      for block in self.blocks)
 
+    def _check_cache(self, cache) -> None:
+        if len(cache) != len(self.blocks):
+            raise ValueError(f"got {len(cache)} layer caches for {len(self.blocks)} layers")
+
     def _logits(self, x):
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.config.tie_embeddings else self.lm_head(x)
@@ -129,12 +138,8 @@ class NSATransformer(nnx.Module):
           cache: empty caches from :meth:`init_cache`.
           lengths: ``int32 [B]`` prompt lengths (default ``T``).
         """
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [B, T], got tokens.shape={tuple(tokens.shape)}")
-        if not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise TypeError(f"tokens must be integers, got tokens.dtype={tokens.dtype}")
-        if len(cache) != len(self.blocks):
-            raise ValueError(f"got {len(cache)} layer caches for {len(self.blocks)} layers")
+        _check_tokens(tokens, "[B, T]")
+        self._check_cache(cache)
         x = self.embed(tokens)  # [B, T, D]
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache, strict=True):
@@ -146,12 +151,8 @@ class NSATransformer(nnx.Module):
         self, tokens: Int[Array, " B"], cache: tuple[NSACache, ...]
     ) -> tuple[Float[Array, "B V"], tuple[NSACache, ...]]:
         """Next-token logits after appending ``tokens`` (one per sequence) to the caches."""
-        if tokens.ndim != 1:
-            raise ValueError(f"tokens must be [B], got tokens.shape={tuple(tokens.shape)}")
-        if not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise TypeError(f"tokens must be integers, got tokens.dtype={tokens.dtype}")
-        if len(cache) != len(self.blocks):
-            raise ValueError(f"got {len(cache)} layer caches for {len(self.blocks)} layers")
+        _check_tokens(tokens, "[B]")
+        self._check_cache(cache)
         x = self.embed(tokens)  # [B, D]
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache, strict=True):
