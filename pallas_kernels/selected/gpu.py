@@ -50,20 +50,24 @@ class BlockSizes:
 
     Attributes:
       entries_per_chunk: queries per ``dk/dv`` program (a power of two).
+      entries_per_step: queries whose rows (``Gp`` heads each) one ``dk/dv`` step gathers into
+        a ``[entries_per_step * Gp, D]`` tile (a power of two, at most ``entries_per_chunk``).
       num_warps, num_stages: Triton parameters of the forward and ``dq`` kernels.
       num_warps_bwd, num_stages_bwd: those of the ``dk/dv`` kernel.
     """
 
     entries_per_chunk: int = 256
+    entries_per_step: int = 4
     num_warps: int = 4
     num_stages: int = 2
     num_warps_bwd: int = 4
     num_stages_bwd: int = 2
 
     def __post_init__(self):
-        e = self.entries_per_chunk
-        if e < 1 or e & (e - 1):
-            raise ValueError(f"BlockSizes.entries_per_chunk={e} must be a power of two")
+        for f in ("entries_per_chunk", "entries_per_step"):
+            e = getattr(self, f)
+            if e < 1 or e & (e - 1):
+                raise ValueError(f"BlockSizes.{f}={e} must be a power of two")
         for f in ("num_warps", "num_warps_bwd", "num_stages", "num_stages_bwd"):
             if getattr(self, f) < 1:
                 raise ValueError(f"BlockSizes.{f}={getattr(self, f)} must be >= 1")
@@ -175,9 +179,12 @@ def _per_query_specs(b_k, gp, dkp, dvp, sp, mp):
 # dk/dv: one program per chunk of an inverted index (key block -> queries that chose it)
 # ------------------------------------------------------------------------------------------
 def _bwd_dkv_kernel(blk_ref, cnt_ref, tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-                    delta_ref, dk_ref, dv_ref, *, cfg: _Config):
+                    delta_ref, dk_ref, dv_ref, *, cfg: _Config, num_heads: int, gp: int):
+    """One chunk of the inverted index: ``entries_per_step`` queries (all ``Gp`` heads each) a
+    step, their rows gathered from ``q/do [T*N, D]`` into one ``[R, D]`` tile, ``R = E*Gp``."""
     bs = cfg.block_size
     c = pl.program_id(0)
+    h = pl.program_id(1) % (num_heads // gp)  # KV head
     j = blk_ref[c]
     jc = jnp.maximum(j, 0)
     count = jnp.where(j >= 0, cnt_ref[c], 0)
@@ -186,26 +193,34 @@ def _bwd_dkv_kernel(blk_ref, cnt_ref, tab_ref, q_ref, k_ref, v_ref, do_ref, lse_
     prec = _precision(k.dtype)
     key_pos = jc * bs + jnp.arange(bs, dtype=jnp.int32)
     qk_scale = cfg.scale * LOG2E
+    per_step = cfg.block_sizes.entries_per_step
+    rows = per_step * gp
+    r = jnp.arange(rows, dtype=jnp.int32)
+    r_entry, r_head = r // gp, r % gp
+    last = tab_ref.shape[0] - 1
 
-    def body(e, carry):
+    def body(step, carry):
         dk, dv = carry
-        t = tab_ref[e]
-        q = q_ref[t]  # [Gp, Dk]
-        do = do_ref[t]  # [Gp, Dv]
-        lse = lse_ref[t] * LOG2E  # [Gp]
-        delta = delta_ref[t]  # [Gp]
-        s = _dot(q, k, trans_b=True, precision=prec) * qk_scale  # [Gp, l']
-        mask = (key_pos <= t)[None, :]
+        e = step * per_step + r_entry  # [R] entry of each row
+        valid = e < count
+        t = jnp.where(valid, tab_ref[jnp.minimum(e, last)], 0)  # [R] query position
+        row = t * num_heads + h * gp + r_head
+        q = q_ref[row]  # [R, Dk]
+        do = do_ref[row]  # [R, Dv]
+        lse = lse_ref[row] * LOG2E  # [R]
+        delta = delta_ref[row]  # [R]
+        s = _dot(q, k, trans_b=True, precision=prec) * qk_scale  # [R, l']
+        mask = valid[:, None] & (key_pos[None, :] <= t[:, None])
         p = jnp.where(mask, jnp.exp2(jnp.minimum(s - lse[:, None], 0.0)), 0.0)
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True, precision=prec)  # [l', Dv]
-        dp = _dot(do, v, trans_b=True, precision=prec)  # [Gp, l']
+        dp = _dot(do, v, trans_b=True, precision=prec)  # [R, l']
         ds = p * (dp - delta[:, None])
         dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True, precision=prec)  # [l', Dk]
         return dk, dv
 
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
-    dk, dv = lax.fori_loop(0, count, body, (dk, dv))
+    dk, dv = lax.fori_loop(0, pl.cdiv(count, per_step), body, (dk, dv))
     dk_ref[...] = dk * cfg.scale
     dv_ref[...] = dv
 
@@ -293,19 +308,22 @@ def _bwd(q, k, v, idx, o, lse, do, cfg: _Config):
     def grp(c, bk):
         return (bk // kh, bk % kh, 0)
 
+    # q/do/lse/delta as rows [T*N]: the kernel gathers the rows of its entries (free reshapes).
+    rows2 = lambda x: x.reshape(b, t * ngp, *x.shape[3:])  # noqa: E731
+    whole = lambda c, bk: (bk // kh, 0, 0)  # noqa: E731
     dk_part, dv_part = pl.pallas_call(
-        functools.partial(_bwd_dkv_kernel, cfg=cfg),
+        functools.partial(_bwd_dkv_kernel, cfg=cfg, num_heads=ngp, gp=gp),
         grid=(nc, b * kh),
         in_specs=[
             pl.BlockSpec((None, None, nc), grp),
             pl.BlockSpec((None, None, nc), grp),
             pl.BlockSpec((None, None, None, per_chunk), lambda c, bk: (bk // kh, bk % kh, c, 0)),
-            pl.BlockSpec((None, t, gp, dkp), lambda c, bk: (bk // kh, 0, bk % kh, 0)),
+            pl.BlockSpec((None, t * ngp, dkp), whole),
             pl.BlockSpec((None, sp, None, dkp), lambda c, bk: (bk // kh, 0, bk % kh, 0)),
             pl.BlockSpec((None, sp, None, dvp), lambda c, bk: (bk // kh, 0, bk % kh, 0)),
-            pl.BlockSpec((None, t, gp, dvp), lambda c, bk: (bk // kh, 0, bk % kh, 0)),
-            pl.BlockSpec((None, t, gp), lambda c, bk: (bk // kh, 0, bk % kh)),
-            pl.BlockSpec((None, t, gp), lambda c, bk: (bk // kh, 0, bk % kh)),
+            pl.BlockSpec((None, t * ngp, dvp), whole),
+            pl.BlockSpec((None, t * ngp), lambda c, bk: (bk // kh, 0)),
+            pl.BlockSpec((None, t * ngp), lambda c, bk: (bk // kh, 0)),
         ],
         out_specs=[
             pl.BlockSpec((None, None, bsz, dkp), lambda c, bk: (bk, c, 0, 0)),
@@ -317,7 +335,7 @@ def _bwd(q, k, v, idx, o, lse, do, cfg: _Config):
                                              num_stages=bs.num_stages_bwd),
         interpret=cfg.interpret,
         name="nsa_slc_bwd_dkv",
-    )(blk, cnt, tab, q, k, v, do, lse, delta)
+    )(blk, cnt, tab, rows2(q), k, v, rows2(do), rows2(lse), rows2(delta))
 
     # Chunks are in block order, unused ones last: a sorted segment sum per (batch, KV head).
     seg = jnp.where(blk >= 0, blk, nb).reshape(b * kh, nc)

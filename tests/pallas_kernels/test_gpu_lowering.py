@@ -1,0 +1,115 @@
+"""Every Pallas-Triton kernel, forward and backward, lowers to Triton IR for an H200.
+
+Lowering runs on CPU against an abstract ``NVIDIA H200`` device: Pallas turns each kernel into
+a Triton module (``__gpu$xla.gpu.triton`` custom calls), which rejects the operations and
+shapes Triton lacks (non-power-of-two arrays, unsupported gathers, ``sort``). It does not run
+Triton's own compiler (PTX, shared-memory fit); ``test_gpu.py`` does that on the device.
+Shapes: the paper configuration (``HQ = 64``, ``HKV = 4``, ``l = 32``, ``d = 16``, ``l' = 64``,
+``n = 16``, ``w = 512``) in bf16 at T = 8k and 64k with D = 128, and Dk = 192 / Dv = 128 at 8k.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import AbstractDevice, AbstractMesh
+
+from pallas_kernels.compressed import gpu as cmp_gpu
+from pallas_kernels.decode import gpu as dec_gpu
+from pallas_kernels.selected import gpu as slc_gpu
+from pallas_kernels.selection import gpu as sel_gpu
+from pallas_kernels.sliding_window import gpu as swa_gpu
+
+B, HQ, HKV = 1, 64, 4
+L_CMP, D_CMP, L_SLC, TOP_N, WINDOW = 32, 16, 64, 16, 512
+DTYPE = jnp.bfloat16
+H200 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+    device_kind="NVIDIA H200", num_cores=132, platform="gpu"))
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def _sds(*shape, dtype=DTYPE):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _count_pallas(jaxpr) -> list[str]:
+    names = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            names.append(eqn.params["name"])
+            continue
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (tuple, list)) else (p,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    names += _count_pallas(sub)
+    return names
+
+
+def _lower(f, *args) -> tuple[list[str], str]:
+    with jax.sharding.use_abstract_mesh(H200):
+        traced = jax.jit(f).trace(*args)
+        text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    names = _count_pallas(traced.jaxpr.jaxpr)
+    return names, text
+
+
+def _fwd_and_bwd(fn):
+    def f(q, k, v, *rest):
+        (o, lse), vjp = jax.vjp(lambda q, k, v: fn(q, k, v, *rest), q, k, v)
+        return o, lse, vjp((jnp.ones_like(o), jnp.zeros_like(lse)))
+    return f
+
+
+SHAPES = [(8192, 128, 128), (65536, 128, 128), (8192, 192, 128)]
+
+
+@pytest.mark.parametrize("t,dk,dv", SHAPES)
+@pytest.mark.parametrize("branch", ["sliding_window", "compressed", "selected"])
+def test_attention_kernels_lower_for_h200(branch, t, dk, dv):
+    q = _sds(B, t, HQ, dk)
+    if branch == "sliding_window":
+        fn = lambda q, k, v: swa_gpu.sliding_window_attention(  # noqa: E731
+            q, k, v, window_size=WINDOW)
+        args, prefix = (q, _sds(B, t, HKV, dk), _sds(B, t, HKV, dv)), "nsa_swa"
+    elif branch == "compressed":
+        c = (t - L_CMP) // D_CMP + 1
+        fn = lambda q, k, v: cmp_gpu.compressed_attention(  # noqa: E731
+            q, k, v, block_size=L_CMP, stride=D_CMP)
+        args, prefix = (q, _sds(B, c, HKV, dk), _sds(B, c, HKV, dv)), "nsa_cmp"
+    else:
+        fn = lambda q, k, v, idx: slc_gpu.selected_attention(  # noqa: E731
+            q, k, v, idx, block_size=L_SLC)
+        args = (q, _sds(B, t, HKV, dk), _sds(B, t, HKV, dv),
+                _sds(B, t, HKV, TOP_N, dtype=jnp.int32))
+        prefix = "nsa_slc"
+    names, text = _lower(_fwd_and_bwd(fn), *args)
+    assert {f"{prefix}_fwd", f"{prefix}_bwd_dq", f"{prefix}_bwd_dkv"} <= set(names), names
+    assert text.count(TRITON_CALL) >= len(names), (branch, t, names)
+
+
+@pytest.mark.parametrize("t", [8192, 65536])
+def test_selection_kernel_lowers_for_h200(t):
+    c = (t - L_CMP) // D_CMP + 1
+    fn = lambda q, kc, lse: sel_gpu.select_blocks(  # noqa: E731
+        q, kc, lse, seq_len=t, cmp_block_size=L_CMP, cmp_stride=D_CMP,
+        slc_block_size=L_SLC, top_n=TOP_N)
+    names, text = _lower(fn, _sds(B, t, HQ, 128), _sds(B, c, HKV, 128),
+                         _sds(B, t, HQ, dtype=jnp.float32))
+    assert names == ["nsa_sel_topn"], names
+    assert text.count(TRITON_CALL) == 1
+
+
+@pytest.mark.parametrize("batch,context", [(1, 65536), (32, 8192)])
+def test_decode_kernels_lower_for_h200(batch, context):
+    c = context // D_CMP  # the cache holds compressed slots in multiples of 16
+    d = 128
+    fn = lambda *a: dec_gpu.decode_attention(  # noqa: E731
+        *a, cmp_block_size=L_CMP, cmp_stride=D_CMP, slc_block_size=L_SLC, top_n=TOP_N,
+        window_size=WINDOW)
+    kv = (_sds(batch, context, HKV, d), _sds(batch, context, HKV, d))
+    names, text = _lower(fn, _sds(batch, HQ, d), _sds(batch, c, HKV, d), _sds(batch, c, HKV, d),
+                         *kv, *kv, _sds(batch, HQ, 3), _sds(batch, dtype=jnp.int32))
+    assert names, "decode made no Pallas call"
+    assert text.count(TRITON_CALL) >= len(names), names
