@@ -5,9 +5,11 @@ GPU); ``make_backend(interpret=True)`` runs the same kernels in the Pallas inter
 is how the CPU tests check them. Each stage raises ``NotImplementedError`` for shapes its kernel
 does not take, and the registry then falls back to the pure-jnp reference.
 
-Sliding window: the banded Pallas kernel is the default. cuDNN's windowed attention was
-measured next to it (``benchmarks/kernels.py``, ``docs/gpu_kernels.md``) but returns no
-log-sum-exp through ``jax.nn.dot_product_attention``, which the stage contract requires.
+Sliding window: cuDNN's windowed flash attention computes the output (and its gradient) where
+it applies (16-bit inputs, equal head dims <= 128), because it measured faster than the banded
+Pallas kernel (``benchmarks/kernels.py``, ``docs/gpu_kernels.md``); the banded kernel supplies
+the log-sum-exp, and the whole stage elsewhere. ``make_backend(window="pallas")`` keeps the
+banded kernel for everything.
 """
 
 from __future__ import annotations
@@ -21,8 +23,17 @@ from pallas_kernels.selection import gpu as selection_gpu
 from pallas_kernels.sliding_window import gpu as sliding_window_gpu
 
 
-def make_backend(interpret: bool = False, name: str | None = None) -> Backend:
-    """The GPU stages, or their interpreted twins on CPU with ``interpret=True``."""
+def make_backend(interpret: bool = False, name: str | None = None,
+                 window: str = "cudnn") -> Backend:
+    """The GPU stages, or their interpreted twins on CPU with ``interpret=True``.
+
+    ``window``: ``"cudnn"`` (cuDNN for the window's output where it applies, the default) or
+    ``"pallas"`` (the banded kernel only).
+    """
+    if window not in ("cudnn", "pallas"):
+        raise ValueError(f"window={window!r}: expected 'cudnn' or 'pallas'")
+    swa = (sliding_window_gpu.sliding_window_attention_cudnn if window == "cudnn"
+           else sliding_window_gpu.sliding_window_attention)
     return Backend(
         name=name or ("pallas_triton_interpret" if interpret else "pallas_triton"),
         platforms=() if interpret else ("gpu",),
@@ -31,8 +42,7 @@ def make_backend(interpret: bool = False, name: str | None = None) -> Backend:
         select_blocks=functools.partial(selection_gpu.select_blocks, interpret=interpret),
         selected_attention=functools.partial(selected_gpu.selected_attention,
                                              interpret=interpret),
-        sliding_window_attention=functools.partial(sliding_window_gpu.sliding_window_attention,
-                                                   interpret=interpret),
+        sliding_window_attention=functools.partial(swa, interpret=interpret),
     )
 
 

@@ -11,7 +11,10 @@ from pallas_kernels import gpu_backend
 from pallas_kernels.compressed import reference as compressed_ref
 from pallas_kernels.selection import gpu as selection_gpu
 from pallas_kernels.selection import reference as selection_ref
+from pallas_kernels.sliding_window import gpu as swa_gpu
+from pallas_kernels.sliding_window import reference as swa_ref
 from tests.pallas_kernels.suite import DEFAULT_CASES, Case, KernelSuite, _normal
+from tests.tolerances import assert_close
 
 pytestmark = [
     pytest.mark.gpu,
@@ -56,3 +59,31 @@ def test_select_blocks_long_sequence():
     idx = np.sort(np.asarray(selection_gpu.select_blocks(q, k_cmp, lse, **kw)), -1)
     ref = np.sort(np.asarray(selection_ref.select_blocks(q, k_cmp, lse, **kw)), -1)
     np.testing.assert_array_equal(idx, ref)
+
+
+@pytest.mark.parametrize("window", ["cudnn", "pallas"])
+def test_window_paths_at_paper_shape(window):
+    """Both GPU window paths (cuDNN output + banded lse, and the banded kernel alone) against the
+    twin at the paper's head size in bf16, outputs, lse and gradients."""
+    ks = jax.random.split(jax.random.key(7), 4)
+    b, t, n, kh, d, w = 1, 1500, 16, 2, 128, 512
+    q = _normal(ks[0], (b, t, n, d), jnp.bfloat16)
+    k = _normal(ks[1], (b, t, kh, d), jnp.bfloat16)
+    v = _normal(ks[2], (b, t, kh, d), jnp.bfloat16)
+    ct = _normal(ks[3], (b, t, n, d), jnp.float32)
+    fn = {"cudnn": swa_gpu.sliding_window_attention_cudnn,
+          "pallas": swa_gpu.sliding_window_attention}[window]
+
+    def run(f):
+        def loss(q, k, v):
+            o, lse = f(q, k, v, window_size=w)
+            return jnp.sum(o.astype(jnp.float32) * ct), (o, lse)
+        (_, (o, lse)), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
+        return o, lse, grads
+
+    o, lse, grads = run(fn)
+    o_r, lse_r, grads_r = run(swa_ref.sliding_window_attention)
+    assert_close(o, o_r, jnp.bfloat16, f"{window} window output")
+    assert_close(lse, lse_r, jnp.bfloat16, f"{window} window lse")
+    for name, g, g_r in zip("qkv", grads, grads_r, strict=True):
+        assert_close(g, g_r, jnp.bfloat16, f"{window} window d{name}")
