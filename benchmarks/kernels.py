@@ -293,6 +293,67 @@ def run_variants(args, records, table):
             top_n=16, block_sizes=bs), q, k_cmp, lse)
 
 
+def run_selected_parts(args, records, table):
+    """The selected branch's passes timed apart at the largest length, for dK/dV tilings:
+    forward, ``dq``, the inverted index alone, ``dk/dv`` (index + kernel + chunk sum). The
+    default tiling's dK/dV is also checked against the reference at 16k first."""
+    from pallas_kernels.selected import reference as slc_ref
+    t = 16384
+    q, k, v, _, ct = inputs(jax.random.key(7), 1, t, 64, 4, 128, 128)
+    idx = _paper_indices(q, k, t)
+    outs = []
+    for f in (slc_gpu.selected_attention, slc_ref.selected_attention):
+        o, vjp = jax.vjp(lambda q, k, v, f=f: f(q, k, v, idx, block_size=64)[0], q, k, v)
+        outs.append((o, *vjp(ct)))
+    errs = [rel_err(a, b) for a, b in zip(outs[0], outs[1], strict=True)]
+    line = (f"check selected T={t} G=16 bf16 vs reference: o, dq, dk, dv rel err "
+            + " ".join(f"{e:.2e}" for e in errs) + (" OK" if max(errs) < 2e-2 else " FAILED"))
+    print(line, flush=True)
+    table.append((line, t, 0.0))
+    del q, k, v, ct, idx, outs
+
+    t = max(args.seq)
+    q, k, v, _, ct = inputs(jax.random.key(99), 1, t, 64, 4, 128, 128)
+    idx = _paper_indices(q, k, t)
+    o, lse = slc_gpu.selected_attention(q, k, v, idx, block_size=64)
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    delta = jnp.einsum("btnd,btnd->btn", o.astype(jnp.float32), ct.astype(jnp.float32))
+    variants = [dict(entries_per_chunk=e, entries_per_step=s, num_warps_bwd=w, num_stages_bwd=st)
+                for e, s, w, st in args.dkv_variants]
+    for i, kw in enumerate(variants):
+        bs = slc_gpu.BlockSizes(**{**tuned_block_sizes.SELECTED, **kw})
+        cfg = slc_gpu._Config(block_size=64, scale=128 ** -0.5, g=16, block_sizes=bs,
+                              interpret=False)
+        parts = {}
+        if i == 0:
+            parts["fwd"] = lambda q, k, v, cfg=cfg: slc_gpu._fwd(q, k, v, idx, cfg)
+            parts["dq"] = lambda q, k, v, cfg=cfg: slc_gpu._bwd_dq(q, k, v, idx, ct, lse,
+                                                                   delta, cfg)
+            parts["invert"] = lambda q, k, v, cfg=cfg: slc_gpu._invert(idx, t // 64, cfg)
+        parts["dkv"] = lambda q, k, v, cfg=cfg: slc_gpu._bwd_dkv(q, k, v, idx, ct, lse, delta,
+                                                                 cfg)
+        tag = " ".join(f"{a}={b}" for a, b in kw.items())
+        for part, fn in parts.items():
+            try:
+                r = timeit(jax.jit(fn), q, k, v, reps=args.reps)
+            except Exception as err:
+                print(f"slc part {part} {tag}: {type(err).__name__}: {str(err)[:300]}",
+                      flush=True)
+                continue
+            records.append(dict(name=f"variant/slc_{part}", **{"pass": "part"}, T=t, **r,
+                                block_sizes=kw if part == "dkv" else {}))
+            table.append((f"slc {part} {tag}", t, r["ms"]))
+            print(f"slc part {part:7s} {tag:75s} {r['ms']:9.3f} ms", flush=True)
+
+
+def _paper_indices(q, k, t):
+    geom = dict(kind="mean", block_size=CFG.cmp_block_size, stride=CFG.cmp_stride)
+    k_cmp, v_cmp = compress(k, {}, **geom), compress(k, {}, **geom)
+    _, lse = cmp_gpu.compressed_attention(q, k_cmp, v_cmp, block_size=32, stride=16)
+    return sel_gpu.select_blocks(q, k_cmp, lse, seq_len=t, cmp_block_size=32, cmp_stride=16,
+                                 slc_block_size=64, top_n=16)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="docs/results")
@@ -303,6 +364,8 @@ def main():
                     help="T for the Dk=192, Dv=128 run (0: skip)")
     ap.add_argument("--variants", action="store_true", help="also time tile variants")
     ap.add_argument("--skip-main", action="store_true", help="only the check and the variants")
+    ap.add_argument("--slc-parts", action="store_true",
+                    help="time the selected branch's passes apart, over dK/dV tilings")
     ap.add_argument("--from-log", help="write the result files from a printed log of a run")
     ap.add_argument("--device", default="NVIDIA H200", help="device of the --from-log run")
     ap.add_argument("--smoke", nargs="*", help="only the per-stage smoke checks (stages)")
@@ -325,6 +388,9 @@ def main():
     args.banded_variants = [(64, 64, 4), (128, 128, 8)]
     args.selected_variants = [(2, 256), (8, 1024)]
     args.selection_variants = [(64, 64, 8), (128, 64, 8), (32, 64, 4)]
+    # (entries_per_chunk, entries_per_step, num_warps_bwd, num_stages_bwd); first = default
+    args.dkv_variants = [(256, 4, 4, 2), (256, 1, 4, 2), (256, 2, 4, 2), (256, 4, 8, 2),
+                         (256, 8, 8, 2), (512, 8, 8, 3), (1024, 4, 4, 3), (256, 8, 4, 2)]
     os.makedirs(args.out, exist_ok=True)
 
     dev = jax.devices()[0]
@@ -387,6 +453,9 @@ def main():
         del q, k, v, gates, ct, o_cmp, lse, k_cmp, v_cmp, idx, o_slc, o_swa
         write_results(args, dev.device_kind, summary, records, quiet=True)  # after every shape
 
+    if args.slc_parts:
+        run_selected_parts(args, records, table)
+        write_results(args, dev.device_kind, summary, records, quiet=True)
     if args.variants:
         run_variants(args, records, table)
 

@@ -278,16 +278,20 @@ def _fwd(q, k, v, idx, cfg: _Config):
 
 
 def _bwd(q, k, v, idx, o, lse, do, cfg: _Config):
+    delta = jnp.einsum("btnd,btnd->btn", o.astype(jnp.float32), do.astype(jnp.float32))
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    dq = _bwd_dq(q, k, v, idx, do, lse, delta, cfg)
+    dk, dv = _bwd_dkv(q, k, v, idx, do, lse, delta, cfg)
+    return dq, dk, dv
+
+
+def _bwd_dq(q, k, v, idx, do, lse, delta, cfg: _Config):
     b, t, ngp, dkp = q.shape
     sp, kh, dvp = k.shape[1], k.shape[2], v.shape[-1]
     gp = ngp // kh
-    bsz = cfg.block_size
-    nb = sp // bsz
     bs = cfg.block_sizes
-    delta = jnp.einsum("btnd,btnd->btn", o.astype(jnp.float32), do.astype(jnp.float32))
-    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
     specs = _per_query_specs(kh, gp, dkp, dvp, sp, idx.shape[-1])
-    dq = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_bwd_dq_kernel, cfg=cfg),
         grid=(t, b * kh),
         in_specs=[specs["idx"](idx.shape[-1]), specs["q"], specs["k"], specs["v"],
@@ -299,11 +303,26 @@ def _bwd(q, k, v, idx, o, lse, do, cfg: _Config):
         name="nsa_slc_bwd_dq",
     )(idx, q, k, v, do, lse, delta)
 
-    per_chunk = min(bs.entries_per_chunk, _pow2(t * idx.shape[-1]))
-    nc = -(-(t * idx.shape[-1]) // per_chunk) + nb
-    invert = functools.partial(_invert_one, num_blocks=nb, per_chunk=per_chunk, num_chunks=nc)
-    idx_bktm = jnp.transpose(idx, (0, 2, 1, 3))  # [B, K, T, Mp]
-    blk, cnt, tab = jax.vmap(jax.vmap(invert))(idx_bktm)  # [B, K, NC], [B, K, NC], [B, K, NC, E]
+
+def _invert(idx, num_blocks: int, cfg: _Config):
+    """The inverted index of every (batch, KV head): ``blk, cnt [B, K, NC]``, ``tab [.., E]``."""
+    t = idx.shape[1]
+    per_chunk = min(cfg.block_sizes.entries_per_chunk, _pow2(t * idx.shape[-1]))
+    nc = -(-(t * idx.shape[-1]) // per_chunk) + num_blocks
+    invert = functools.partial(_invert_one, num_blocks=num_blocks, per_chunk=per_chunk,
+                               num_chunks=nc)
+    return jax.vmap(jax.vmap(invert))(jnp.transpose(idx, (0, 2, 1, 3)))  # over [B, K]
+
+
+def _bwd_dkv(q, k, v, idx, do, lse, delta, cfg: _Config):
+    b, t, ngp, dkp = q.shape
+    sp, kh, dvp = k.shape[1], k.shape[2], v.shape[-1]
+    gp = ngp // kh
+    bsz = cfg.block_size
+    nb = sp // bsz
+    bs = cfg.block_sizes
+    blk, cnt, tab = _invert(idx, nb, cfg)
+    nc, per_chunk = tab.shape[2], tab.shape[3]
 
     def grp(c, bk):
         return (bk // kh, bk % kh, 0)
@@ -346,7 +365,7 @@ def _bwd(q, k, v, idx, o, lse, do, cfg: _Config):
 
     dk = jax.vmap(reduce)(dk_part, seg).reshape(b, kh, sp, dkp).transpose(0, 2, 1, 3)
     dv = jax.vmap(reduce)(dv_part, seg).reshape(b, kh, sp, dvp).transpose(0, 2, 1, 3)
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype)
+    return dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
