@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from nsa_jax import NSAConfig, nsa_attention  # noqa: E402
 from nsa_jax.compression import compress  # noqa: E402
 from nsa_jax.ops import combine_branches  # noqa: E402
-from pallas_kernels import tuned_block_sizes  # noqa: E402
+from pallas_kernels import gpu_backend, tuned_block_sizes  # noqa: E402
 from pallas_kernels.compressed import gpu as cmp_gpu  # noqa: E402
 from pallas_kernels.selected import gpu as slc_gpu  # noqa: E402
 from pallas_kernels.selection import gpu as sel_gpu  # noqa: E402
@@ -53,15 +53,29 @@ def rel_err(a, b) -> float:
 
 
 def timeit(fn, *args, reps: int) -> dict:
-    """Median/min/max milliseconds of ``fn(*args)`` after two warm-up calls."""
+    """Median/min/max milliseconds of ``fn(*args)`` after two warm-up calls; ``first_ms`` is
+    the first call (compilation included)."""
+    t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
+    first = (time.perf_counter() - t0) * 1e3
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append((time.perf_counter() - t0) * 1e3)
-    return dict(ms=statistics.median(times), min_ms=min(times), max_ms=max(times))
+    return dict(ms=statistics.median(times), min_ms=min(times), max_ms=max(times),
+                first_ms=first)
+
+
+def memory(jitted, *args) -> dict:
+    """XLA's buffer assignment for one compiled call (bytes): arguments, outputs, temporaries;
+    ``peak_bytes`` is their sum, what the call needs on the device at most."""
+    ma = jitted.lower(*args).compile().memory_analysis()
+    out = dict(argument_bytes=int(ma.argument_size_in_bytes),
+               output_bytes=int(ma.output_size_in_bytes), temp_bytes=int(ma.temp_size_in_bytes))
+    out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
+    return out
 
 
 def inputs(key, b, t, hq, hkv, dk, dv, dtype=jnp.bfloat16):
@@ -149,8 +163,9 @@ def stage_fns(t):
     def slc_stage(q, k, v, idx):
         return slc_gpu.selected_attention(q, k, v, idx, block_size=CFG.slc_block_size)[0]
 
-    def swa_stage(q, k, v):
-        return swa_gpu.sliding_window_attention(q, k, v, window_size=CFG.window_size)[0]
+    def swa_stage(q, k, v):  # the GPU default (cuDNN's output where it applies)
+        return gpu_backend.BACKEND.sliding_window_attention(q, k, v,
+                                                            window_size=CFG.window_size)[0]
 
     return (jax.jit(cmp_stage), jax.jit(topn_stage), jax.jit(slc_stage), jax.jit(swa_stage),
             jax.jit(combine_branches))
@@ -343,7 +358,8 @@ def run_selected_parts(args, records, table):
             records.append(dict(name=f"variant/slc_{part}", **{"pass": "part"}, T=t, **r,
                                 block_sizes=kw if part == "dkv" else {}))
             table.append((f"slc {part} {tag}", t, r["ms"]))
-            print(f"slc part {part:7s} {tag:75s} {r['ms']:9.3f} ms", flush=True)
+            print(f"slc part {part:7s} {tag:75s} {r['ms']:9.3f} ms "
+                  f"(first call {r['first_ms'] / 1e3:.1f} s)", flush=True)
 
 
 def _paper_indices(q, k, t):
@@ -389,8 +405,8 @@ def main():
     args.selected_variants = [(2, 256), (8, 1024)]
     args.selection_variants = [(64, 64, 8), (128, 64, 8), (32, 64, 4)]
     # (entries_per_chunk, entries_per_step, num_warps_bwd, num_stages_bwd); first = default
-    args.dkv_variants = [(256, 4, 4, 2), (256, 1, 4, 2), (256, 2, 4, 2), (256, 4, 8, 2),
-                         (256, 8, 8, 2), (512, 8, 8, 3), (1024, 4, 4, 3), (256, 8, 4, 2)]
+    args.dkv_variants = [(256, 4, 4, 2), (256, 4, 8, 2), (256, 8, 8, 2), (512, 8, 8, 3),
+                         (256, 2, 4, 2), (1024, 4, 8, 2)]
     os.makedirs(args.out, exist_ok=True)
 
     dev = jax.devices()[0]
@@ -422,6 +438,13 @@ def main():
         nsa = nsa_fn("pallas_triton")
         for pas, r in time_passes(nsa, (q, k, v, gates), ct, args.reps).items():
             add("nsa", pas, r, fl["nsa"])
+        for name, fn in (("nsa", nsa), ("cudnn_dense", cudnn_dense)):
+            try:
+                records.append(dict(name=name, **{"pass": "memory"}, **base,
+                                    **memory(fwd_bwd(fn), q, k, v, gates, ct)))
+                print(f"T={t:6d} Dk={dk} {name:16s} memory  {records[-1]}", flush=True)
+            except Exception as err:
+                print(f"memory {name} T={t}: {type(err).__name__}: {str(err)[:200]}", flush=True)
         for name, fn, f in (("cudnn_dense", cudnn_dense, fl["dense"]),
                             ("cudnn_window", cudnn_window, fl["swa"])):
             try:
@@ -446,7 +469,9 @@ def main():
              (q, k_cmp, v_cmp), fl["cmp"]),
             ("nsa/selected", lambda q, k, v, idx=idx: slc_gpu.selected_attention(
                 q, k, v, idx, block_size=CFG.slc_block_size), (q, k, v), fl["slc"]),
-            ("nsa/window", lambda q, k, v: swa_gpu.sliding_window_attention(
+            ("nsa/window", lambda q, k, v: gpu_backend.BACKEND.sliding_window_attention(
+                q, k, v, window_size=CFG.window_size), (q, k, v), fl["swa"]),
+            ("nsa/window_banded", lambda q, k, v: swa_gpu.sliding_window_attention(
                 q, k, v, window_size=CFG.window_size), (q, k, v), fl["swa"]),
         ):
             add(name, "fwdbwd", timeit(jax.jit(grad_of(fn)), *a, reps=args.reps), f)
@@ -551,13 +576,30 @@ def write_markdown(doc, path):
         lines.append(f"| {t}{'' if dk == 128 else f' (Dk={dk})'} | " + " | ".join(cells) + " |")
     lines += ["", "Attention stages forward + backward (ms, TFLOP/s of useful work; bwd counted "
               "as 2.5x fwd):",
-              "", "| T | compressed | selected | window |", "| --- | --- | --- | --- |"]
+              "", "| T | compressed | selected | window | window (banded kernel) |",
+              "| --- | --- | --- | --- | --- |"]
     for t, dk, _ in keys:
         cells = []
-        for st in ("compressed", "selected", "window"):
+        for st in ("compressed", "selected", "window", "window_banded"):
             r = _get(recs, "nsa/" + st, "fwdbwd", t, dk)
             cells.append("-" if r is None else f"{r['ms']:.2f} ({r['tflops']:.0f})")
         lines.append(f"| {t}{'' if dk == 128 else f' (Dk={dk})'} | " + " | ".join(cells) + " |")
+    mem = [r for r in recs if r["pass"] == "memory"]
+    if mem:
+        lines += ["", "Device memory of one forward+backward call (XLA buffer assignment: "
+                  "arguments + outputs + temporaries, GiB):", "",
+                  "| T | Dk/Dv | NSA | cuDNN dense | NSA - dense | selection indices |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for t, dk, dv in keys:
+            n, c = (_get(recs, nm, "memory", t, dk) for nm in ("nsa", "cudnn_dense"))
+            if not (n and c):
+                continue
+            idx_bytes = t * 4 * doc["nsa_config"]["slc_top_n"] * 4
+            gib = 2.0 ** 30
+            lines.append(f"| {t} | {dk}/{dv} | {n['peak_bytes'] / gib:.2f} | "
+                         f"{c['peak_bytes'] / gib:.2f} | "
+                         f"{(n['peak_bytes'] - c['peak_bytes']) / gib:+.3f} | "
+                         f"{idx_bytes / gib:.3f} |")
     var = [r for r in recs if r["name"].startswith("variant/")]
     if var:
         lines += ["", "Tile variants (ms):", ""] + [f"- {r['name'][8:]}: {r['ms']:.3f}"

@@ -12,7 +12,7 @@ Backward, without atomics:
   pairs), lists for each key block the queries that selected it, cut into chunks of at most
   ``entries_per_chunk`` queries so that block 0 (chosen by every query) is spread over many
   programs. Each program accumulates one chunk's ``dk/dv`` for its block in registers and
-  writes it to a per-chunk buffer; a sorted segment sum adds the chunks of each block.
+  writes it to a per-chunk buffer; a second kernel adds each block's (consecutive) chunks.
 
 ``G`` below 16 or not a power of two is padded to one (zero queries, dropped afterwards), as
 are head dims; ``l'`` must be a power of two of at least 16 (else ``NotImplementedError``, and
@@ -233,7 +233,8 @@ def _invert_one(idx_tm, num_blocks: int, per_chunk: int, num_chunks: int):
 
     Returns:
       ``blk [NC]`` block of each chunk (``-1`` unused), ``cnt [NC]`` queries in it,
-      ``tab [NC, E]`` their positions (``-1`` past ``cnt``).
+      ``tab [NC, E]`` their positions (``-1`` past ``cnt``), and per key block its first chunk
+      ``first [nb]`` and number of chunks ``num [nb]`` (a block's chunks are consecutive).
     """
     t, m = idx_tm.shape
     key = jnp.where(idx_tm >= 0, idx_tm, num_blocks).reshape(-1)  # [P]
@@ -251,7 +252,7 @@ def _invert_one(idx_tm, num_blocks: int, per_chunk: int, num_chunks: int):
     tab = jnp.full((num_chunks, per_chunk), -1, jnp.int32).at[cid, slot].set(pos, mode="drop")
     blk = jnp.full((num_chunks,), -1, jnp.int32).at[cid].set(kc, mode="drop")
     ccnt = jnp.zeros((num_chunks,), jnp.int32).at[cid].add(1, mode="drop")
-    return blk, ccnt, tab
+    return blk, ccnt, tab, chunk_start.astype(jnp.int32), chunks.astype(jnp.int32)
 
 
 # ------------------------------------------------------------------------------------------
@@ -305,7 +306,8 @@ def _bwd_dq(q, k, v, idx, do, lse, delta, cfg: _Config):
 
 
 def _invert(idx, num_blocks: int, cfg: _Config):
-    """The inverted index of every (batch, KV head): ``blk, cnt [B, K, NC]``, ``tab [.., E]``."""
+    """The inverted index of every (batch, KV head): ``blk, cnt [B, K, NC]``, ``tab [.., E]``,
+    ``first, num [B, K, nb]``."""
     t = idx.shape[1]
     per_chunk = min(cfg.block_sizes.entries_per_chunk, _pow2(t * idx.shape[-1]))
     nc = -(-(t * idx.shape[-1]) // per_chunk) + num_blocks
@@ -321,7 +323,7 @@ def _bwd_dkv(q, k, v, idx, do, lse, delta, cfg: _Config):
     bsz = cfg.block_size
     nb = sp // bsz
     bs = cfg.block_sizes
-    blk, cnt, tab = _invert(idx, nb, cfg)
+    blk, cnt, tab, first, num = _invert(idx, nb, cfg)
     nc, per_chunk = tab.shape[2], tab.shape[3]
 
     def grp(c, bk):
@@ -356,16 +358,36 @@ def _bwd_dkv(q, k, v, idx, do, lse, delta, cfg: _Config):
         name="nsa_slc_bwd_dkv",
     )(blk, cnt, tab, rows2(q), k, v, rows2(do), rows2(lse), rows2(delta))
 
-    # Chunks are in block order, unused ones last: a sorted segment sum per (batch, KV head).
-    seg = jnp.where(blk >= 0, blk, nb).reshape(b * kh, nc)
+    # Each block's chunks are consecutive: one program per (key block, KV head) adds them.
+    # (An XLA segment sum here was a scatter-add whose updates to block 0 serialise.)
+    table = pl.BlockSpec((None, None, nb), lambda j, bk: (bk // kh, bk % kh, 0))
+    return pl.pallas_call(
+        _sum_chunks_kernel,
+        grid=(nb, b * kh),
+        in_specs=[table, table,
+                  pl.BlockSpec((None, nc, bsz, dkp), lambda j, bk: (bk, 0, 0, 0)),
+                  pl.BlockSpec((None, nc, bsz, dvp), lambda j, bk: (bk, 0, 0, 0))],
+        out_specs=[pl.BlockSpec((None, bsz, None, dkp), lambda j, bk: (bk // kh, j, bk % kh, 0)),
+                   pl.BlockSpec((None, bsz, None, dvp), lambda j, bk: (bk // kh, j, bk % kh, 0))],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=cfg.interpret,
+        name="nsa_slc_bwd_dkv_sum",
+    )(first, num, dk_part, dv_part)
 
-    def reduce(part, ids):  # [NC, l', D] -> [Sp, D]
-        out = jax.ops.segment_sum(part, ids, num_segments=nb + 1, indices_are_sorted=True)
-        return out[:nb].reshape(nb * bsz, part.shape[-1])
 
-    dk = jax.vmap(reduce)(dk_part, seg).reshape(b, kh, sp, dkp).transpose(0, 2, 1, 3)
-    dv = jax.vmap(reduce)(dv_part, seg).reshape(b, kh, sp, dvp).transpose(0, 2, 1, 3)
-    return dk.astype(k.dtype), dv.astype(v.dtype)
+def _sum_chunks_kernel(first_ref, num_ref, dk_part_ref, dv_part_ref, dk_ref, dv_ref):
+    j = pl.program_id(0)
+    c0 = first_ref[j]
+
+    def body(i, carry):
+        dk, dv = carry
+        return dk + dk_part_ref[c0 + i], dv + dv_part_ref[c0 + i]
+
+    zeros = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
+    dk, dv = lax.fori_loop(0, num_ref[j], body, zeros)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

@@ -95,6 +95,9 @@ class KernelSuite:
 
     cases: tuple[Case, ...] = DEFAULT_CASES
     dtypes: tuple = DTYPES
+    # Compile each stage call (and its VJP) as one program: on a GPU, op-by-op dispatch of the
+    # wrappers' XLA ops costs a compilation per op and shape. The interpreters run eagerly.
+    jit: bool = False
 
     @staticmethod
     def make_backend() -> registry.Backend:
@@ -105,7 +108,15 @@ class KernelSuite:
         fn = getattr(self.make_backend(), stage)
         if fn is None:
             pytest.skip(f"backend does not implement {stage}")
-        return fn
+        return self._maybe_jit(fn)
+
+    def _maybe_jit(self, fn):
+        if not self.jit:
+            return fn
+
+        def jitted(*args, **kw):  # keyword arguments are static (block sizes, scale)
+            return jax.jit(lambda *a: fn(*a, **kw))(*args)
+        return jitted
 
     def _iter(self):
         for case in self.cases:
@@ -123,8 +134,9 @@ class KernelSuite:
             return g
 
         diff = [args[i] for i in diff_argnums]
-        o, vjp = jax.vjp(lambda *d: pick(fn)(*d)[0], *diff)
-        o_ref, vjp_ref = jax.vjp(lambda *d: pick(ref_fn)(*d)[0], *diff)
+        wrap = jax.jit if self.jit else (lambda f: f)
+        o, vjp = jax.vjp(wrap(lambda *d: pick(fn)(*d)[0]), *diff)
+        o_ref, vjp_ref = jax.vjp(wrap(lambda *d: pick(ref_fn)(*d)[0]), *diff)
         assert o.dtype == o_ref.dtype, f"{what}: output dtype {o.dtype} != {o_ref.dtype}"
         assert_close(o, o_ref, dtype, f"{what} output")
         ct = _normal(jax.random.key(7), o.shape, o.dtype)
@@ -148,7 +160,7 @@ class KernelSuite:
     # ----------------------------------------------------------------------------------------
     def test_compressed_attention(self):
         fn = self._backend_stage("compressed_attention")
-        ref = registry.REFERENCE.compressed_attention
+        ref = self._maybe_jit(registry.REFERENCE.compressed_attention)
         for case, dtype in self._iter():
             ks = jax.random.split(jax.random.key(case.t), 3)
             c = case.num_cmp
@@ -170,8 +182,8 @@ class KernelSuite:
 
     def test_select_blocks(self):
         fn = self._backend_stage("select_blocks")
-        ref = registry.REFERENCE.select_blocks
-        cmp_ref = registry.REFERENCE.compressed_attention
+        ref = self._maybe_jit(registry.REFERENCE.select_blocks)
+        cmp_ref = self._maybe_jit(registry.REFERENCE.compressed_attention)
         for case, dtype in self._iter():
             ks = jax.random.split(jax.random.key(case.t + 1), 3)
             c = case.num_cmp
@@ -189,7 +201,7 @@ class KernelSuite:
 
     def test_selected_attention(self):
         fn = self._backend_stage("selected_attention")
-        ref = registry.REFERENCE.selected_attention
+        ref = self._maybe_jit(registry.REFERENCE.selected_attention)
         rng = np.random.default_rng(0)
         for case, dtype in self._iter():
             ks = jax.random.split(jax.random.key(case.t + 2), 3)
@@ -208,7 +220,7 @@ class KernelSuite:
 
     def test_sliding_window_attention(self):
         fn = self._backend_stage("sliding_window_attention")
-        ref = registry.REFERENCE.sliding_window_attention
+        ref = self._maybe_jit(registry.REFERENCE.sliding_window_attention)
         for case, dtype in self._iter():
             ks = jax.random.split(jax.random.key(case.t + 3), 3)
             q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)

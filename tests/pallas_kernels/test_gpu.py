@@ -39,6 +39,7 @@ class TestTritonGpu(KernelSuite):
     """Every stage compiled for the GPU against its pure-jnp twin, f32 and bf16."""
 
     cases = DEFAULT_CASES + LARGER_CASES
+    jit = True
 
     @staticmethod
     def make_backend():
