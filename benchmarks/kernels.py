@@ -340,17 +340,20 @@ def run_selected_parts(args, records, table):
         cfg = slc_gpu._Config(block_size=64, scale=128 ** -0.5, g=16, block_sizes=bs,
                               interpret=False)
         parts = {}
+        # Every array is an argument (a closed-over 1 GiB cotangent would become a constant).
         if i == 0:
-            parts["fwd"] = lambda q, k, v, cfg=cfg: slc_gpu._fwd(q, k, v, idx, cfg)
-            parts["dq"] = lambda q, k, v, cfg=cfg: slc_gpu._bwd_dq(q, k, v, idx, ct, lse,
-                                                                   delta, cfg)
-            parts["invert"] = lambda q, k, v, cfg=cfg: slc_gpu._invert(idx, t // 64, cfg)
-        parts["dkv"] = lambda q, k, v, cfg=cfg: slc_gpu._bwd_dkv(q, k, v, idx, ct, lse, delta,
-                                                                 cfg)
+            parts["fwd"] = lambda q, k, v, idx, ct, lse, delta, cfg=cfg: slc_gpu._fwd(
+                q, k, v, idx, cfg)
+            parts["dq"] = lambda q, k, v, idx, ct, lse, delta, cfg=cfg: slc_gpu._bwd_dq(
+                q, k, v, idx, ct, lse, delta, cfg)
+            parts["invert"] = lambda q, k, v, idx, ct, lse, delta, cfg=cfg: slc_gpu._invert(
+                idx, t // 64, cfg)
+        parts["dkv"] = lambda q, k, v, idx, ct, lse, delta, cfg=cfg: slc_gpu._bwd_dkv(
+            q, k, v, idx, ct, lse, delta, cfg)
         tag = " ".join(f"{a}={b}" for a, b in kw.items())
         for part, fn in parts.items():
             try:
-                r = timeit(jax.jit(fn), q, k, v, reps=args.reps)
+                r = timeit(jax.jit(fn), q, k, v, idx, ct, lse, delta, reps=args.reps)
             except Exception as err:
                 print(f"slc part {part} {tag}: {type(err).__name__}: {str(err)[:300]}",
                       flush=True)

@@ -179,7 +179,8 @@ def _per_query_specs(b_k, gp, dkp, dvp, sp, mp):
 # dk/dv: one program per chunk of an inverted index (key block -> queries that chose it)
 # ------------------------------------------------------------------------------------------
 def _bwd_dkv_kernel(blk_ref, cnt_ref, tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-                    delta_ref, dk_ref, dv_ref, *, cfg: _Config, num_heads: int, gp: int):
+                    delta_ref, dk_ref, dv_ref, *, cfg: _Config, num_heads: int, gp: int,
+                    per_step: int):
     """One chunk of the inverted index: ``entries_per_step`` queries (all ``Gp`` heads each) a
     step, their rows gathered from ``q/do [T*N, D]`` into one ``[R, D]`` tile, ``R = E*Gp``."""
     bs = cfg.block_size
@@ -193,7 +194,6 @@ def _bwd_dkv_kernel(blk_ref, cnt_ref, tab_ref, q_ref, k_ref, v_ref, do_ref, lse_
     prec = _precision(k.dtype)
     key_pos = jc * bs + jnp.arange(bs, dtype=jnp.int32)
     qk_scale = cfg.scale * LOG2E
-    per_step = cfg.block_sizes.entries_per_step
     rows = per_step * gp
     r = jnp.arange(rows, dtype=jnp.int32)
     r_entry, r_head = r // gp, r % gp
@@ -325,6 +325,10 @@ def _bwd_dkv(q, k, v, idx, do, lse, delta, cfg: _Config):
     bs = cfg.block_sizes
     blk, cnt, tab, first, num = _invert(idx, nb, cfg)
     nc, per_chunk = tab.shape[2], tab.shape[3]
+    # Gathered rows per step: at most 16 KiB of queries (64 rows of bf16 at D = 128), so wide
+    # or float32 heads take fewer entries a step instead of spilling registers.
+    row_cap = max(1, (16384 // (max(dkp, dvp) * q.dtype.itemsize)) // gp)
+    per_step = min(bs.entries_per_step, per_chunk, _pow2(row_cap + 1) // 2)
 
     def grp(c, bk):
         return (bk // kh, bk % kh, 0)
@@ -333,7 +337,7 @@ def _bwd_dkv(q, k, v, idx, do, lse, delta, cfg: _Config):
     rows2 = lambda x: x.reshape(b, t * ngp, *x.shape[3:])  # noqa: E731
     whole = lambda c, bk: (bk // kh, 0, 0)  # noqa: E731
     dk_part, dv_part = pl.pallas_call(
-        functools.partial(_bwd_dkv_kernel, cfg=cfg, num_heads=ngp, gp=gp),
+        functools.partial(_bwd_dkv_kernel, cfg=cfg, num_heads=ngp, gp=gp, per_step=per_step),
         grid=(nc, b * kh),
         in_specs=[
             pl.BlockSpec((None, None, nc), grp),
