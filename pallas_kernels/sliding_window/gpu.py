@@ -491,10 +491,11 @@ def sliding_window_attention(
 
 def cudnn_window_supported(q, k, v) -> bool:
     """Whether cuDNN's windowed flash attention takes these inputs (what was measured: 16-bit
-    floats, equal head dims of at most 128, a multiple of 8, as many keys as queries)."""
+    floats, equal head dims of at most 128, a multiple of 8, as many keys as queries; jax's
+    cuDNN path refuses odd lengths for training)."""
     d = q.shape[-1]
     return (q.dtype in (jnp.bfloat16, jnp.float16) and k.shape[-1] == v.shape[-1] == d
-            and d % 8 == 0 and d <= 128 and q.shape[1] == k.shape[1])
+            and d % 8 == 0 and d <= 128 and q.shape[1] == k.shape[1] and q.shape[1] % 2 == 0)
 
 
 def sliding_window_attention_cudnn(
@@ -523,8 +524,12 @@ def sliding_window_attention_cudnn(
         raise ValueError(f"window_size={window_size} must be >= 1")
     scale = default_scale(q.shape[-1], scale)
     band = (int(window_size) - 1, 0) if window_size < q.shape[1] else None  # else: causal
-    o = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
-                                     local_window_size=band, implementation="cudnn")
+    try:
+        o = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                         local_window_size=band, implementation="cudnn")
+    except NotImplementedError:  # a shape jax's cuDNN path refuses: the banded kernel instead
+        return sliding_window_attention(q, k, v, window_size=window_size, scale=scale,
+                                        block_sizes=block_sizes)
     _, lse = sliding_window_attention(*(lax.stop_gradient(x) for x in (q, k, v)),
                                       window_size=window_size, scale=scale,
                                       block_sizes=block_sizes)
