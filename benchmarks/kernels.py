@@ -387,6 +387,8 @@ def main():
                     help="time the selected branch's passes apart, over dK/dV tilings")
     ap.add_argument("--from-log", help="write the result files from a printed log of a run")
     ap.add_argument("--device", default="NVIDIA H200", help="device of the --from-log run")
+    ap.add_argument("--log-reason", default="the run ended before writing its files",
+                    help="why the result files come from the log (with --from-log)")
     ap.add_argument("--smoke", nargs="*", help="only the per-stage smoke checks (stages)")
     ap.add_argument("--merges", nargs="*", default=["dynamic"], help=argparse.SUPPRESS)
     ap.add_argument("--smoke-one", nargs=2, metavar=("STAGE", "DTYPE"), help=argparse.SUPPRESS)
@@ -397,9 +399,8 @@ def main():
     if args.from_log:
         records, checks = records_from_log(args.from_log)
         write_results(args, args.device, checks, records,
-                      source="parsed from the printed log of the run (the run reached its time "
-                             "limit before writing this file); medians as printed, min/max "
-                             "not recorded")
+                      source=f"parsed from the printed log of the run ({args.log_reason}); "
+                             "medians as printed, min/max not recorded")
         return
     if args.smoke is not None:
         smoke_all(tuple(args.smoke) or ("cmp", "swa", "sel", "slc"), tuple(args.merges))
@@ -499,6 +500,7 @@ def write_results(args, device: str, checks: list[str], records: list[dict], sou
         "nsa_config": dict(cmp_block_size=CFG.cmp_block_size, cmp_stride=CFG.cmp_stride,
                            slc_block_size=CFG.slc_block_size, slc_top_n=CFG.slc_top_n,
                            window_size=CFG.window_size, cmp_kind="mean", kv_mode="shared"),
+        "reps": args.reps,
         "check": checks,
         "block_sizes": {"sliding_window": tuned_block_sizes.SLIDING_WINDOW,
                         "compressed": tuned_block_sizes.COMPRESSED,
@@ -525,12 +527,16 @@ def records_from_log(path: str) -> tuple[list[dict], list[str]]:
     Each line ``T= 65536 Dk=128 nsa fwd 56.724 ms 174.0 TFLOP/s`` becomes a record; the medians
     keep the printed precision and min/max are not known.
     """
+    import ast
     import re
     pat = re.compile(r"T=\s*(\d+) Dk=(\d+) (\S+)\s+(\S+)\s+([\d.]+) ms\s*([\d.]+)?")
     recs, checks = [], []
     for line in open(path):
         if line.startswith("check"):
             checks.append(line.strip())
+        if " memory " in line and "{" in line:  # a printed memory record
+            recs.append(ast.literal_eval(line[line.index("{"):].strip()))
+            continue
         m = pat.match(line.strip())
         if m:
             t, dk, name, pas, ms, tf = m.groups()
@@ -555,7 +561,8 @@ def write_markdown(doc, path):
              "",
              f"{doc['device']}, jax {doc['jax']}, {doc['date']}, commit {doc['commit']}. "
              "B=1, HQ=64, HKV=4, bf16; NSA l=32, d=16, l'=64, n=16, w=512, mean-pooling phi. "
-             "Median ms of 10 after warm-up; ratio = cuDNN dense / NSA, same run.",
+             f"Median ms of {doc.get('reps', 10)} after warm-up; ratio = cuDNN dense / NSA, "
+             "same run.",
              "", "| T | Dk/Dv | pass | NSA ms | cuDNN dense ms | ratio | cuDNN window ms |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     keys = sorted({(r["T"], r.get("Dk", 128), r.get("Dv", 128)) for r in recs
