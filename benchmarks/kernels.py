@@ -284,17 +284,18 @@ def run_variants(args, records, table):
         table.append((f"variant {name}", t, r["ms"]))
         print(f"variant {name:60s} {r['ms']:8.3f} ms", flush=True)
 
-    for bq, bk, nw in args.banded_variants:
+    for bq, bk, nw, edges in args.banded_variants:
         bs = swa_gpu.BlockSizes(block_q=bq, block_k=bk, block_q_dkv=bk, block_k_dkv=bq,
-                                num_warps=nw, num_warps_bwd=nw)
+                                num_warps=nw, num_warps_bwd=nw, mask_edges_only=edges)
         swa = lambda q, k, v, bs=bs: swa_gpu.sliding_window_attention(  # noqa: E731
             q, k, v, window_size=512, block_sizes=bs)
         cmpf = lambda q, k, v, bs=bs: cmp_gpu.compressed_attention(  # noqa: E731
             q, k, v, block_size=32, stride=16, block_sizes=bs)
-        variant(f"swa fwd bq{bq} bk{bk} w{nw}", lambda *a, f=swa: f(*a)[0], q, k, v)
-        variant(f"swa fwd+bwd bq{bq} bk{bk} w{nw}", grad_of(swa), q, k, v)
-        variant(f"cmp fwd bq{bq} bk{bk} w{nw}", lambda *a, f=cmpf: f(*a)[0], q, k_cmp, v_cmp)
-        variant(f"cmp fwd+bwd bq{bq} bk{bk} w{nw}", grad_of(cmpf), q, k_cmp, v_cmp)
+        tag = f"bq{bq} bk{bk} w{nw}" + (" edges" if edges else "")
+        variant(f"swa fwd {tag}", lambda *a, f=swa: f(*a)[0], q, k, v)
+        variant(f"swa fwd+bwd {tag}", grad_of(swa), q, k, v)
+        variant(f"cmp fwd {tag}", lambda *a, f=cmpf: f(*a)[0], q, k_cmp, v_cmp)
+        variant(f"cmp fwd+bwd {tag}", grad_of(cmpf), q, k_cmp, v_cmp)
     for nw, e in args.selected_variants:
         bs = slc_gpu.BlockSizes(entries_per_chunk=e, num_warps=nw, num_warps_bwd=nw)
         slc = lambda q, k, v, bs=bs: slc_gpu.selected_attention(  # noqa: E731
@@ -405,7 +406,9 @@ def main():
     if args.smoke is not None:
         smoke_all(tuple(args.smoke) or ("cmp", "swa", "sel", "slc"), tuple(args.merges))
         return
-    args.banded_variants = [(64, 64, 4), (128, 128, 8)]
+    # (block_q, block_k, num_warps, mask_edges_only); the first pair is the tuned tiles
+    args.banded_variants = [(128, 64, 8, False), (128, 64, 8, True), (64, 64, 4, True),
+                            (128, 128, 8, True)]
     args.selected_variants = [(2, 256), (8, 1024)]
     args.selection_variants = [(64, 64, 8), (128, 64, 8), (32, 64, 4)]
     # (entries_per_chunk, entries_per_step, num_warps_bwd, num_stages_bwd); first = default

@@ -56,6 +56,8 @@ class BlockSizes:
       block_q_dkv, block_k_dkv: queries per loop step, keys per dk/dv program.
       num_warps, num_stages: Triton launch parameters of the forward and dq kernels.
       num_warps_bwd, num_stages_bwd: those of the dk/dv kernel.
+      mask_edges_only: build the visibility mask only on the blocks at the band's edges and run
+        the blocks every query of the tile sees fully without it (three loops instead of one).
     """
 
     block_q: int = 64
@@ -66,6 +68,7 @@ class BlockSizes:
     num_stages: int = 2
     num_warps_bwd: int = 4
     num_stages_bwd: int = 2
+    mask_edges_only: bool = False
 
     def __post_init__(self):
         for f in ("block_q", "block_k", "block_q_dkv", "block_k_dkv"):
@@ -153,6 +156,48 @@ def _key_block_range(cfg: BandConfig, q0, block_q: int, block_k: int):
     return lo, hi
 
 
+def _full_key_blocks(cfg: BandConfig, q0, block_q: int, block_k: int, lo, hi):
+    """Key blocks ``[f_lo, f_hi)`` inside ``[lo, hi)`` that every query ``q0 .. q0+block_q-1``
+    sees whole (no mask needed)."""
+    st, off = cfg.key_stride, cfg.key_offset
+    seen_by_first = jnp.minimum(lax.div(jnp.maximum(q0 - off + st, 0), st), cfg.s)
+    f_hi = lax.div(seen_by_first, block_k)
+    if cfg.window is None:
+        f_lo = lo
+    else:
+        x = q0 + block_q - 1 - cfg.window - off  # keys must sit after this (offset removed)
+        first = jnp.where(x >= 0, lax.div(jnp.maximum(x, 0), st) + 1, 0)
+        f_lo = lax.div(first + block_k - 1, block_k)
+    f_lo = jnp.clip(f_lo, lo, hi)
+    return f_lo, jnp.clip(f_hi, f_lo, hi)
+
+
+def _full_query_blocks(cfg: BandConfig, i0, block_k: int, block_q: int, lo, hi):
+    """Query blocks ``[f_lo, f_hi)`` inside ``[lo, hi)`` whose queries all see every key
+    ``i0 .. i0+block_k-1`` (no mask needed)."""
+    st, off = cfg.key_stride, cfg.key_offset
+    p_last = (i0 + block_k - 1) * st + off
+    f_lo = lax.div(p_last + block_q - 1, block_q)
+    f_lo = jnp.where(i0 + block_k <= cfg.s, f_lo, hi)  # a block with padding keys: masked
+    if cfg.window is None:
+        f_hi = hi
+    else:
+        f_hi = lax.div(i0 * st + off + cfg.window, block_q)
+    f_lo = jnp.clip(f_lo, lo, hi)
+    return f_lo, jnp.clip(f_hi, f_lo, hi)
+
+
+def _loop(lo, hi, body, carry, full=None):
+    """``fori_loop(lo, hi, body(masked=True))``, or with ``full = (f_lo, f_hi)`` three loops:
+    masked edges around an unmasked middle."""
+    if full is None:
+        return lax.fori_loop(lo, hi, functools.partial(body, masked=True), carry)
+    f_lo, f_hi = full
+    carry = lax.fori_loop(lo, f_lo, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(f_lo, f_hi, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(f_hi, hi, functools.partial(body, masked=True), carry)
+
+
 # ------------------------------------------------------------------------------------------
 # Forward
 # ------------------------------------------------------------------------------------------
@@ -165,25 +210,30 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: BandConfig):
     t_pos = q0 + jnp.arange(bq, dtype=jnp.int32)
     qk_scale = cfg.scale * LOG2E  # work in base 2
 
-    def body(j, carry):
+    def body(j, carry, masked: bool):
         acc, m, den = carry
         k = k_ref[pl.ds(j * bk, bk), :]  # [bk, Dk]
         v = v_ref[pl.ds(j * bk, bk), :]  # [bk, Dv]
         s = _dot(q, k, trans_b=True, precision=prec) * qk_scale  # [bq, bk]
-        mask = _band_mask(cfg, t_pos, j * bk + jnp.arange(bk, dtype=jnp.int32))
-        s = jnp.where(mask, s, MASK_VALUE)
+        if masked:
+            mask = _band_mask(cfg, t_pos, j * bk + jnp.arange(bk, dtype=jnp.int32))
+            s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
-        p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
+        p = jnp.exp2(s - m_new[:, None])
+        if masked:
+            p = jnp.where(mask, p, 0.0)
         den = den * alpha + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, precision=prec)
         return acc, m_new, den
 
     lo, hi = _key_block_range(cfg, q0, bq, bk)
+    full = (_full_key_blocks(cfg, q0, bq, bk, lo, hi) if cfg.block_sizes.mask_edges_only
+            else None)
     acc = jnp.zeros((bq, dv), jnp.float32)
     m = jnp.full((bq,), MASK_VALUE, jnp.float32)
     den = jnp.zeros((bq,), jnp.float32)
-    acc, m, den = lax.fori_loop(lo, hi, body, (acc, m, den))
+    acc, m, den = _loop(lo, hi, body, (acc, m, den), full)
     seen = den > 0
     o_ref[...] = (acc / jnp.where(seen, den, 1.0)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, (m + jnp.log2(jnp.where(seen, den, 1.0))) / LOG2E, -jnp.inf)
@@ -232,18 +282,22 @@ def _bwd_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, c
     t_pos = q0 + jnp.arange(bq, dtype=jnp.int32)
     qk_scale = cfg.scale * LOG2E
 
-    def body(j, dq):
+    def body(j, dq, masked: bool):
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
         s = _dot(q, k, trans_b=True, precision=prec) * qk_scale  # [bq, bk]
-        mask = _band_mask(cfg, t_pos, j * bk + jnp.arange(bk, dtype=jnp.int32))
-        p = jnp.where(mask, jnp.exp2(jnp.minimum(s - lse[:, None], 0.0)), 0.0)
+        p = jnp.exp2(jnp.minimum(s - lse[:, None], 0.0))
+        if masked:
+            mask = _band_mask(cfg, t_pos, j * bk + jnp.arange(bk, dtype=jnp.int32))
+            p = jnp.where(mask, p, 0.0)
         dp = _dot(do, v, trans_b=True, precision=prec)  # [bq, bk]
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, precision=prec)
 
     lo, hi = _key_block_range(cfg, q0, bq, bk)
-    dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
+    full = (_full_key_blocks(cfg, q0, bq, bk, lo, hi) if cfg.block_sizes.mask_edges_only
+            else None)
+    dq = _loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32), full)
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
@@ -270,10 +324,13 @@ def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_
     q_lo = jnp.maximum(q_lo, split * split_size)
     q_hi = jnp.minimum(q_hi, (split + 1) * split_size)
 
+    full = (_full_query_blocks(cfg, i0, bk, bq, q_lo, q_hi)
+            if cfg.block_sizes.mask_edges_only else None)
+
     def head_body(h, carry):
         head = kh * g + h
 
-        def body(i, carry):
+        def body(i, carry, masked: bool):
             dk, dv = carry
             rows = pl.ds(i * bq, bq)
             q = q_ref[rows, head, :]  # [bq, Dk]
@@ -282,15 +339,16 @@ def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_
             delta = delta_ref[head, rows]  # [bq]
             t_pos = i * bq + jnp.arange(bq, dtype=jnp.int32)
             s = _dot(k, q, trans_b=True, precision=prec) * qk_scale  # [bk, bq]
-            mask = _band_mask(cfg, t_pos, k_idx, keys_first=True)  # [bk, bq]
-            p = jnp.where(mask, jnp.exp2(jnp.minimum(s - lse[None, :], 0.0)), 0.0)
+            p = jnp.exp2(jnp.minimum(s - lse[None, :], 0.0))
+            if masked:
+                p = jnp.where(_band_mask(cfg, t_pos, k_idx, keys_first=True), p, 0.0)
             dv = dv + _dot(p.astype(do.dtype), do, precision=prec)  # [bk, Dv]
             dp = _dot(v, do, trans_b=True, precision=prec)  # [bk, bq]
             ds = p * (dp - delta[None, :])
             dk = dk + _dot(ds.astype(q.dtype), q, precision=prec)  # [bk, Dk]
             return dk, dv
 
-        return lax.fori_loop(q_lo, q_hi, body, carry)
+        return _loop(q_lo, q_hi, body, carry, full)
 
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)

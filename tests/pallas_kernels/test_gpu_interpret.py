@@ -78,3 +78,54 @@ def test_compressed_dkv_split(monkeypatch, dtype):
     ct = _normal(ks[3], o.shape, o.dtype)
     for name, g, r in zip(("q", "k_cmp", "v_cmp"), vjp(ct), vjp_ref(ct), strict=True):
         assert_close(g, r, dtype, f"compressed grad of {name} (split dk/dv)")
+
+
+@pytest.mark.parametrize("branch,t,tiles,geom", [
+    # window smaller than, equal to, and not a multiple of the tiles; T off every multiple
+    ("window", 150, (16, 16), dict(window_size=40)),
+    ("window", 150, (32, 16), dict(window_size=16)),
+    ("window", 97, (16, 32), dict(window_size=33)),
+    ("window", 64, (16, 16), dict(window_size=200)),  # w > T: plain causal
+    # compressed keys: stride 8 / 16, key offset l-1, rows that see nothing
+    ("compressed", 150, (16, 16), dict(block_size=16, stride=8)),
+    ("compressed", 133, (32, 16), dict(block_size=32, stride=16)),
+    ("compressed", 90, (16, 32), dict(block_size=16, stride=16)),
+], ids=lambda x: str(x))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_banded_mask_edges_only(branch, t, tiles, geom, dtype):
+    """The banded kernels with the mask built only on edge blocks (``mask_edges_only``) equal
+    the reference: outputs, lse and all gradients, for windows and compressed keys, with tiles
+    that make every kind of block (skipped, edge, full) appear."""
+    from pallas_kernels.compressed import gpu as compressed_gpu
+    from pallas_kernels.sliding_window import gpu as sliding_window_gpu
+    from pallas_kernels.sliding_window import reference as sliding_window_ref
+    from tests.tolerances import assert_close
+
+    bq, bk = tiles
+    sizes = sliding_window_gpu.BlockSizes(block_q=bq, block_k=bk, block_q_dkv=bk,
+                                          block_k_dkv=bq, mask_edges_only=True)
+    b, n, kh, dk, dv = 1, 4, 2, 32, 16
+    ks = jax.random.split(jax.random.key(t + bq), 4)
+    q = _normal(ks[0], (b, t, n, dk), dtype)
+    if branch == "window":
+        s = t
+        fn = lambda *a: sliding_window_gpu.sliding_window_attention(  # noqa: E731
+            *a, block_sizes=sizes, interpret=True, **geom)
+        ref = lambda *a: sliding_window_ref.sliding_window_attention(*a, **geom)  # noqa: E731
+    else:
+        s = (t - geom["block_size"]) // geom["stride"] + 1
+        fn = lambda *a: compressed_gpu.compressed_attention(  # noqa: E731
+            *a, block_sizes=sizes, interpret=True, **geom)
+        ref = lambda *a: compressed_ref.compressed_attention(*a, **geom)  # noqa: E731
+    k = _normal(ks[1], (b, s, kh, dk), dtype)
+    v = _normal(ks[2], (b, s, kh, dv), dtype)
+    (o, lse), vjp = jax.vjp(fn, q, k, v)
+    (o_ref, lse_ref), vjp_ref = jax.vjp(ref, q, k, v)
+    what = f"{branch} T={t} tiles={tiles} {geom} {jnp.dtype(dtype)}"
+    assert_close(o, o_ref, dtype, what + " output")
+    np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(lse_ref), err_msg=what)
+    fin = np.isfinite(np.asarray(lse_ref))
+    assert_close(np.asarray(lse)[fin], np.asarray(lse_ref)[fin], dtype, what + " lse")
+    ct = (_normal(ks[3], o.shape, o.dtype), jnp.zeros_like(lse))
+    for name, g, r in zip("qkv", vjp(ct), vjp_ref(ct), strict=True):
+        assert_close(g, r, dtype, f"{what} d{name}")

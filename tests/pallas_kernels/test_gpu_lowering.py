@@ -113,3 +113,25 @@ def test_decode_kernels_lower_for_h200(batch, context):
                          *kv, *kv, _sds(batch, HQ, 3), _sds(batch, dtype=jnp.int32))
     assert names, "decode made no Pallas call"
     assert text.count(TRITON_CALL) >= len(names), names
+
+
+@pytest.mark.parametrize("branch", ["sliding_window", "compressed"])
+def test_banded_edge_masking_lowers_for_h200(branch):
+    """The three-loop banded kernels (``mask_edges_only``) lower at the paper's shapes."""
+    from pallas_kernels import tuned_block_sizes
+    t = 8192
+    table = (tuned_block_sizes.SLIDING_WINDOW if branch == "sliding_window"
+             else tuned_block_sizes.COMPRESSED)
+    sizes = swa_gpu.BlockSizes(**{**table, "mask_edges_only": True})
+    q = _sds(B, t, HQ, 128)
+    if branch == "sliding_window":
+        fn = lambda q, k, v: swa_gpu.sliding_window_attention(  # noqa: E731
+            q, k, v, window_size=WINDOW, block_sizes=sizes)
+        args = (q, _sds(B, t, HKV, 128), _sds(B, t, HKV, 128))
+    else:
+        c = (t - L_CMP) // D_CMP + 1
+        fn = lambda q, k, v: cmp_gpu.compressed_attention(  # noqa: E731
+            q, k, v, block_size=L_CMP, stride=D_CMP, block_sizes=sizes)
+        args = (q, _sds(B, c, HKV, 128), _sds(B, c, HKV, 128))
+    names, text = _lower(_fwd_and_bwd(fn), *args)
+    assert len(names) == 3 and text.count(TRITON_CALL) >= 3, names
