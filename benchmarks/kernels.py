@@ -302,9 +302,10 @@ def run_variants(args, records, table):
             q, k, v, idx, block_size=64, block_sizes=bs)
         variant(f"slc fwd w{nw}", lambda *a, f=slc: f(*a)[0], q, k, v)
         variant(f"slc fwd+bwd w{nw} e{e}", grad_of(slc), q, k, v)
-    for bq, bc, nw in args.selection_variants:
-        bs = sel_gpu.BlockSizes(block_q=bq, block_c=bc, num_warps=nw)
-        variant(f"topn bq{bq} bc{bc} w{nw}", lambda q, kc, lse, bs=bs: sel_gpu.select_blocks(
+    for bq, bc, nw, x3 in args.selection_variants:
+        bs = sel_gpu.BlockSizes(block_q=bq, block_c=bc, num_warps=nw, overlap_tf32x3=x3)
+        tag = f"bq{bq} bc{bc} w{nw}" + (" tf32x3" if x3 else "")
+        variant(f"topn {tag}", lambda q, kc, lse, bs=bs: sel_gpu.select_blocks(
             q, kc, lse, seq_len=t, cmp_block_size=32, cmp_stride=16, slc_block_size=64,
             top_n=16, block_sizes=bs), q, k_cmp, lse)
 
@@ -410,7 +411,9 @@ def main():
     args.banded_variants = [(128, 64, 8, False), (128, 64, 8, True), (64, 64, 4, True),
                             (128, 128, 8, True)]
     args.selected_variants = [(2, 256), (8, 1024)]
-    args.selection_variants = [(64, 64, 8), (128, 64, 8), (32, 64, 4)]
+    # (block_q, block_c, num_warps, overlap_tf32x3); the first is the tuned table
+    args.selection_variants = [(64, 64, 4, False), (64, 64, 4, True), (64, 64, 8, True),
+                               (128, 64, 8, True), (128, 64, 8, False), (32, 64, 4, True)]
     # (entries_per_chunk, entries_per_step, num_warps_bwd, num_stages_bwd); first = default
     args.dkv_variants = [(256, 4, 4, 2), (256, 4, 8, 2), (256, 8, 8, 2), (512, 8, 8, 3),
                          (256, 2, 4, 2), (1024, 4, 8, 2)]

@@ -55,12 +55,16 @@ class BlockSizes:
       block_q: queries per program (power of two >= 16).
       block_c: compressed tokens per step (power of two; raised to ``16 * l'/d`` if smaller).
       num_warps, num_stages: Triton launch parameters.
+      overlap_tf32x3: map token probabilities to block scores with tensor-core ``tf32x3`` dots
+        (about float32 accuracy) instead of full-precision float32 dots; interpreted runs keep
+        float32, since the CPU has no ``tf32x3``.
     """
 
     block_q: int = 64
     block_c: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    overlap_tf32x3: bool = False
 
     def __post_init__(self):
         for f in ("block_q", "block_c"):
@@ -87,6 +91,7 @@ class _Config:
     interpret: bool
     num_warps: int
     num_stages: int
+    overlap_tf32x3: bool = False
 
 
 def _weights(cfg: _Config) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +118,8 @@ def _kernel(q_ref, kc_ref, lse_ref, w_in_ref, w_next_ref, idx_ref, *, cfg: _Conf
     q0 = pl.program_id(0) * bq
     kh = pl.program_id(1) % (q_ref.shape[1] // cfg.g)
     prec = lax.Precision.HIGHEST if jnp.dtype(q_ref.dtype) == jnp.float32 else None
-    hi_prec = lax.Precision.HIGHEST
+    hi_prec = (lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if cfg.overlap_tf32x3
+               else lax.Precision.HIGHEST)
     t_pos = q0 + jnp.arange(bq, dtype=jnp.int32)  # [bq]
     cur = lax.div(t_pos, cfg.lp)  # [bq] current block
     w_in = w_in_ref[...]  # [bc, nbc]
@@ -248,7 +254,8 @@ def select_blocks(
     n_slots = max(_pow2(top_n), 16)
     cfg = _Config(l=l, d=d, lp=lp, top_n=top_n, scale=default_scale(dk, scale), g=n // kh,
                   num_cmp=c, num_blocks=nb, block_q=bq, block_c=bc, num_chunks=num_chunks,
-                  interpret=interpret, num_warps=bs.num_warps, num_stages=bs.num_stages)
+                  interpret=interpret, num_warps=bs.num_warps, num_stages=bs.num_stages,
+                  overlap_tf32x3=bs.overlap_tf32x3 and not interpret)
     w_in, w_next = (jnp.asarray(w) for w in _weights(cfg))
     idx = pl.pallas_call(
         functools.partial(_kernel, cfg=cfg),
