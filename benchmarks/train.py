@@ -217,6 +217,7 @@ def multi_gpu(args) -> None:
                                   "strong_scaling_efficiency": eff})
         print(name, out, f"max rel diff {rel:.2e}", f"{ms:.2f} ms/step",
               f"efficiency {eff:.2f}", flush=True)
+        write(result, args.out)  # after every layout: a run cut short keeps what it measured
     write(result, args.out)
 
 

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The project's GPU measurements and tests on a 2-GPU host in one call, each part under a time
+# limit, everything packed into one archive (for machines that return only a few files).
+#
+#   OUT=DIR bash benchmarks/run_all_gpu.sh SECONDS PART...
+#
+# Parts (durations seen on 2 H200s): multi (2-GPU training check, both GPUs, ~80 s) runs first;
+# then two chains in parallel, GPU 0: kernels (benchmark + tile variants, ~250 s), tests
+# (tests/pallas_kernels/test_gpu.py, ~360 s); GPU 1: decode (~120 s), train (throughput, ~300 s).
+# A 10-minute call fits "kernels decode train" or "multi tests".
+# Writes DIR/results.tar.gz (result JSON/Markdown/PNG and every log) and DIR/summary.txt.
+set -u
+TOTAL=${1:?seconds}
+shift
+PARTS=" $* "
+OUT=${OUT:?set OUT to a directory}
+COMMIT=${NSA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export NSA_COMMIT=$COMMIT XLA_PYTHON_CLIENT_PREALLOCATE=false
+R=$OUT/results
+mkdir -p "$R"
+START=$(date +%s)
+left() { echo $(( TOTAL - ($(date +%s) - START) - 20 )); }
+has() { [[ "$PARTS" == *" $1 "* ]]; }
+
+nvidia-smi -L > "$R/devices.txt" 2>&1
+if has multi; then
+  timeout 120 python benchmarks/train.py --mode multi_gpu --check-seq-len 4096 --reps 5 \
+      --out "$R/train_multi_gpu.json" > "$R/train_multi_gpu.log" 2>&1
+  echo "multi_gpu rc=$?" >> "$R/train_multi_gpu.log"
+fi
+(
+  if has kernels; then
+    lim=$(left); has tests && lim=$(( lim / 3 ))
+    CUDA_VISIBLE_DEVICES=0 timeout "$lim" python benchmarks/kernels.py --out "$R" \
+        --seq 8192 16384 32768 65536 --dk192 16384 --reps 5 --variants --commit "$COMMIT" \
+        > "$R/kernels.log" 2>&1
+    echo "kernels rc=$?" >> "$R/kernels.log"
+  fi
+  if has tests; then
+    CUDA_VISIBLE_DEVICES=0 timeout "$(left)" python -m pytest -v --tb=short --durations=15 \
+        -p no:cacheprovider tests/pallas_kernels/test_gpu.py > "$R/test_gpu.log" 2>&1
+    echo "pytest rc=$?" >> "$R/test_gpu.log"
+  fi
+) &
+(
+  if has decode; then
+    CUDA_VISIBLE_DEVICES=1 timeout 200 python benchmarks/decode.py --out "$R" \
+        --commit "$COMMIT" --budget-s 150 > "$R/decode.log" 2>&1
+    echo "decode rc=$?" >> "$R/decode.log"
+  fi
+  if has train; then
+    lim=$(left)
+    CUDA_VISIBLE_DEVICES=1 timeout "$lim" python benchmarks/train.py --mode throughput \
+        --seq-lens 32768,65536,8192 --budget-s $(( lim - 80 )) --out "$R/train.json" \
+        > "$R/train.log" 2>&1
+    echo "train rc=$?" >> "$R/train.log"
+  fi
+) &
+wait
+
+{
+  echo "commit $COMMIT, parts:$PARTS $(( $(date +%s) - START )) s"
+  grep -h "rc=" "$R"/*.log
+  grep -hE "^check" "$R/kernels.log"
+  grep -hE "^T=.*(nsa|cudnn_dense) +(fwd|fwdbwd) " "$R/kernels.log"
+  grep -hE "^variant" "$R/kernels.log"
+  grep -hE " (passed|failed)" "$R/test_gpu.log" | tail -3
+  tail -20 "$R/decode.log"
+  grep -h '"name"' "$R/train.log" | cut -c1-160
+  grep -hE "^(1 device|data=2|fsdp=2|tensor=2)" "$R/train_multi_gpu.log"
+} > "$OUT/summary.txt" 2>/dev/null
+tar -czf "$OUT/results.tar.gz" -C "$OUT" results
+rm -rf "$R"
+cat "$OUT/summary.txt"
