@@ -43,6 +43,7 @@ import configs  # noqa: E402
 from nsa_jax import registry, sharding  # noqa: E402
 from nsa_jax.config import ModelConfig  # noqa: E402
 from train import optim, step  # noqa: E402
+from train.config import apply_overrides  # noqa: E402
 
 
 def _commit() -> str:
@@ -116,9 +117,10 @@ def header(name: str, model: ModelConfig) -> dict:
 
 
 def throughput(args) -> None:
-    preset = configs.get_config(args.preset)
+    preset = apply_overrides(configs.get_config(args.preset), args.set)
     result = header("train", preset.model)
     result["model"] = dataclasses.asdict(preset.model)
+    result["overrides"] = list(args.set)
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     t_start = time.time()
     for seq_len in args.seq_lens:
@@ -263,6 +265,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mode", choices=("throughput", "multi_gpu"), default="throughput")
     p.add_argument("--preset", default="nsa_125m")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="throughput: override a preset field, e.g. model.num_kv_heads=1")
     p.add_argument("--seq-lens", type=lambda s: [int(x) for x in s.split(",")],
                    default=[8192, 32768, 65536])
     p.add_argument("--attentions", type=lambda s: s.split(","), default=["nsa", "full", "window"])
