@@ -1,4 +1,5 @@
-"""Pieces shared by the pure-jnp kernel twins: query chunking and a masked softmax.
+"""Pieces shared by the kernels and their pure-jnp twins: query chunking, a masked softmax,
+the default scale and the int32 extent check of the GPU kernels.
 
 The twins never build a ``[T, T]`` array: they walk the queries in chunks (``lax.map`` over a
 rematerialised body), so memory is ``O(chunk * keys_per_query)`` in the forward and the
@@ -19,6 +20,20 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 # Elements of the largest per-chunk intermediate the twins aim for (f32: 256 MiB).
 DEFAULT_CHUNK_BUDGET = 1 << 26
+
+
+INT32_LIMIT = 1 << 31
+
+
+def check_int32_extent(what: str, **shapes: tuple[int, ...]) -> None:
+    """``NotImplementedError`` (the registry then falls back to the reference) when an array
+    the Pallas-Triton kernels address, as padded for them, holds ``2**31`` or more elements:
+    Triton computes element offsets in int32."""
+    for name, shape in shapes.items():
+        if math.prod(shape) >= INT32_LIMIT:
+            raise NotImplementedError(
+                f"{what}: {name} of shape {tuple(shape)} has {math.prod(shape)} elements, "
+                f"past the int32 offsets of the Triton kernels (< 2**31)")
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:

@@ -33,7 +33,7 @@ from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels import tuned_block_sizes
-from pallas_kernels.common import default_scale
+from pallas_kernels.common import check_int32_extent, default_scale
 from pallas_kernels.sliding_window.gpu import check_qkv
 
 LOG2E = math.log2(math.e)
@@ -466,6 +466,8 @@ def selected_attention(
     dkp, dvp = max(16, _pow2(dk)), max(16, _pow2(dv))
     sp = -(-s // block_size) * block_size
     mp = _pow2(indices.shape[-1])
+    check_int32_extent("selected_attention", q=(b, t, kh * gp, max(dkp, dvp)),
+                       k=(b, sp, kh, max(dkp, dvp)))
     if gp != g:
         q = _pad_axis(q.reshape(b, t, kh, g, dk), 3, gp).reshape(b, t, kh * gp, dk)
     qp = _pad_axis(q, 3, dkp)

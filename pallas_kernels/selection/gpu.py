@@ -34,7 +34,7 @@ from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels import tuned_block_sizes
-from pallas_kernels.common import default_scale
+from pallas_kernels.common import check_int32_extent, default_scale
 from pallas_kernels.selection.reference import NUM_FORCED, overlap_weights
 
 BIG_INT = 1 << 30
@@ -244,6 +244,7 @@ def select_blocks(
     nbc = bc // rp
     num_chunks = max(-(-nb // nbc), -(-c // bc), 1)
     tp = -(-t // bq) * bq
+    check_int32_extent("select_blocks", q=(b, tp, n, dkp))
     q = jax.lax.stop_gradient(q)
     lse = jax.lax.stop_gradient(lse_cmp).astype(jnp.float32)
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)

@@ -33,7 +33,7 @@ from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float
 
 from pallas_kernels import tuned_block_sizes
-from pallas_kernels.common import default_scale
+from pallas_kernels.common import check_int32_extent, default_scale
 
 LOG2E = math.log2(math.e)
 MASK_VALUE = -1e30
@@ -487,6 +487,8 @@ def banded_attention(
     tq = max(bs.block_q, bs.block_q_dkv)
     tk = max(bs.block_k, bs.block_k_dkv)
     tp, sp = -(-t // tq) * tq, -(-s // tk) * tk
+    check_int32_extent(f"banded attention ({name})", q=(b, tp, n, max(dkp, dvp)),
+                       k=(b, sp, k.shape[2], max(dkp, dvp)))
     qp = _pad_axis(_pad_axis(q, 1, tp), 3, dkp)
     kp = _pad_axis(_pad_axis(k, 1, sp), 3, dkp)
     vp = _pad_axis(_pad_axis(v, 1, sp), 3, dvp)

@@ -137,3 +137,22 @@ def test_banded_edge_masking_lowers_for_h200(branch):
         args = (q, _sds(B, c, HKV, 128), _sds(B, c, HKV, 128))
     names, text = _lower(_fwd_and_bwd(fn), *args)
     assert len(names) == 3 and text.count(TRITON_CALL) >= 3, names
+
+
+def test_int32_extent_guard():
+    """Arrays past 2**31 elements (Triton's int32 offsets) are refused with a message naming the
+    shape, before any kernel is built; the registry then runs the reference instead."""
+    from nsa_jax import registry
+    t = 1 << 18  # 256k tokens x 64 heads x 128 = 2**31 elements
+    q, kv = _sds(B, t, HQ, 128), _sds(B, t, HKV, 128)
+    idx = _sds(B, t, HKV, TOP_N, dtype=jnp.int32)
+    with pytest.raises(NotImplementedError, match=r"q of shape \(1, 262144, 64, 128\)"):
+        jax.eval_shape(lambda q, k, v, i: slc_gpu.selected_attention(q, k, v, i, block_size=64),
+                       q, kv, kv, idx)
+    with pytest.raises(NotImplementedError, match="int32"):
+        jax.eval_shape(lambda q, k, v: swa_gpu.sliding_window_attention(
+            q, k, v, window_size=WINDOW), q, kv, kv)
+    chain = (registry.get_backend("pallas_triton"), registry.REFERENCE)
+    out = jax.eval_shape(lambda q, k, v, i: registry.call_stage(
+        chain, "selected_attention", q, k, v, i, block_size=64), q, kv, kv, idx)
+    assert out[0].shape == (B, t, HQ, 128)  # traced through the reference
