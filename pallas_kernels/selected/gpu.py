@@ -305,12 +305,18 @@ def _bwd_dq(q, k, v, idx, do, lse, delta, cfg: _Config):
     )(idx, q, k, v, do, lse, delta)
 
 
+def _chunking(t: int, slots: int, num_blocks: int, sizes: BlockSizes) -> tuple[int, int]:
+    """Queries per chunk and number of chunks of the inverted index (a block's last chunk may
+    be partial: at most one extra chunk per block)."""
+    per_chunk = min(sizes.entries_per_chunk, _pow2(t * slots))
+    return per_chunk, -(-(t * slots) // per_chunk) + num_blocks
+
+
 def _invert(idx, num_blocks: int, cfg: _Config):
     """The inverted index of every (batch, KV head): ``blk, cnt [B, K, NC]``, ``tab [.., E]``,
     ``first, num [B, K, nb]``."""
     t = idx.shape[1]
-    per_chunk = min(cfg.block_sizes.entries_per_chunk, _pow2(t * idx.shape[-1]))
-    nc = -(-(t * idx.shape[-1]) // per_chunk) + num_blocks
+    per_chunk, nc = _chunking(t, idx.shape[-1], num_blocks, cfg.block_sizes)
     invert = functools.partial(_invert_one, num_blocks=num_blocks, per_chunk=per_chunk,
                                num_chunks=nc)
     return jax.vmap(jax.vmap(invert))(jnp.transpose(idx, (0, 2, 1, 3)))  # over [B, K]
@@ -466,8 +472,11 @@ def selected_attention(
     dkp, dvp = max(16, _pow2(dk)), max(16, _pow2(dv))
     sp = -(-s // block_size) * block_size
     mp = _pow2(indices.shape[-1])
+    sizes = block_sizes or BlockSizes(**tuned_block_sizes.SELECTED)
+    per_chunk, num_chunks = _chunking(t, mp, sp // block_size, sizes)
     check_int32_extent("selected_attention", q=(b, t, kh * gp, max(dkp, dvp)),
-                       k=(b, sp, kh, max(dkp, dvp)))
+                       k=(b, sp, kh, max(dkp, dvp)),
+                       dkv_partials=(b * kh, num_chunks, block_size, max(dkp, dvp)))
     if gp != g:
         q = _pad_axis(q.reshape(b, t, kh, g, dk), 3, gp).reshape(b, t, kh * gp, dk)
     qp = _pad_axis(q, 3, dkp)
@@ -475,8 +484,7 @@ def selected_attention(
     vp = _pad_axis(_pad_axis(v, 1, sp), 3, dvp)
     idx = _pad_axis(indices.astype(jnp.int32), 3, mp, value=-1)
     cfg = _Config(block_size=int(block_size), scale=default_scale(dk, scale), g=g,
-                  block_sizes=block_sizes or BlockSizes(**tuned_block_sizes.SELECTED),
-                  interpret=interpret)
+                  block_sizes=sizes, interpret=interpret)
     o, lse = _selected(qp, kp, vp, idx, cfg)
     o = o.reshape(b, t, kh, gp, dvp)[:, :, :, :g, :dv].reshape(b, t, n, dv)
     lse = lse.reshape(b, t, kh, gp)[..., :g].reshape(b, t, n)

@@ -152,6 +152,12 @@ def test_int32_extent_guard():
     with pytest.raises(NotImplementedError, match="int32"):
         jax.eval_shape(lambda q, k, v: swa_gpu.sliding_window_attention(
             q, k, v, window_size=WINDOW), q, kv, kv)
+    # The dK/dV chunk partials can pass the limit while q and k do not (long keys, one head).
+    t2, s2 = 65536, (1 << 24) - 64
+    with pytest.raises(NotImplementedError, match="dkv_partials"):
+        jax.eval_shape(lambda q, k, v, i: slc_gpu.selected_attention(q, k, v, i, block_size=64),
+                       _sds(1, t2, 16, 128), _sds(1, s2, 1, 128), _sds(1, s2, 1, 128),
+                       _sds(1, t2, 1, TOP_N, dtype=jnp.int32))
     chain = (registry.get_backend("pallas_triton"), registry.REFERENCE)
     out = jax.eval_shape(lambda q, k, v, i: registry.call_stage(
         chain, "selected_attention", q, k, v, i, block_size=64), q, kv, kv, idx)
