@@ -267,11 +267,7 @@ def run_variants(args, records, table):
     """Tile variants of each stage at the largest length (forward and backward)."""
     t = max(args.seq)
     q, k, v, gates, ct = inputs(jax.random.key(99), 1, t, 64, 4, 128, 128)
-    geom = dict(kind="mean", block_size=CFG.cmp_block_size, stride=CFG.cmp_stride)
-    k_cmp, v_cmp = compress(k, {}, **geom), compress(v, {}, **geom)
-    _, lse = cmp_gpu.compressed_attention(q, k_cmp, v_cmp, block_size=32, stride=16)
-    idx = sel_gpu.select_blocks(q, k_cmp, lse, seq_len=t, cmp_block_size=32, cmp_stride=16,
-                                slc_block_size=64, top_n=16)
+    k_cmp, v_cmp, lse, idx = _paper_selection(q, k, v, t)
 
     def variant(name, fn, *a):
         try:
@@ -317,7 +313,7 @@ def run_selected_parts(args, records, table):
     from pallas_kernels.selected import reference as slc_ref
     t = 16384
     q, k, v, _, ct = inputs(jax.random.key(7), 1, t, 64, 4, 128, 128)
-    idx = _paper_indices(q, k, t)
+    idx = _paper_selection(q, k, v, t)[3]
     outs = []
     for f in (slc_gpu.selected_attention, slc_ref.selected_attention):
         o, vjp = jax.vjp(lambda q, k, v, f=f: f(q, k, v, idx, block_size=64)[0], q, k, v)
@@ -331,7 +327,7 @@ def run_selected_parts(args, records, table):
 
     t = max(args.seq)
     q, k, v, _, ct = inputs(jax.random.key(99), 1, t, 64, 4, 128, 128)
-    idx = _paper_indices(q, k, t)
+    idx = _paper_selection(q, k, v, t)[3]
     o, lse = slc_gpu.selected_attention(q, k, v, idx, block_size=64)
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
     delta = jnp.einsum("btnd,btnd->btn", o.astype(jnp.float32), ct.astype(jnp.float32))
@@ -367,12 +363,16 @@ def run_selected_parts(args, records, table):
                   f"(first call {r['first_ms'] / 1e3:.1f} s)", flush=True)
 
 
-def _paper_indices(q, k, t):
+def _paper_selection(q, k, v, t):
+    """Compressed keys/values, the compressed branch's lse and the top-n of the paper config."""
     geom = dict(kind="mean", block_size=CFG.cmp_block_size, stride=CFG.cmp_stride)
-    k_cmp, v_cmp = compress(k, {}, **geom), compress(k, {}, **geom)
-    _, lse = cmp_gpu.compressed_attention(q, k_cmp, v_cmp, block_size=32, stride=16)
-    return sel_gpu.select_blocks(q, k_cmp, lse, seq_len=t, cmp_block_size=32, cmp_stride=16,
-                                 slc_block_size=64, top_n=16)
+    k_cmp, v_cmp = compress(k, {}, **geom), compress(v, {}, **geom)
+    _, lse = cmp_gpu.compressed_attention(q, k_cmp, v_cmp, block_size=CFG.cmp_block_size,
+                                          stride=CFG.cmp_stride)
+    idx = sel_gpu.select_blocks(q, k_cmp, lse, seq_len=t, cmp_block_size=CFG.cmp_block_size,
+                                cmp_stride=CFG.cmp_stride, slc_block_size=CFG.slc_block_size,
+                                top_n=CFG.slc_top_n)
+    return k_cmp, v_cmp, lse, idx
 
 
 def main():

@@ -20,6 +20,7 @@ from pallas_kernels.decode import gpu as dec_gpu
 from pallas_kernels.selected import gpu as slc_gpu
 from pallas_kernels.selection import gpu as sel_gpu
 from pallas_kernels.sliding_window import gpu as swa_gpu
+from tests.pallas_kernels.lowering import fwd_and_bwd, pallas_eqns
 
 B, HQ, HKV = 1, 64, 4
 L_CMP, D_CMP, L_SLC, TOP_N, WINDOW = 32, 16, 64, 16, 512
@@ -33,33 +34,12 @@ def _sds(*shape, dtype=DTYPE):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def _count_pallas(jaxpr) -> list[str]:
-    names = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            names.append(eqn.params["name"])
-            continue
-        for p in eqn.params.values():
-            for sub in p if isinstance(p, (tuple, list)) else (p,):
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    names += _count_pallas(sub)
-    return names
-
-
 def _lower(f, *args) -> tuple[list[str], str]:
     with jax.sharding.use_abstract_mesh(H200):
         traced = jax.jit(f).trace(*args)
         text = traced.lower(lowering_platforms=("cuda",)).as_text()
-    names = _count_pallas(traced.jaxpr.jaxpr)
+    names = [e.params["name"] for e in pallas_eqns(traced.jaxpr.jaxpr)]
     return names, text
-
-
-def _fwd_and_bwd(fn):
-    def f(q, k, v, *rest):
-        (o, lse), vjp = jax.vjp(lambda q, k, v: fn(q, k, v, *rest), q, k, v)
-        return o, lse, vjp((jnp.ones_like(o), jnp.zeros_like(lse)))
-    return f
 
 
 SHAPES = [(8192, 128, 128), (65536, 128, 128), (8192, 192, 128)]
@@ -84,7 +64,7 @@ def test_attention_kernels_lower_for_h200(branch, t, dk, dv):
         args = (q, _sds(B, t, HKV, dk), _sds(B, t, HKV, dv),
                 _sds(B, t, HKV, TOP_N, dtype=jnp.int32))
         prefix = "nsa_slc"
-    names, text = _lower(_fwd_and_bwd(fn), *args)
+    names, text = _lower(fwd_and_bwd(fn), *args)
     assert {f"{prefix}_fwd", f"{prefix}_bwd_dq", f"{prefix}_bwd_dkv"} <= set(names), names
     assert text.count(TRITON_CALL) >= len(names), (branch, t, names)
 
@@ -135,7 +115,7 @@ def test_banded_edge_masking_lowers_for_h200(branch):
         fn = lambda q, k, v: cmp_gpu.compressed_attention(  # noqa: E731
             q, k, v, block_size=L_CMP, stride=D_CMP, block_sizes=sizes)
         args = (q, _sds(B, c, HKV, 128), _sds(B, c, HKV, 128))
-    names, text = _lower(_fwd_and_bwd(fn), *args)
+    names, text = _lower(fwd_and_bwd(fn), *args)
     assert len(names) == 3 and text.count(TRITON_CALL) >= 3, names
 
 

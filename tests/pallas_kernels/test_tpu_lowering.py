@@ -19,6 +19,7 @@ import pytest
 from pallas_kernels.compressed import tpu as cmp_tpu
 from pallas_kernels.selected import tpu as slc_tpu
 from pallas_kernels.sliding_window import tpu as swa_tpu
+from tests.pallas_kernels.lowering import fwd_and_bwd, pallas_eqns
 
 B, HQ, HKV, D = 1, 64, 4, 128
 L_CMP, D_CMP, L_SLC, TOP_N, WINDOW = 32, 16, 64, 16, 512
@@ -48,30 +49,6 @@ def _stage(name: str, t: int, dk: int = D, dv: int = D):
         q, k, v, idx, block_size=L_SLC, scale=None)), (q, *kv, idx)
 
 
-def _fwd_and_bwd(fn, n_diff):
-    def f(*args):
-        diff, rest = args[:n_diff], args[n_diff:]
-        (o, lse), vjp = jax.vjp(lambda *d: fn(*d, *rest), *diff)
-        return o, lse, vjp((jnp.ones_like(o), jnp.zeros_like(lse)))
-    return f
-
-
-def _pallas_eqns(jaxpr):
-    """Every ``pallas_call`` equation in a jaxpr, looking inside nested jaxprs (jit, custom
-    derivatives) but not inside the kernels themselves."""
-    out = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            out.append(eqn)
-            continue
-        for p in eqn.params.values():
-            for sub in p if isinstance(p, (tuple, list)) else (p,):
-                sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-                if hasattr(sub, "eqns"):
-                    out += _pallas_eqns(sub)
-    return out
-
-
 def _block_bytes(block_mapping) -> int:
     shape = tuple(getattr(d, "block_size", 1) for d in block_mapping.block_shape)
     return _nbytes(shape, block_mapping.array_aval.dtype)
@@ -87,9 +64,9 @@ def test_lowers_for_tpu(branch, t, dk, dv):
     """The brief's shapes (D = 128) at 8k and 64k, and the paper's Dk = 192, Dv = 128 (padded
     to 256 inside the kernels) at 8k."""
     fn, args = _stage(branch, t, dk, dv)
-    f = _fwd_and_bwd(fn, 3)
+    f = fwd_and_bwd(fn, 3)
     traced = jax.jit(f).trace(*args)
-    eqns = _pallas_eqns(traced.jaxpr.jaxpr)
+    eqns = pallas_eqns(traced.jaxpr.jaxpr)
     names = {e.params["name"] for e in eqns}
     prefix = {"sliding_window": "nsa_sliding_window", "compressed": "nsa_compressed",
               "selected": "nsa_selected"}[branch]
