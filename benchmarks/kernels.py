@@ -280,16 +280,18 @@ def run_variants(args, records, table):
         table.append((f"variant {name}", t, r["ms"]))
         print(f"variant {name:60s} {r['ms']:8.3f} ms", flush=True)
 
-    for bq, bk, nw, edges in args.banded_variants:
+    for bq, bk, nw, st, edges, with_swa in args.banded_variants:
         bs = swa_gpu.BlockSizes(block_q=bq, block_k=bk, block_q_dkv=bk, block_k_dkv=bq,
-                                num_warps=nw, num_warps_bwd=nw, mask_edges_only=edges)
+                                num_warps=nw, num_warps_bwd=nw, num_stages=st,
+                                num_stages_bwd=st, mask_edges_only=edges)
         swa = lambda q, k, v, bs=bs: swa_gpu.sliding_window_attention(  # noqa: E731
             q, k, v, window_size=512, block_sizes=bs)
         cmpf = lambda q, k, v, bs=bs: cmp_gpu.compressed_attention(  # noqa: E731
             q, k, v, block_size=32, stride=16, block_sizes=bs)
-        tag = f"bq{bq} bk{bk} w{nw}" + (" edges" if edges else "")
-        variant(f"swa fwd {tag}", lambda *a, f=swa: f(*a)[0], q, k, v)
-        variant(f"swa fwd+bwd {tag}", grad_of(swa), q, k, v)
+        tag = f"bq{bq} bk{bk} w{nw} s{st}" + (" edges" if edges else "")
+        if with_swa:
+            variant(f"swa fwd {tag}", lambda *a, f=swa: f(*a)[0], q, k, v)
+            variant(f"swa fwd+bwd {tag}", grad_of(swa), q, k, v)
         variant(f"cmp fwd {tag}", lambda *a, f=cmpf: f(*a)[0], q, k_cmp, v_cmp)
         variant(f"cmp fwd+bwd {tag}", grad_of(cmpf), q, k_cmp, v_cmp)
     for nw, e in args.selected_variants:
@@ -298,12 +300,19 @@ def run_variants(args, records, table):
             q, k, v, idx, block_size=64, block_sizes=bs)
         variant(f"slc fwd w{nw}", lambda *a, f=slc: f(*a)[0], q, k, v)
         variant(f"slc fwd+bwd w{nw} e{e}", grad_of(slc), q, k, v)
-    for bq, bc, nw, x3 in args.selection_variants:
-        bs = sel_gpu.BlockSizes(block_q=bq, block_c=bc, num_warps=nw, overlap_tf32x3=x3)
-        tag = f"bq{bq} bc{bc} w{nw}" + (" tf32x3" if x3 else "")
-        variant(f"topn {tag}", lambda q, kc, lse, bs=bs: sel_gpu.select_blocks(
-            q, kc, lse, seq_len=t, cmp_block_size=32, cmp_stride=16, slc_block_size=64,
-            top_n=16, block_sizes=bs), q, k_cmp, lse)
+    for bq, bc, nw, st, x3, merge in args.selection_variants:
+        bs = sel_gpu.BlockSizes(block_q=bq, block_c=bc, num_warps=nw, num_stages=st,
+                                overlap_tf32x3=x3)
+        tag = f"bq{bq} bc{bc} w{nw} s{st}" + (" tf32x3" if x3 else "")
+        if merge != "dynamic":  # a timing probe only: "none" skips the top-n merge (wrong ids)
+            tag += f" merge={merge}"
+        old_merge, sel_gpu._VARIANT = sel_gpu._VARIANT, merge  # read when the kernel traces
+        try:
+            variant(f"topn {tag}", lambda q, kc, lse, bs=bs: sel_gpu.select_blocks(
+                q, kc, lse, seq_len=t, cmp_block_size=32, cmp_stride=16, slc_block_size=64,
+                top_n=16, block_sizes=bs), q, k_cmp, lse)
+        finally:
+            sel_gpu._VARIANT = old_merge
 
 
 def run_selected_parts(args, records, table):
@@ -407,13 +416,18 @@ def main():
     if args.smoke is not None:
         smoke_all(tuple(args.smoke) or ("cmp", "swa", "sel", "slc"), tuple(args.merges))
         return
-    # (block_q, block_k, num_warps, mask_edges_only); the first pair is the tuned tiles
-    args.banded_variants = [(128, 64, 8, False), (128, 64, 8, True), (64, 64, 4, True),
-                            (128, 128, 8, True)]
+    # (block_q, block_k, num_warps, num_stages, mask_edges_only, also the window); first = tuned
+    args.banded_variants = [(128, 64, 8, 2, False, True), (128, 64, 8, 2, True, True),
+                            (128, 64, 8, 3, True, False), (128, 128, 8, 2, True, False),
+                            (64, 64, 4, 2, True, False), (64, 64, 4, 3, True, False),
+                            (128, 32, 4, 3, True, False), (128, 64, 4, 3, True, False)]
     args.selected_variants = [(2, 256), (8, 1024)]
-    # (block_q, block_c, num_warps, overlap_tf32x3); the first is the tuned table
-    args.selection_variants = [(64, 64, 4, False), (64, 64, 4, True), (64, 64, 8, True),
-                               (128, 64, 8, True), (128, 64, 8, False), (32, 64, 4, True)]
+    # (block_q, block_c, num_warps, num_stages, overlap_tf32x3, merge); the first is the table
+    args.selection_variants = [(64, 64, 4, 2, False, "dynamic"), (64, 64, 4, 2, False, "none"),
+                               (64, 64, 4, 2, True, "dynamic"), (64, 64, 4, 2, True, "none"),
+                               (128, 64, 8, 2, True, "dynamic"), (64, 128, 4, 2, True, "dynamic"),
+                               (32, 64, 4, 2, True, "dynamic"), (64, 64, 8, 3, True, "dynamic"),
+                               (16, 64, 4, 2, True, "dynamic")]
     # (entries_per_chunk, entries_per_step, num_warps_bwd, num_stages_bwd); first = default
     args.dkv_variants = [(256, 4, 4, 2), (256, 4, 8, 2), (256, 8, 8, 2), (512, 8, 8, 3),
                          (256, 2, 4, 2), (1024, 4, 8, 2)]

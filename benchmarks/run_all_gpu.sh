@@ -8,6 +8,8 @@
 # then two chains in parallel, GPU 0: kernels (benchmark + tile variants, ~250 s), tests
 # (tests/pallas_kernels/test_gpu.py, ~360 s); GPU 1: decode (~120 s), train (throughput, ~300 s).
 # A 10-minute call fits "kernels decode train" or "multi tests".
+# KERNELS_ARGS replaces the kernel benchmark's size/variant arguments, TRAIN_ARGS is added to the
+# throughput run's (e.g. TRAIN_ARGS="--set model.num_kv_heads=1 --seq-lens 32768,65536").
 # Writes DIR/results.tar.gz (result JSON/Markdown/PNG and every log) and DIR/summary.txt.
 set -u
 TOTAL=${1:?seconds}
@@ -31,9 +33,10 @@ fi
 (
   if has kernels; then
     lim=$(left); has tests && lim=$(( lim / 3 ))
+    # shellcheck disable=SC2086
     CUDA_VISIBLE_DEVICES=0 timeout "$lim" python benchmarks/kernels.py --out "$R" \
-        --seq 8192 16384 32768 65536 --dk192 16384 --reps 5 --variants --commit "$COMMIT" \
-        > "$R/kernels.log" 2>&1
+        ${KERNELS_ARGS:---seq 8192 16384 32768 65536 --dk192 16384 --reps 5 --variants} \
+        --commit "$COMMIT" > "$R/kernels.log" 2>&1
     echo "kernels rc=$?" >> "$R/kernels.log"
   fi
   if has tests; then
@@ -52,7 +55,7 @@ fi
     lim=$(left)
     CUDA_VISIBLE_DEVICES=1 timeout "$lim" python benchmarks/train.py --mode throughput \
         --seq-lens 32768,65536,8192 --budget-s $(( lim - 80 )) --out "$R/train.json" \
-        > "$R/train.log" 2>&1
+        ${TRAIN_ARGS:-} > "$R/train.log" 2>&1
     echo "train rc=$?" >> "$R/train.log"
   fi
 ) &
