@@ -280,7 +280,8 @@ def run_variants(args, records, table):
         table.append((f"variant {name}", t, r["ms"]))
         print(f"variant {name:60s} {r['ms']:8.3f} ms", flush=True)
 
-    for bq, bk, nw, st, edges, with_swa in args.banded_variants:
+    groups = set(args.variant_groups)
+    for bq, bk, nw, st, edges, with_swa in args.banded_variants * ("banded" in groups):
         bs = swa_gpu.BlockSizes(block_q=bq, block_k=bk, block_q_dkv=bk, block_k_dkv=bq,
                                 num_warps=nw, num_warps_bwd=nw, num_stages=st,
                                 num_stages_bwd=st, mask_edges_only=edges)
@@ -294,17 +295,18 @@ def run_variants(args, records, table):
             variant(f"swa fwd+bwd {tag}", grad_of(swa), q, k, v)
         variant(f"cmp fwd {tag}", lambda *a, f=cmpf: f(*a)[0], q, k_cmp, v_cmp)
         variant(f"cmp fwd+bwd {tag}", grad_of(cmpf), q, k_cmp, v_cmp)
-    for nw, e in args.selected_variants:
+    for nw, e in args.selected_variants * ("selected" in groups):
         bs = slc_gpu.BlockSizes(entries_per_chunk=e, num_warps=nw, num_warps_bwd=nw)
         slc = lambda q, k, v, bs=bs: slc_gpu.selected_attention(  # noqa: E731
             q, k, v, idx, block_size=64, block_sizes=bs)
         variant(f"slc fwd w{nw}", lambda *a, f=slc: f(*a)[0], q, k, v)
         variant(f"slc fwd+bwd w{nw} e{e}", grad_of(slc), q, k, v)
-    for bq, bc, nw, st, x3, merge in args.selection_variants:
+    for bq, bc, nw, st, x3, merge, packed in args.selection_variants * ("selection" in groups):
         bs = sel_gpu.BlockSizes(block_q=bq, block_c=bc, num_warps=nw, num_stages=st,
-                                overlap_tf32x3=x3)
-        tag = f"bq{bq} bc{bc} w{nw} s{st}" + (" tf32x3" if x3 else "")
-        if merge != "dynamic":  # a timing probe only: "none" skips the top-n merge (wrong ids)
+                                overlap_tf32x3=x3, pack_heads=packed)
+        tag = (f"{'packed rows' if packed else 'bq'}{bq} bc{bc} w{nw} s{st}"
+               + (" tf32x3" if x3 else ""))
+        if merge != "dynamic":  # a timing probe only: "one" merges one block a chunk
             tag += f" merge={merge}"
         old_merge, sel_gpu._VARIANT = sel_gpu._VARIANT, merge  # read when the kernel traces
         try:
@@ -393,6 +395,9 @@ def main():
     ap.add_argument("--dk192", type=int, default=16384,
                     help="T for the Dk=192, Dv=128 run (0: skip)")
     ap.add_argument("--variants", action="store_true", help="also time tile variants")
+    ap.add_argument("--variant-groups", nargs="+", default=["banded", "selected", "selection"],
+                    choices=["banded", "selected", "selection"],
+                    help="which stages' variants --variants times")
     ap.add_argument("--skip-main", action="store_true", help="only the check and the variants")
     ap.add_argument("--slc-parts", action="store_true",
                     help="time the selected branch's passes apart, over dK/dV tilings")
@@ -422,12 +427,14 @@ def main():
                             (64, 64, 4, 2, True, False), (64, 64, 4, 3, True, False),
                             (128, 32, 4, 3, True, False), (128, 64, 4, 3, True, False)]
     args.selected_variants = [(2, 256), (8, 1024)]
-    # (block_q, block_c, num_warps, num_stages, overlap_tf32x3, merge); the first is the table
-    args.selection_variants = [(64, 64, 4, 2, False, "dynamic"), (64, 64, 4, 2, False, "none"),
-                               (64, 64, 4, 2, True, "dynamic"), (64, 64, 4, 2, True, "none"),
-                               (128, 64, 8, 2, True, "dynamic"), (64, 128, 4, 2, True, "dynamic"),
-                               (32, 64, 4, 2, True, "dynamic"), (64, 64, 8, 3, True, "dynamic"),
-                               (16, 64, 4, 2, True, "dynamic")]
+    # (block_q, block_c, num_warps, num_stages, overlap_tf32x3, merge, pack_heads); the first
+    # is the table; block_q counts rows (positions x heads) when packed
+    args.selection_variants = [
+        (64, 64, 4, 2, False, "dynamic", False), (64, 64, 4, 2, False, "one", False),
+        (128, 64, 4, 2, True, "dynamic", True), (128, 64, 4, 2, True, "one", True),
+        (128, 64, 8, 2, True, "dynamic", True), (64, 64, 4, 2, True, "dynamic", True),
+        (256, 64, 8, 2, True, "dynamic", True), (128, 128, 8, 2, True, "dynamic", True),
+        (128, 64, 4, 2, False, "dynamic", True), (128, 64, 4, 3, True, "dynamic", True)]
     # (entries_per_chunk, entries_per_step, num_warps_bwd, num_stages_bwd); first = default
     args.dkv_variants = [(256, 4, 4, 2), (256, 4, 8, 2), (256, 8, 8, 2), (512, 8, 8, 3),
                          (256, 2, 4, 2), (1024, 4, 8, 2)]

@@ -2,20 +2,24 @@
 
 Each entry holds keyword arguments of the stage's frozen ``BlockSizes`` dataclass (in
 ``pallas_kernels/<branch>/gpu.py``). These are the values the committed H200 measurements
-(``docs/results/kernels.json``) ran with, chosen from the usual flash-attention shapes for
-``D=128`` in bf16. Only the selected dK/dV tiling has been swept on the device
-(``benchmarks/kernels.py --slc-parts``); the sweep over the others (``--variants``) has not
-run. Kernels clamp them to short sequences and to shared memory, so the same table serves the
+(``docs/results/kernels.json``) ran with. The banded tiles and the selected dK/dV tiling come
+from sweeps on the device (``benchmarks/kernels.py --variants`` and ``--slc-parts``); the
+others are the usual flash-attention shapes for ``D=128`` in bf16. Kernels clamp them to short sequences and to shared memory, so the same table serves the
 CPU interpret tests.
 """
 
 from __future__ import annotations
 
-# Banded flash attention (sliding window; compressed tokens use the same kernels).
+# Banded flash attention (sliding window; compressed tokens use the same kernels). Swept at 64k
+# on the H200 (``--variants``, commit e77f2e6, docs/results/kernels_variants.md): masking only
+# the blocks at the band's edges took the compressed forward from 16.6 to 12.2 ms and three
+# pipeline stages to 11.3 ms; forward+backward 51.7 -> 42.7 ms with 128-key dk/dv programs.
 SLIDING_WINDOW = dict(block_q=128, block_k=64, block_q_dkv=64, block_k_dkv=64,
-                      num_warps=8, num_stages=2, num_warps_bwd=8, num_stages_bwd=2)
-COMPRESSED = dict(block_q=128, block_k=64, block_q_dkv=64, block_k_dkv=64,
-                  num_warps=8, num_stages=2, num_warps_bwd=8, num_stages_bwd=2)
+                      num_warps=8, num_stages=2, num_warps_bwd=8, num_stages_bwd=2,
+                      mask_edges_only=True)
+COMPRESSED = dict(block_q=128, block_k=64, block_q_dkv=64, block_k_dkv=128,
+                  num_warps=8, num_stages=3, num_warps_bwd=8, num_stages_bwd=3,
+                  mask_edges_only=True)
 # Group-centric selected attention: one program per (query, KV head) in the forward and dq;
 # ``entries_per_chunk`` queries per program in the inverted-index dK/dV pass, gathered
 # ``entries_per_step`` at a time. For dK/dV at 64k (commit 4d5fb60) 4 entries a step with 4

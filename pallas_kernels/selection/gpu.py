@@ -38,7 +38,8 @@ from pallas_kernels.common import check_int32_extent, default_scale
 from pallas_kernels.selection.reference import NUM_FORCED, overlap_weights
 
 BIG_INT = 1 << 30
-# Debug switch for the merge loop ("dynamic" the default; "static", "none" for bisecting).
+# Debug switch for the merge loop ("dynamic" the default; "static" for bisecting, "one" a
+# timing probe that merges one block a chunk and gives wrong indices).
 _VARIANT = os.environ.get("NSA_SELECTION_MERGE", "dynamic")
 SMEM_BUDGET = 160 * 1024  # bytes of tiles per program (the H200 allows 227 KiB)
 
@@ -58,6 +59,10 @@ class BlockSizes:
       overlap_tf32x3: map token probabilities to block scores with tensor-core ``tf32x3`` dots
         (about float32 accuracy) instead of full-precision float32 dots; interpreted runs keep
         float32, since the CPU has no ``tf32x3``.
+      pack_heads: stack the ``G`` heads of a group as rows of one tile (``block_q / G``
+        positions x ``G`` heads per program): the queries are loaded once, one dot a chunk
+        scores every head, and the running top-n has one row per position. Needs ``G`` a power
+        of two; other groups use the per-head loop.
     """
 
     block_q: int = 64
@@ -65,6 +70,7 @@ class BlockSizes:
     num_warps: int = 4
     num_stages: int = 2
     overlap_tf32x3: bool = False
+    pack_heads: bool = False
 
     def __post_init__(self):
         for f in ("block_q", "block_c"):
@@ -149,31 +155,7 @@ def _kernel(q_ref, kc_ref, lse_ref, w_in_ref, w_next_ref, idx_ref, *, cfg: _Conf
         forced = (j == 0) | (j == cur[:, None]) | (j == cur[:, None] - 1)
         pri = jnp.where(valid, jnp.where(forced, jnp.inf, score), -jnp.inf)
 
-        def merge_body(_, state):
-            pri, vals, ids = state
-            c_max = jnp.max(pri, axis=1)  # [bq]
-            c_arg = jnp.min(jnp.where(pri == c_max[:, None], j, BIG_INT), axis=1)
-            l_min = jnp.min(vals, axis=1)
-            at_min = vals == l_min[:, None]
-            worst = jnp.max(jnp.where(at_min, ids, -BIG_INT), axis=1)
-            slot = jnp.min(jnp.where(at_min & (ids == worst[:, None]), slot_col, BIG_INT),
-                           axis=1)
-            put = (c_max > l_min)[:, None] & (slot_col == slot[:, None])
-            vals = jnp.where(put, c_max[:, None], vals)
-            ids = jnp.where(put, c_arg[:, None], ids)
-            pri = jnp.where(j == c_arg[:, None], -jnp.inf, pri)
-            return pri, vals, ids
-
-        # Only candidates above the list's current minimum can enter (the minimum only
-        # grows), so that many rounds, at most, are needed: usually none in long sequences.
-        if _VARIANT == "none":
-            return jnp.maximum(vals, jnp.max(pri, axis=1, keepdims=True)), ids, pending
-        if _VARIANT == "static":
-            rounds = min(cfg.top_n, nbc)
-        else:
-            above = (pri > jnp.min(vals, axis=1)[:, None]).astype(jnp.int32)
-            rounds = jnp.minimum(jnp.max(jnp.sum(above, axis=1)), min(cfg.top_n, nbc))
-        _, vals, ids = lax.fori_loop(0, rounds, merge_body, (pri, vals, ids))
+        vals, ids = _merge(pri, vals, ids, j, slot_col, cfg, nbc)
         return vals, ids, pending
 
     # Slots past top_n start at +inf so they are never replaced; they stay -1.
@@ -181,6 +163,89 @@ def _kernel(q_ref, kc_ref, lse_ref, w_in_ref, w_next_ref, idx_ref, *, cfg: _Conf
     ids = jnp.full((bq, n_slots), -1, jnp.int32)
     pending = jnp.zeros((bq, nbc), jnp.float32)
     last_block = lax.div(q0 + bq - 1, cfg.lp)
+    hi = jnp.minimum(lax.div(last_block, nbc) + 1, cfg.num_chunks)
+    vals, ids, _ = lax.fori_loop(0, hi, chunk_body, (vals, ids, pending))
+    idx_ref[...] = ids
+
+
+def _merge(pri, vals, ids, j, slot_col, cfg: _Config, nbc: int):
+    """Merges one chunk's block priorities ``pri [R, nbc]`` (block ids ``j``) into the running
+    top-n ``(vals, ids) [R, slots]``: the chunk's best block (ties to the lower index) replaces
+    the list's worst entry (ties: the higher index goes) while it is strictly better."""
+
+    def merge_body(_, state):
+        pri, vals, ids = state
+        c_max = jnp.max(pri, axis=1)  # [R]
+        c_arg = jnp.min(jnp.where(pri == c_max[:, None], j, BIG_INT), axis=1)
+        l_min = jnp.min(vals, axis=1)
+        at_min = vals == l_min[:, None]
+        worst = jnp.max(jnp.where(at_min, ids, -BIG_INT), axis=1)
+        slot = jnp.min(jnp.where(at_min & (ids == worst[:, None]), slot_col, BIG_INT), axis=1)
+        put = (c_max > l_min)[:, None] & (slot_col == slot[:, None])
+        vals = jnp.where(put, c_max[:, None], vals)
+        ids = jnp.where(put, c_arg[:, None], ids)
+        pri = jnp.where(j == c_arg[:, None], -jnp.inf, pri)
+        return pri, vals, ids
+
+    if _VARIANT == "one":  # timing probe: a single round (wrong ids when more blocks qualify)
+        _, vals, ids = merge_body(0, (pri, vals, ids))
+        return vals, ids
+    # Only candidates above the list's current minimum can enter (the minimum only grows), so
+    # that many rounds, at most, are needed: usually none in long sequences.
+    if _VARIANT == "static":
+        rounds = min(cfg.top_n, nbc)
+    else:
+        above = (pri > jnp.min(vals, axis=1)[:, None]).astype(jnp.int32)
+        rounds = jnp.minimum(jnp.max(jnp.sum(above, axis=1)), min(cfg.top_n, nbc))
+    _, vals, ids = lax.fori_loop(0, rounds, merge_body, (pri, vals, ids))
+    return vals, ids
+
+
+def _kernel_packed(q_ref, kc_ref, lse_ref, w_in_ref, w_next_ref, idx_ref, *, cfg: _Config):
+    """``_kernel`` with the group's heads stacked as rows: ``bt = block_q / G`` positions."""
+    g, bc = cfg.g, cfg.block_c
+    bt = cfg.block_q // g
+    rows = bt * g
+    rp = cfg.lp // cfg.d
+    nbc = bc // rp
+    n_slots = idx_ref.shape[-1]
+    q0 = pl.program_id(0) * bt
+    prec = lax.Precision.HIGHEST if jnp.dtype(q_ref.dtype) == jnp.float32 else None
+    hi_prec = (lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if cfg.overlap_tf32x3
+               else lax.Precision.HIGHEST)
+    q = q_ref[...].reshape(rows, q_ref.shape[-1])  # [bt*G, Dk]: position-major rows
+    lse = lse_ref[...].reshape(rows)  # [bt*G]
+    row_t = q0 + lax.div(jnp.arange(rows, dtype=jnp.int32), g)  # position of each row
+    t_pos = q0 + jnp.arange(bt, dtype=jnp.int32)  # [bt]
+    cur = lax.div(t_pos, cfg.lp)
+    w_in = w_in_ref[...]
+    w_next = w_next_ref[...]
+    slot_col = jnp.arange(n_slots, dtype=jnp.int32)[None, :]
+    blk_col = jnp.arange(nbc, dtype=jnp.int32)[None, :]
+
+    def chunk_body(c, carry):
+        vals, ids, pending = carry
+        kc = kc_ref[pl.ds(c * bc, bc), :]  # [bc, Dk]
+        tok = c * bc + jnp.arange(bc, dtype=jnp.int32)
+        vis = ((tok[None, :] * cfg.d + cfg.l - 1 <= row_t[:, None])
+               & (tok[None, :] < cfg.num_cmp))  # [rows, bc]
+        s = plgpu.dot(q, kc, trans_b=True, precision=prec) * cfg.scale  # [rows, bc]
+        p = jnp.where(vis, jnp.exp(jnp.minimum(s - lse[:, None], 0.0)), 0.0)
+        # Map each head's probabilities to blocks, then sum the group's heads (Eq. 10).
+        score = plgpu.dot(p, w_in, precision=hi_prec).reshape(bt, g, nbc).sum(axis=1)
+        score = score + pending  # [bt, nbc]
+        pending = plgpu.dot(p, w_next, precision=hi_prec).reshape(bt, g, nbc).sum(axis=1)
+        j = c * nbc + blk_col
+        valid = (j <= cur[:, None]) & (j < cfg.num_blocks)
+        forced = (j == 0) | (j == cur[:, None]) | (j == cur[:, None] - 1)
+        pri = jnp.where(valid, jnp.where(forced, jnp.inf, score), -jnp.inf)
+        vals, ids = _merge(pri, vals, ids, j, slot_col, cfg, nbc)
+        return vals, ids, pending
+
+    vals = jnp.where(slot_col < cfg.top_n, -jnp.inf, jnp.inf) + jnp.zeros((bt, 1), jnp.float32)
+    ids = jnp.full((bt, n_slots), -1, jnp.int32)
+    pending = jnp.zeros((bt, nbc), jnp.float32)
+    last_block = lax.div(q0 + bt - 1, cfg.lp)
     hi = jnp.minimum(lax.div(last_block, nbc) + 1, cfg.num_chunks)
     vals, ids, _ = lax.fori_loop(0, hi, chunk_body, (vals, ids, pending))
     idx_ref[...] = ids
@@ -235,15 +300,29 @@ def select_blocks(
     seq_len = seq_len or t
     nb = -(-seq_len // lp)
     bs = block_sizes or BlockSizes(**tuned_block_sizes.SELECTION)
+    g = n // kh
+    packed = bs.pack_heads and not g & (g - 1)
     dkp = max(16, _pow2(dk))
-    bq = min(bs.block_q, max(16, _pow2(t)))
-    bc = max(bs.block_c, 16 * rp)
     itemsize = jnp.dtype(q.dtype).itemsize
-    while itemsize * dkp * (bq + bs.num_stages * bc) > SMEM_BUDGET and bq > 16:
-        bq //= 2  # wide heads in float32: fewer queries per program
+    bc = max(bs.block_c, 16 * rp)
+    if packed:  # block_q rows = (block_q / G) positions x G heads, at least 16 rows
+        rows = max(bs.block_q, 16, g)
+        while itemsize * dkp * (rows + bs.num_stages * bc) > SMEM_BUDGET and rows > max(16, g):
+            rows //= 2
+        bt = rows // g
+        bt = min(bt, max(1, _pow2(t)))
+        rows = bt * g
+        if rows < 16:  # short sequences: more positions per tile (padded) to keep 16 rows
+            bt, rows = -(-16 // g), max(16, g)
+        bq = rows
+    else:
+        bq = bt = min(bs.block_q, max(16, _pow2(t)))
+        while itemsize * dkp * (bq + bs.num_stages * bc) > SMEM_BUDGET and bq > 16:
+            bq //= 2  # wide heads in float32: fewer queries per program
+        bt = bq
     nbc = bc // rp
     num_chunks = max(-(-nb // nbc), -(-c // bc), 1)
-    tp = -(-t // bq) * bq
+    tp = -(-t // bt) * bt
     check_int32_extent("select_blocks", q=(b, tp, n, dkp))
     q = jax.lax.stop_gradient(q)
     lse = jax.lax.stop_gradient(lse_cmp).astype(jnp.float32)
@@ -251,28 +330,34 @@ def select_blocks(
     q = jnp.pad(q, [(0, 0), (0, tp - t), (0, 0), (0, dkp - dk)])
     kc = jnp.pad(jax.lax.stop_gradient(k_cmp),
                  [(0, 0), (0, num_chunks * bc - c), (0, 0), (0, dkp - dk)])
-    lse = jnp.pad(jnp.swapaxes(lse, 1, 2), [(0, 0), (0, 0), (0, tp - t)])  # [B, N, Tp]
     n_slots = max(_pow2(top_n), 16)
-    cfg = _Config(l=l, d=d, lp=lp, top_n=top_n, scale=default_scale(dk, scale), g=n // kh,
+    cfg = _Config(l=l, d=d, lp=lp, top_n=top_n, scale=default_scale(dk, scale), g=g,
                   num_cmp=c, num_blocks=nb, block_q=bq, block_c=bc, num_chunks=num_chunks,
                   interpret=interpret, num_warps=bs.num_warps, num_stages=bs.num_stages,
                   overlap_tf32x3=bs.overlap_tf32x3 and not interpret)
     w_in, w_next = (jnp.asarray(w) for w in _weights(cfg))
+    kc_spec = pl.BlockSpec((None, num_chunks * bc, None, dkp),
+                           lambda i, bk: (bk // kh, 0, bk % kh, 0))
+    w_spec = pl.BlockSpec((bc, nbc), lambda i, bk: (0, 0))
+    if packed:
+        kernel = _kernel_packed
+        lse = jnp.pad(lse, [(0, 0), (0, tp - t), (0, 0)]).reshape(b, tp, kh, g)
+        q = q.reshape(b, tp, kh, g, dkp)
+        q_spec = pl.BlockSpec((None, bt, None, g, dkp), lambda i, bk: (bk // kh, i, bk % kh, 0, 0))
+        lse_spec = pl.BlockSpec((None, bt, None, g), lambda i, bk: (bk // kh, i, bk % kh, 0))
+    else:
+        kernel = _kernel
+        lse = jnp.pad(jnp.swapaxes(lse, 1, 2), [(0, 0), (0, 0), (0, tp - t)])  # [B, N, Tp]
+        q_spec = pl.BlockSpec((None, bq, n, dkp), lambda i, bk: (bk // kh, i, 0, 0))
+        lse_spec = pl.BlockSpec((None, n, bq), lambda i, bk: (bk // kh, 0, i))
     idx = pl.pallas_call(
-        functools.partial(_kernel, cfg=cfg),
-        grid=(tp // bq, b * kh),
-        in_specs=[
-            pl.BlockSpec((None, bq, n, dkp), lambda i, bk: (bk // kh, i, 0, 0)),
-            pl.BlockSpec((None, num_chunks * bc, None, dkp),
-                         lambda i, bk: (bk // kh, 0, bk % kh, 0)),
-            pl.BlockSpec((None, n, bq), lambda i, bk: (bk // kh, 0, i)),
-            pl.BlockSpec((bc, nbc), lambda i, bk: (0, 0)),
-            pl.BlockSpec((bc, nbc), lambda i, bk: (0, 0)),
-        ],
-        out_specs=pl.BlockSpec((None, bq, None, n_slots), lambda i, bk: (bk // kh, i, bk % kh, 0)),
+        functools.partial(kernel, cfg=cfg),
+        grid=(tp // bt, b * kh),
+        in_specs=[q_spec, kc_spec, lse_spec, w_spec, w_spec],
+        out_specs=pl.BlockSpec((None, bt, None, n_slots), lambda i, bk: (bk // kh, i, bk % kh, 0)),
         out_shape=jax.ShapeDtypeStruct((b, tp, kh, n_slots), jnp.int32),
         compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
-        name="nsa_sel_topn",
+        name="nsa_sel_topn_packed" if packed else "nsa_sel_topn",
     )(q, kc, lse, w_in, w_next)
     return idx[:, :t, :, :top_n]

@@ -129,3 +129,31 @@ def test_banded_mask_edges_only(branch, t, tiles, geom, dtype):
     ct = (_normal(ks[3], o.shape, o.dtype), jnp.zeros_like(lse))
     for name, g, r in zip("qkv", vjp(ct), vjp_ref(ct), strict=True):
         assert_close(g, r, dtype, f"{what} d{name}")
+
+
+@pytest.mark.parametrize("case,rows,dtype", [
+    (Case(b=1, t=77, n=2, kh=2, dk=32, dv=32), 64, jnp.float32),  # G = 1
+    (Case(b=2, t=100, n=8, kh=2, dk=32, dv=16), 64, jnp.bfloat16),  # G = 4, batch 2
+    (Case(b=1, t=70, n=16, kh=1, dk=16, dv=16), 128, jnp.float32),  # G = 16
+    (Case(b=1, t=12, n=4, kh=1, dk=16, dv=16), 64, jnp.float32),  # no compressed token
+    (Case(b=1, t=130, n=8, kh=1, dk=16, dv=16, top_n=6), 16, jnp.float32),  # 2 positions a tile
+    (Case(b=1, t=600, n=16, kh=1, dk=32, dv=32, cmp_block_size=32, cmp_stride=16,
+          slc_block_size=64, top_n=16), 128, jnp.bfloat16),  # paper geometry, many chunks
+], ids=lambda x: getattr(x, "id", str(x)))
+def test_select_blocks_packed_heads(case, rows, dtype):
+    """The head-packed top-n kernel (``pack_heads``: positions x heads as rows, one running
+    top-n per position) agrees exactly with the reference."""
+    ks = jax.random.split(jax.random.key(case.t + case.n), 3)
+    c = case.num_cmp
+    q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)
+    k_cmp = _normal(ks[1], (case.b, c, case.kh, case.dk), dtype)
+    v_cmp = _normal(ks[2], (case.b, c, case.kh, case.dv), dtype)
+    _, lse = compressed_ref.compressed_attention(q, k_cmp, v_cmp, block_size=case.cmp_block_size,
+                                                 stride=case.cmp_stride)
+    kw = dict(seq_len=case.t, cmp_block_size=case.cmp_block_size, cmp_stride=case.cmp_stride,
+              slc_block_size=case.slc_block_size, top_n=case.top_n)
+    sizes = selection_gpu.BlockSizes(block_q=rows, pack_heads=True)
+    idx = selection_gpu.select_blocks(q, k_cmp, lse, block_sizes=sizes, interpret=True, **kw)
+    ref = selection_ref.select_blocks(q, k_cmp, lse, **kw)
+    assert idx.shape == ref.shape == (case.b, case.t, case.kh, case.top_n)
+    np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(ref), -1))

@@ -69,17 +69,19 @@ def test_attention_kernels_lower_for_h200(branch, t, dk, dv):
     assert text.count(TRITON_CALL) >= len(names), (branch, t, names)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["per_head", "packed"])
 @pytest.mark.parametrize("tf32x3", [False, True], ids=["ieee", "tf32x3"])
 @pytest.mark.parametrize("t", [8192, 65536])
-def test_selection_kernel_lowers_for_h200(t, tf32x3):
+def test_selection_kernel_lowers_for_h200(t, tf32x3, packed):
     c = (t - L_CMP) // D_CMP + 1
-    sizes = sel_gpu.BlockSizes(overlap_tf32x3=tf32x3)
+    sizes = sel_gpu.BlockSizes(overlap_tf32x3=tf32x3, pack_heads=packed,
+                               block_q=128 if packed else 64)
     fn = lambda q, kc, lse: sel_gpu.select_blocks(  # noqa: E731
         q, kc, lse, seq_len=t, cmp_block_size=L_CMP, cmp_stride=D_CMP,
         slc_block_size=L_SLC, top_n=TOP_N, block_sizes=sizes)
     names, text = _lower(fn, _sds(B, t, HQ, 128), _sds(B, c, HKV, 128),
                          _sds(B, t, HQ, dtype=jnp.float32))
-    assert names == ["nsa_sel_topn"], names
+    assert names == ["nsa_sel_topn_packed" if packed else "nsa_sel_topn"], names
     assert text.count(TRITON_CALL) == 1
 
 
