@@ -6,7 +6,13 @@ full (the new query at position ``context - 1``). Timed in the same run:
 
 - ``nsa_decode``: the Pallas-Triton decode chain (``pallas_kernels/decode/gpu.py``);
 - ``nsa_decode_xla``: the XLA decode path (``pallas_kernels/decode/reference.py``);
-- ``dense_decode``: the best of ``jax.nn.dot_product_attention`` with XLA and with cuDNN.
+- ``dense_decode``: the best of ``jax.nn.dot_product_attention`` with XLA and with cuDNN;
+- ``nsa_decode_stage/<name>`` (``--stages``): cumulative prefixes of the kernel chain
+  (``gpu.decode_stages``), so each stage's cost is a difference of two lines: ``cmp`` (the
+  compressed kernel and the XLA merge of its splits), ``cmp+select_kernel`` and
+  ``cmp+select_xla`` (plus the selection: the ``nsa_decode_select`` kernel, which merges the
+  splits itself when there are few, or XLA's merge and top-k), ``full/select_kernel`` and
+  ``full/select_xla`` (the whole chain with either selection).
 
 Each op runs inside one jitted ``fori_loop`` of dependent calls (the next query depends on the
 previous output, as decode steps do) cycling over enough independent caches to exceed the L2
@@ -16,6 +22,11 @@ op must read: dense ``B * ctx * HKV * (Dk + Dv) * 2``; NSA the visible compresse
 
 Run ``python benchmarks/decode.py --out DIR``; it checks the kernel against the XLA path at a
 small size first, then writes ``decode.json``, ``decode.md`` and ``decode.png`` under ``DIR``.
+The ``--stages`` shapes are timed after the grid whatever ``--budget-s`` says. CPU smoke test of
+every code path (interpret mode; the times mean nothing)::
+
+    python benchmarks/decode.py --interpret --contexts 2048 --batches 2 --out /tmp/dec \
+        --stages 2048:2 --sweep 2048:2 --xla-nsa-contexts 2048 --check-ctx 1024 --reps 1 --runs 1
 """
 
 from __future__ import annotations
@@ -52,7 +63,18 @@ SWEEP = {
     "bk128": gpu.BlockSizes(block_k=128),
     "bk32": gpu.BlockSizes(block_k=32),
     "warps8": gpu.BlockSizes(num_warps=8),
+    "xla_select": gpu.BlockSizes(select_kernel=False),
+    "sel_chunk64": gpu.BlockSizes(select_chunk=64),
+    "sel_xla_merge": gpu.BlockSizes(select_merge_splits=0),
 }
+# --stages: (record name, decode_stages(upto=...), BlockSizes overrides).
+STAGE_VARIANTS = (
+    ("cmp", "cmp", {}),
+    ("cmp+select_kernel", "select", dict(select_kernel=True)),
+    ("cmp+select_xla", "select", dict(select_kernel=False)),
+    ("full/select_kernel", "full", dict(select_kernel=True)),
+    ("full/select_xla", "full", dict(select_kernel=False)),
+)
 
 
 def num_cmp(ctx: int) -> int:
@@ -105,6 +127,18 @@ def nsa_kernel_fn(q, *rest, block_sizes=None):
                                 interpret=INTERPRET)[0]
 
 
+def nsa_stage_fn(q, *rest, upto, block_sizes):
+    """The chain up to ``upto``, as ``[B, N, Dv]`` that depends on every output of the stage."""
+    out = gpu.decode_stages(q, *rest, upto=upto, **NSA, block_sizes=block_sizes,
+                            interpret=INTERPRET)
+    if upto == "full":
+        return out["o"]
+    o = out["o_cmp"]  # [B, N, Dv]
+    other = out["lse_cmp"] if upto == "cmp" else out["indices"].astype(jnp.float32)  # [B, K, *]
+    per_head = jnp.repeat(other.sum(-1), o.shape[1] // other.shape[1], axis=1)  # [B, N]
+    return o + 1e-6 * per_head[..., None]
+
+
 def nsa_xla_fn(q, *rest):
     return reference.decode_attention(q, *rest, **NSA)[0]
 
@@ -145,16 +179,16 @@ def check_correctness(ctx: int) -> list[str]:
     for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
         args = list(make_nsa_set(jax.random.key(1), 3, ctx, dtype))
         args[-1] = jnp.asarray([ctx, ctx // 2 - 24, 37], jnp.int32)  # unequal, one tiny
-        for fuse in (True, False):
-            sizes = gpu.BlockSizes(fuse_sparse=fuse)
+        o_ref, idx_ref = jax.jit(functools.partial(reference.decode_attention, **NSA))(*args)
+        for fuse, select in ((True, True), (False, True), (True, False)):
+            sizes = gpu.BlockSizes(fuse_sparse=fuse, select_kernel=select)
             o, idx = jax.jit(functools.partial(gpu.decode_attention, **NSA,
                                                block_sizes=sizes, interpret=INTERPRET))(*args)
-            o_ref, idx_ref = jax.jit(functools.partial(reference.decode_attention, **NSA))(*args)
             err = rel_err(o, o_ref)
             same = float(np.mean(np.sort(np.asarray(idx), -1) == np.sort(np.asarray(idx_ref), -1)))
             ok = err <= tol and np.isfinite(np.asarray(o, np.float32)).all()
-            lines.append(f"check {jnp.dtype(dtype).name} fuse={fuse}: rel err {err:.2e} "
-                         f"(tol {tol:.0e}), index agreement {same:.4f} -> "
+            lines.append(f"check {jnp.dtype(dtype).name} fuse={fuse} select_kernel={select}: "
+                         f"rel err {err:.2e} (tol {tol:.0e}), index agreement {same:.4f} -> "
                          f"{'OK' if ok else 'FAIL'}")
     return lines
 
@@ -189,6 +223,18 @@ def render_markdown(result: dict) -> str:
                          f"{fmt(dense, 'tbps', '.2f')} | {fmt(nsa)} | {fmt(nsa, 'tbps', '.2f')} | "
                          f"{fmt(xla)} | {speed} |")
     lines.append("")
+    stage_rows = sorted({(r["context"], r["B"]) for r in recs
+                         if r["name"].startswith("nsa_decode_stage/")})
+    if stage_rows:
+        names = [v[0] for v in STAGE_VARIANTS]
+        lines += ["## Stages (cumulative prefixes of the kernel chain, ms)", "",
+                  "| context | B | " + " | ".join(names) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in names) + " |"]
+        for ctx, b in stage_rows:
+            cells = [by.get((f"nsa_decode_stage/{name}", ctx, b)) for name in names]
+            lines.append(f"| {ctx // 1024}k | {b} | "
+                         + " | ".join(f"{r['ms']:.4f}" if r else "-" for r in cells) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -247,6 +293,9 @@ def main(argv=None) -> int:
                         help="contexts at which the XLA decode path is timed too ('' for none)")
     parser.add_argument("--sweep", default="65536:32",
                         help="context:batch pairs at which kernel tilings are compared")
+    parser.add_argument("--stages", default="65536:1,65536:32,8192:1",
+                        help="context:batch pairs at which the chain's prefixes are timed "
+                             "('' for none)")
     parser.add_argument("--check-ctx", type=int, default=2048)
     parser.add_argument("--interpret", action="store_true", help="CPU smoke test only")
     args = parser.parse_args(argv)
@@ -258,6 +307,7 @@ def main(argv=None) -> int:
     batches = [int(x) for x in args.batches.split(",")]
     xla_contexts = {int(x) for x in args.xla_nsa_contexts.split(",") if x}
     sweep = {tuple(int(v) for v in x.split(":")) for x in args.sweep.split(",") if x}
+    stages = [tuple(int(v) for v in x.split(":")) for x in args.stages.split(",") if x]
     dev = jax.devices()[0]
     print(f"device {dev.device_kind}, jax {jax.__version__}", flush=True)
 
@@ -333,6 +383,24 @@ def main(argv=None) -> int:
             table.append(row)
             print(f"ctx={ctx} B={b} sets={n_sets} {row} t={time.time() - start:.0f}s", flush=True)
             save()
+
+    for ctx, b in stages:
+        try:
+            n_sets = max(1, min(4, math.ceil(L2_BYTES / dense_bytes(b, ctx))))
+            nsa_sets = tuple(make_nsa_set(jax.random.fold_in(key, 100 + i), b, ctx)
+                             for i in range(n_sets))
+            for name, upto, overrides in STAGE_VARIANTS:
+                fn = functools.partial(nsa_stage_fn, upto=upto,
+                                       block_sizes=gpu.BlockSizes(**overrides))
+                t = time_op(fn, nsa_sets, reps=args.reps, runs=args.runs)
+                result["records"].append({"name": f"nsa_decode_stage/{name}", "pass": "decode",
+                                          "B": b, "context": ctx, **base, **t, "upto": upto,
+                                          "block_sizes": str(gpu.BlockSizes(**overrides))})
+                print(f"stage ctx={ctx} B={b} {name} {t['ms']:.4f} ms", flush=True)
+            del nsa_sets
+        except Exception:
+            traceback.print_exc()
+        save()
 
     save()
     with open(os.path.join(args.out, "decode.md"), "w") as f:

@@ -7,17 +7,32 @@ blocks and the window. A decode step is a short chain:
    of KV group ``k`` over the ``j``-th share of sequence ``b``'s visible compressed tokens and
    writes a partial softmax (unnormalised output, running max, running sum) plus the scaled
    logits. Splitting the compressed tokens ``Mc`` ways is what fills the GPU at batch 1.
-2. XLA: merge the partials into ``o_cmp`` and the log-sum-exp; turn the logits into the
-   branch's probabilities, group-summed block scores and the top-n blocks (the twin's code).
+2. ``nsa_decode_select`` (grid ``B x K``): program ``(b, k)`` merges the ``Mc`` partial
+   log-sum-exps (and, with at most ``select_merge_splits`` splits, the partial outputs into
+   ``o_cmp``), turns the logits into the branch's probabilities, sums them over the group,
+   maps them to selection-block scores with the overlap weights and takes the top-n (forced
+   blocks first, then score descending, ties to the lower index). With ``select_kernel=False``
+   XLA does this step with the twin's ``select_from_logits``.
 3. ``nsa_decode_sparse`` (grid ``B x K x (n + Mw)``): programs ``j < n`` attend the selected
    block in slot ``j`` (causal inside the current block; ``-1`` slots do nothing), programs
    ``j >= n`` a share of the window ``[t - w + 1, t]``. With ``fuse_sparse=False`` these are
    two launches, ``nsa_decode_slc`` and ``nsa_decode_swa``.
 4. XLA: merge each branch's partials, gate and sum.
 
-Every program walks whole tiles of ``block_k`` keys aligned to multiples of ``block_k`` inside an
-inclusive key range ``[lo, hi]`` computed per program in step 2, masking keys outside it, so
-no load starts at an unaligned or out-of-bounds slot.
+Every attention program walks whole tiles of ``block_k`` keys aligned to multiples of
+``block_k`` inside an inclusive key range ``[lo, hi]`` computed per program in XLA, masking keys
+outside it, so no load starts at an unaligned or out-of-bounds slot.
+
+The select kernel walks the compressed tokens in chunks of ``select_chunk`` (``select_chunk /
+r'`` selection blocks, ``r' = l'/d``) up to the chunk of the current block. Per chunk it maps
+the group-summed probabilities to block scores with a constant ``[chunk, chunk/r']`` weight
+table (the spec's Eq. 9 overlaps); the last ``r - 1`` tokens of a chunk feed the next chunk's
+first block through a carried scalar; the next chunk's logits are loaded before this chunk's
+arithmetic. The scores go to a ``[J']`` scratch output (``J' = J`` rounded up to a power of
+two); after a barrier the program reads them back and takes the top-n by ``n`` rounds of
+argmax (which returns the lowest index among equal maxima, as ``lax.top_k`` orders them), so
+the slots even come out in the twin's order. The kernel needs ``r'`` a power of two and
+``J' <= MAX_SELECT_BLOCKS``; otherwise XLA selects.
 
 Layout: ``q [B, N, Dk]``, raw caches ``[B, S, K, D]`` (the window's may be a ring of
 ``S' >= w`` slots), compressed caches ``[B, C, K, D]``: the twin's. Limits (else
@@ -30,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +55,8 @@ from jaxtyping import Array, Float, Int
 
 from pallas_kernels.common import MASK_VALUE, check_int32_extent, default_scale
 from pallas_kernels.decode.reference import combine_gated, num_visible_cmp, select_from_logits
+
+MAX_SELECT_BLOCKS = 4096  # J' the select kernel keeps in registers (l' = 64: 256k tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +69,14 @@ class BlockSizes:
       num_warps, num_stages: Triton launch parameters.
       fuse_sparse: attend the selected blocks and the window in one launch (a ``lax.cond`` per
         program picks the key set) rather than two.
+      select_kernel: take the top-n blocks in the ``nsa_decode_select`` kernel; ``False`` runs
+        the twin's XLA selection (``select_from_logits``) instead.
+      select_chunk: compressed tokens per step of the select kernel (a power of two >= 16;
+        raised to ``l'/d`` if smaller).
+      select_merge_splits: the select kernel also merges the compressed branch's partial
+        outputs into ``o_cmp`` when that kernel used at most this many splits (``0``: never).
+        With more splits (small batches) XLA merges them, since one program per KV group
+        would read every split's ``[G, Dv]`` output alone.
     """
 
     block_k: int = 64
@@ -58,12 +84,19 @@ class BlockSizes:
     num_warps: int = 4
     num_stages: int = 2
     fuse_sparse: bool = True
+    select_kernel: bool = True
+    select_chunk: int = 128
+    select_merge_splits: int = 8
 
     def __post_init__(self):
         if self.block_k < 16 or self.block_k & (self.block_k - 1):
             raise ValueError(f"block_k must be a power of two >= 16, got {self.block_k}")
         if self.target_programs < 1:
             raise ValueError(f"target_programs must be >= 1, got {self.target_programs}")
+        if self.select_chunk < 16 or self.select_chunk & (self.select_chunk - 1):
+            raise ValueError(f"select_chunk must be a power of two >= 16, got {self.select_chunk}")
+        if self.select_merge_splits < 0:
+            raise ValueError(f"select_merge_splits must be >= 0, got {self.select_merge_splits}")
 
 
 def _pow2_divisor(x: int, cap: int) -> int:
@@ -74,6 +107,10 @@ def _pow2_divisor(x: int, cap: int) -> int:
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
+
+
+def _prev_pow2(x: int) -> int:
+    return 1 << max(0, x.bit_length() - 1)
 
 
 # Kernels ---------------------------------------------------------------------------------------
@@ -137,6 +174,116 @@ def _sparse_kernel(lo_ref, hi_ref, q_ref, k_slc_ref, v_slc_ref, k_swa_ref, v_swa
     l_ref[...] = l_i
 
 
+@dataclasses.dataclass(frozen=True)
+class _SelectGeom:
+    """Static shape of one ``nsa_decode_select`` call."""
+
+    l: int  # noqa: E741  (the paper's symbol)
+    d: int
+    lp: int
+    top_n: int
+    g: int  # query heads per group: rows of the logits that count
+    num_cmp: int  # C, compressed slots in the cache
+    num_blocks: int  # J, selection blocks in the raw cache
+    chunk: int  # compressed tokens per step
+    interpret: bool
+
+    @property
+    def rp(self) -> int:
+        return self.lp // self.d
+
+    @property
+    def blocks_per_chunk(self) -> int:
+        return self.chunk // self.rp
+
+    @property
+    def score_len(self) -> int:
+        """``J'``: the scratch row of block scores, a power of two holding every chunk."""
+        return _next_pow2(max(self.num_blocks, self.blocks_per_chunk))
+
+    @property
+    def logits_len(self) -> int:
+        """Logit columns the kernel may load: whole chunks up to the last block's."""
+        return -(-self.num_blocks // self.blocks_per_chunk) * self.chunk
+
+
+def _overlap(e, r: int, rp: int):
+    """Overlap in strides (spec Eq. 9) of a compressed token that starts ``e`` strides after a
+    selection block's start with that block: ``min(e + r, r') - max(e, 0)``, at least 0."""
+    return jnp.maximum(jnp.minimum(e + r, rp) - jnp.maximum(e, 0), 0).astype(jnp.float32)
+
+
+def _select_kernel(t_ref, m_ref, l_ref, s_ref, *refs, geom: _SelectGeom, merge_o: bool):
+    if merge_o:
+        o_ref, idx_ref, score_ref, lse_ref, oc_ref = refs
+    else:
+        idx_ref, score_ref, lse_ref = refs
+    r, rp, bc, nbc = geom.l // geom.d, geom.rp, geom.chunk, geom.blocks_per_chunk
+    t = t_ref[()]
+    n_vis = jnp.where(t + 1 >= geom.l, (t + 1 - geom.l) // geom.d + 1, 0)
+    n_vis = jnp.minimum(n_vis, geom.num_cmp)
+    cur = t // geom.lp  # the current block
+
+    # 1. Merge the compressed kernel's split softmaxes (merge_partials' expressions).
+    m_max = m_ref[...].max(axis=0)  # [Gg]
+    l_tot = (jnp.exp(m_ref[...] - m_max[None, :]) * l_ref[...]).sum(axis=0)  # [Gg]
+    has = l_tot > 0
+    safe = jnp.where(has, l_tot, 1.0)
+    lse = m_max + jnp.log(safe)
+    lse_ref[...] = jnp.where(has, lse, -jnp.inf)
+    if merge_o:
+        o = jnp.zeros(oc_ref.shape, jnp.float32)
+        for j in range(o_ref.shape[0]):  # a few splits, unrolled so the loads issue together
+            o = o + jnp.exp(m_ref[j, :] - m_max)[:, None] * o_ref[j]  # [Gg, Dv]
+        oc_ref[...] = o / safe[:, None]
+    shift = jnp.where(has, lse, 0.0)[:, None]  # [Gg, 1]: the twin's finite lse
+
+    # 2. Block scores chunk by chunk, into the scratch row.
+    rows = jnp.arange(s_ref.shape[0], dtype=jnp.int32)[:, None] < geom.g  # [Gg, 1]
+    tok = jnp.arange(bc, dtype=jnp.int32)
+    w_in = _overlap(tok[:, None] - jnp.arange(nbc, dtype=jnp.int32)[None, :] * rp, r, rp)
+    w_next = _overlap(tok - bc, r, rp)  # [bc]: weights for the next chunk's first block
+    first = jnp.arange(nbc, dtype=jnp.int32) == 0
+    n_chunks = cur // nbc + 1
+
+    def load(c):
+        start = c * bc if isinstance(c, int) else pl.multiple_of(c * bc, bc)
+        return s_ref[:, pl.ds(start, bc)]  # [Gg, bc]
+
+    def chunk_body(c, carry):
+        s, pending = carry
+        s_next = load(jnp.minimum(c + 1, n_chunks - 1))  # in flight during this chunk's maths
+        vis = rows & ((c * bc + tok) < n_vis)[None, :]  # [Gg, bc]
+        # The same expression as the twin's (and the training path's) probabilities.
+        p = jnp.where(vis, jnp.exp(jnp.minimum(s - shift, 0.0)), 0.0)
+        p_sum = p.sum(axis=0)  # [bc]: the group's sum first, as the twin does
+        score = (p_sum[:, None] * w_in).sum(axis=0) + jnp.where(first, pending, 0.0)  # [nbc]
+        score_ref[pl.ds(pl.multiple_of(c * nbc, nbc), nbc)] = score
+        return s_next, (p_sum * w_next).sum()
+
+    jax.lax.fori_loop(0, n_chunks, chunk_body, (load(0), jnp.zeros((), jnp.float32)))
+
+    # 3. Top-n. Each thread reads scores other threads wrote: a CTA barrier makes the global
+    # writes before it visible after it.
+    if not geom.interpret:
+        plgpu.debug_barrier()
+    j = jnp.arange(score_ref.shape[0], dtype=jnp.int32)
+    forced = (j == 0) | (j == cur) | (j == cur - 1)
+    pri = jnp.where(j <= cur, jnp.where(forced, jnp.inf, score_ref[...]), -jnp.inf)  # [J']
+    slot = jnp.arange(idx_ref.shape[0], dtype=jnp.int32)
+
+    def pick(i, carry):
+        pri, ids = carry
+        best = jnp.argmax(pri).astype(jnp.int32)  # the lowest index among equal maxima
+        ids = jnp.where(slot == i, best, ids)
+        return jnp.where(j == best, -jnp.inf, pri), ids
+
+    # Blocks 0..cur are the valid ones; slots past them stay -1.
+    rounds = jnp.minimum(cur + 1, min(geom.top_n, geom.num_blocks))
+    _, ids = jax.lax.fori_loop(0, rounds, pick, (pri, jnp.full(slot.shape, -1, jnp.int32)))
+    idx_ref[...] = ids
+
+
 # pallas_call wrappers --------------------------------------------------------------------------
 
 def _partial_specs(gp, dv):
@@ -162,17 +309,20 @@ def _seq_spec(s_len, d):
     return pl.BlockSpec((None, s_len, None, d), lambda b, k, j: (b, 0, k, 0))
 
 
-def _range_call(lo, hi, qg, k, v, *, with_logits, scale, block_k, precision, params,
-                interpret, name, ring=False):
+def _range_call(lo, hi, qg, k, v, *, scale, block_k, precision, params, interpret, name,
+                logits_len=0, ring=False):
+    """Split attention over key ranges; with ``logits_len > 0`` also the logits
+    ``[B, K, Gp, logits_len]`` (``logits_len >= S``; only visited tiles are written)."""
     b, kh, m = lo.shape
     gp, dk = qg.shape[2:]
     s_len, dv = k.shape[1], v.shape[-1]
     kernel = functools.partial(_range_kernel, scale=scale, block_k=block_k, precision=precision,
                                ring=ring)
     out_specs, out_shape = _partial_specs(gp, dv), _partial_shapes(b, kh, m, gp, dv)
-    if with_logits:
-        out_specs.append(pl.BlockSpec((None, None, gp, s_len), lambda b, k, j: (b, k, 0, 0)))
-        out_shape.append(jax.ShapeDtypeStruct((b, kh, gp, s_len), jnp.float32))
+    if logits_len:
+        out_specs.append(pl.BlockSpec((None, None, gp, logits_len),
+                                      lambda b, k, j: (b, k, 0, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((b, kh, gp, logits_len), jnp.float32))
     return pl.pallas_call(
         kernel,
         grid=(b, kh, m),
@@ -207,6 +357,48 @@ def _sparse_call(lo, hi, qg, k_slc, v_slc, k_swa, v_swa, *, num_slc, scale, bloc
         interpret=interpret,
         name="nsa_decode_sparse",
     )(lo, hi, qg, k_slc, v_slc, k_swa, v_swa)
+
+
+def _select_call(t, m_p, l_p, s_cmp, o_p, *, geom: _SelectGeom, params):
+    """``nsa_decode_select`` over grid ``B x K``: (indices ``[B, K, n']``, block scores
+    ``[B, K, J']``, lse ``[B, K, Gg]``, ``o_cmp [B, K, Gg, Dv]`` when ``o_p`` is given), with
+    ``n'``, ``J'`` and ``Gg`` the powers of two at or above ``n``, ``J`` and ``G``."""
+    b, kh, mc = m_p.shape[:3]
+    gg, cp = _next_pow2(geom.g), s_cmp.shape[-1]
+    n_slots = _next_pow2(geom.top_n)
+    merge_o = o_p is not None
+    in_specs = [
+        pl.BlockSpec((None,), lambda b, k: (b,)),  # t
+        pl.BlockSpec((None, None, mc, gg), lambda b, k: (b, k, 0, 0)),  # m
+        pl.BlockSpec((None, None, mc, gg), lambda b, k: (b, k, 0, 0)),  # l
+        pl.BlockSpec((None, None, gg, cp), lambda b, k: (b, k, 0, 0)),  # logits
+    ]
+    out_specs = [
+        pl.BlockSpec((None, None, n_slots), lambda b, k: (b, k, 0)),  # indices
+        pl.BlockSpec((None, None, geom.score_len), lambda b, k: (b, k, 0)),  # score scratch
+        pl.BlockSpec((None, None, gg), lambda b, k: (b, k, 0)),  # lse
+    ]
+    out_shape = [jax.ShapeDtypeStruct((b, kh, n_slots), jnp.int32),
+                 jax.ShapeDtypeStruct((b, kh, geom.score_len), jnp.float32),
+                 jax.ShapeDtypeStruct((b, kh, gg), jnp.float32)]
+    args = [t, m_p, l_p, s_cmp]
+    if merge_o:
+        dv = o_p.shape[-1]
+        in_specs.append(pl.BlockSpec((None, None, mc, gg, dv), lambda b, k: (b, k, 0, 0, 0)))
+        out_specs.append(pl.BlockSpec((None, None, gg, dv), lambda b, k: (b, k, 0, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((b, kh, gg, dv), jnp.float32))
+        args.append(o_p)
+    out = pl.pallas_call(
+        functools.partial(_select_kernel, geom=geom, merge_o=merge_o),
+        grid=(b, kh),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=params,
+        interpret=geom.interpret,
+        name="nsa_decode_select",
+    )(*args)
+    return out[0], out[1], out[2], (out[3] if merge_o else None)
 
 
 # Glue ------------------------------------------------------------------------------------------
@@ -244,6 +436,126 @@ def merge_partials(o, m_i, l_i):
     return o_tot / safe[..., None], jnp.where(has, m_max[:, :, 0] + jnp.log(safe), -jnp.inf)
 
 
+def _check_geometry(what, cmp_block_size, cmp_stride, slc_block_size, top_n):
+    l, d, lp = cmp_block_size, cmp_stride, slc_block_size  # noqa: E741 (the paper's symbols)
+    if d < 1 or l % d or lp % d or l > lp:
+        raise ValueError(f"{what}: need d | l, d | l' and l <= l'; got l={l}, d={d}, l'={lp}")
+    if top_n < 1:
+        raise ValueError(f"{what}: top_n must be >= 1, got {top_n}")
+
+
+def _select_unsupported(geom: _SelectGeom) -> str | None:
+    """Why the select kernel cannot take this geometry (``None``: it can)."""
+    if geom.rp & (geom.rp - 1):
+        return f"l'/d={geom.rp} is not a power of two"
+    if geom.score_len > MAX_SELECT_BLOCKS:
+        return f"{geom.score_len} selection blocks exceed MAX_SELECT_BLOCKS={MAX_SELECT_BLOCKS}"
+    return None
+
+
+class Selection(NamedTuple):
+    """What ``select_top_n`` returns.
+
+    Attributes:
+      indices: ``int32 [B, K, n]`` selected blocks in the twin's slot order, ``-1`` unused.
+      lse: merged log-sum-exp of the compressed branch ``[B, K, G]``.
+      o_cmp: merged compressed output ``[B, K, G, Dv]`` (``None`` unless ``o_p`` was given).
+      scores: group-summed block scores ``[B, K, J']`` before forcing (the kernel's scratch);
+        only blocks ``j <= t // l'`` of each sequence are defined.
+    """
+
+    indices: Int[Array, "B K M"]
+    lse: Float[Array, "B K G"]
+    o_cmp: Float[Array, "B K G Hv"] | None
+    scores: Float[Array, "B K J"]
+
+
+def select_top_n(
+    s_cmp: Float[Array, "B K Gp Cp"],
+    m_p: Float[Array, "B K Mc Gp"],
+    l_p: Float[Array, "B K Mc Gp"],
+    seq_lens: Int[Array, " B"],
+    *,
+    group_size: int,
+    num_blocks: int,
+    cmp_block_size: int,
+    cmp_stride: int,
+    slc_block_size: int,
+    top_n: int,
+    num_cmp: int | None = None,
+    o_p: Float[Array, "B K Mc Gp Hv"] | None = None,
+    chunk: int = 128,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+) -> Selection:
+    """The ``nsa_decode_select`` kernel on its own: the twin's ``merge_partials`` and
+    ``select_from_logits`` of the compressed kernel's outputs.
+
+    Args:
+      s_cmp: scaled logits of the compressed branch ``[B, K, Gp, Cp]``, ``Gp >= G`` (rows past
+        ``G`` and columns of invisible tokens may hold anything, NaN included).
+      m_p, l_p: split maxima and sums of the compressed softmax ``[B, K, Mc, Gp]``.
+      seq_lens: tokens in the cache, the query's own included ``[B]``.
+      group_size: ``G``, query heads per KV group.
+      num_blocks: ``J``, selection blocks in the raw cache.
+      cmp_block_size, cmp_stride, slc_block_size, top_n: ``l``, ``d``, ``l'``, ``n``.
+      num_cmp: ``C``, compressed slots of the cache (``Cp`` by default); later columns never
+        count.
+      o_p: split outputs ``[B, K, Mc, Gp, Dv]`` to merge into ``o_cmp`` as well (``None``: not).
+      chunk: compressed tokens per step (a power of two; raised to ``l'/d`` if smaller).
+      num_warps, num_stages: Triton launch parameters.
+      interpret: run in the Pallas interpreter.
+
+    Returns:
+      A ``Selection``: indices, lse, ``o_cmp`` and the block scores.
+    """
+    what = "select_top_n"
+    _check_geometry(what, cmp_block_size, cmp_stride, slc_block_size, top_n)
+    if (s_cmp.ndim != 4 or m_p.ndim != 4 or m_p.shape != l_p.shape
+            or m_p.shape[:2] + m_p.shape[3:] != s_cmp.shape[:3]):
+        raise ValueError(f"{what}: need s_cmp [B, K, Gp, Cp] and m_p, l_p [B, K, Mc, Gp]; got "
+                         f"{s_cmp.shape=}, {m_p.shape=}, {l_p.shape=}")
+    b, kh, mc, gp = m_p.shape
+    if seq_lens.shape != (b,):
+        raise ValueError(f"{what}: seq_lens must be [B]={(b,)}, got {seq_lens.shape=}")
+    if not 1 <= group_size <= gp:
+        raise ValueError(f"{what}: group_size={group_size} must lie in [1, Gp={gp}]")
+    if o_p is not None and (o_p.ndim != 5 or o_p.shape[:4] != m_p.shape):
+        raise ValueError(f"{what}: o_p must be [B, K, Mc, Gp, Dv] with {m_p.shape=}, "
+                         f"got {o_p.shape=}")
+    if chunk < 1 or chunk & (chunk - 1):
+        raise ValueError(f"{what}: chunk must be a power of two, got {chunk}")
+    geom = _SelectGeom(
+        l=cmp_block_size, d=cmp_stride, lp=slc_block_size, top_n=top_n, g=group_size,
+        num_cmp=s_cmp.shape[-1] if num_cmp is None else num_cmp, num_blocks=num_blocks,
+        chunk=max(chunk, slc_block_size // cmp_stride), interpret=interpret)
+    why = _select_unsupported(geom)
+    if why:
+        raise NotImplementedError(f"{what}: {why}")
+    # Powers of two for Triton: pad the splits (empty ones), the rows and the columns.
+    gg, mcp = _next_pow2(group_size), _next_pow2(mc)
+    rows, cols = max(gp, gg) - gp, max(0, geom.logits_len - s_cmp.shape[-1])
+    if mcp > mc or rows:
+        m_p = jnp.pad(m_p, [(0, 0), (0, 0), (0, mcp - mc), (0, rows)], constant_values=MASK_VALUE)
+        l_p = jnp.pad(l_p, [(0, 0), (0, 0), (0, mcp - mc), (0, rows)])
+        if o_p is not None:
+            o_p = jnp.pad(o_p, [(0, 0), (0, 0), (0, mcp - mc), (0, rows), (0, 0)])
+    if rows or cols:
+        s_cmp = jnp.pad(s_cmp, [(0, 0), (0, 0), (0, rows), (0, cols)])
+    params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    t = seq_lens.astype(jnp.int32) - 1
+    idx, scores, lse, o_cmp = _select_call(
+        t, m_p.astype(jnp.float32), l_p.astype(jnp.float32), s_cmp.astype(jnp.float32),
+        None if o_p is None else o_p.astype(jnp.float32), geom=geom, params=params)
+    g = group_size
+    return Selection(idx[:, :, :top_n], lse[:, :, :g],
+                     None if o_cmp is None else o_cmp[:, :, :g], scores)
+
+
+STAGES = ("cmp", "select", "full")
+
+
 def decode_attention(
     q: Float[Array, "B N H"],
     k_cmp: Float[Array, "B C K H"],
@@ -270,7 +582,50 @@ def decode_attention(
     Returns:
       ``(o [B, N, Dv] in q.dtype, indices int32 [B, K, n])``.
     """
+    out = decode_stages(
+        q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq_lens, upto="full",
+        cmp_block_size=cmp_block_size, cmp_stride=cmp_stride, slc_block_size=slc_block_size,
+        top_n=top_n, window_size=window_size, scale=scale, block_sizes=block_sizes,
+        interpret=interpret)
+    return out["o"], out["indices"]
+
+
+def decode_stages(
+    q: Float[Array, "B N H"],
+    k_cmp: Float[Array, "B C K H"],
+    v_cmp: Float[Array, "B C K Hv"],
+    k_slc: Float[Array, "B S K H"],
+    v_slc: Float[Array, "B S K Hv"],
+    k_swa: Float[Array, "B S K H"],
+    v_swa: Float[Array, "B S K Hv"],
+    gates: Float[Array, "B N 3"],
+    seq_lens: Int[Array, " B"],
+    *,
+    upto: str,
+    cmp_block_size: int,
+    cmp_stride: int,
+    slc_block_size: int,
+    top_n: int,
+    window_size: int,
+    scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> dict[str, Array]:
+    """The decode chain up to a stage, so a benchmark can time each prefix.
+
+    ``upto`` is one of ``STAGES``:
+
+    - ``"cmp"``: the compressed kernel and the XLA merge of its splits: ``o_cmp [B, N, Dv]``
+      (float32) and ``lse_cmp [B, K, G]``;
+    - ``"select"``: the compressed kernel and the selection (``nsa_decode_select``, which merges
+      the splits itself when it can, or XLA's merge and ``select_from_logits``): ``o_cmp`` and
+      ``indices [B, K, n]``;
+    - ``"full"``: the whole chain, ``o [B, N, Dv]`` in ``q.dtype`` and ``indices``.
+    """
+    if upto not in STAGES:
+        raise ValueError(f"upto={upto!r} is not one of {STAGES}")
     bs = block_sizes or BlockSizes()
+    _check_geometry("decode_attention", cmp_block_size, cmp_stride, slc_block_size, top_n)
     b, n, dk = q.shape
     c, kh, dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[-1]
     g = n // kh
@@ -293,27 +648,52 @@ def decode_attention(
     precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     params = plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
     common = dict(scale=scale, precision=precision, params=params, interpret=interpret)
+    num_blocks = -(-s_slc // slc_block_size)
+    geom = _SelectGeom(
+        l=cmp_block_size, d=cmp_stride, lp=slc_block_size, top_n=top_n, g=g, num_cmp=c,
+        num_blocks=num_blocks, chunk=max(bs.select_chunk, slc_block_size // cmp_stride),
+        interpret=interpret)
+    if not bs.select_kernel or _select_unsupported(geom):
+        geom = None  # XLA selects
 
     gp = max(16, _next_pow2(g))
     qg = jnp.pad(q.reshape(b, kh, g, dk), [(0, 0), (0, 0), (0, gp - g), (0, 0)])  # [B,K,Gp,Dk]
     t = seq_lens.astype(jnp.int32) - 1  # [B]
 
-    # 1. Compressed branch, split over the compressed tokens.
+    # 1. Compressed branch, split over the compressed tokens (a power of two of splits, so the
+    # select kernel reads all their maxima and sums in one tile).
     per_row = b * kh
-    mc = min(_next_pow2(-(-bs.target_programs // per_row)), c // block_kc)
+    mc = min(_next_pow2(-(-bs.target_programs // per_row)), _prev_pow2(c // block_kc))
     hi_c = jnp.broadcast_to((num_visible_cmp(t + 1, cmp_block_size, cmp_stride) - 1)[:, None],
                             (b, kh))
     lo_c, hi_c = split_range(jnp.zeros_like(hi_c), hi_c, mc, block_kc)  # [B, K, Mc]
-    o_p, m_p, l_p, s_cmp = _range_call(lo_c, hi_c, qg, k_cmp, v_cmp, with_logits=True,
-                                       block_k=block_kc, name="nsa_decode_cmp", **common)
-    o_cmp, lse_cmp = merge_partials(o_p[:, :, :, :g], m_p[..., :g], l_p[..., :g])
+    logits_len = max(c, geom.logits_len) if geom else c
+    o_p, m_p, l_p, s_cmp = _range_call(lo_c, hi_c, qg, k_cmp, v_cmp, block_k=block_kc,
+                                       name="nsa_decode_cmp", logits_len=logits_len, **common)
+
+    def merge_cmp():
+        return merge_partials(o_p[:, :, :, :g], m_p[..., :g], l_p[..., :g])  # [B,K,G,Dv], [B,K,G]
+
+    if upto == "cmp":
+        o_cmp, lse_cmp = merge_cmp()
+        return {"o_cmp": o_cmp.reshape(b, n, dv), "lse_cmp": lse_cmp}
 
     # 2. Selection from the branch's own probabilities.
-    indices = select_from_logits(
-        s_cmp[:, :, :g], lse_cmp, t + 1, num_blocks=-(-s_slc // slc_block_size),
-        cmp_block_size=cmp_block_size, cmp_stride=cmp_stride, slc_block_size=slc_block_size,
-        top_n=top_n,
-    )  # [B, K, n]
+    if geom is not None:
+        merge_o = mc <= bs.select_merge_splits
+        indices, _, _, o_cmp = _select_call(t, m_p, l_p, s_cmp, o_p if merge_o else None,
+                                         geom=geom, params=params)
+        indices = indices[:, :, :top_n]  # [B, K, n]
+        o_cmp = o_cmp[:, :, :g] if merge_o else merge_cmp()[0]
+    else:
+        o_cmp, lse_cmp = merge_cmp()
+        indices = select_from_logits(
+            s_cmp[:, :, :g], lse_cmp, t + 1, num_blocks=num_blocks,
+            cmp_block_size=cmp_block_size, cmp_stride=cmp_stride,
+            slc_block_size=slc_block_size, top_n=top_n,
+        )  # [B, K, n]
+    if upto == "select":
+        return {"o_cmp": o_cmp.reshape(b, n, dv), "indices": indices}
 
     # 3. Selected blocks and the window (one launch, or one each).
     lo_s = indices * slc_block_size
@@ -330,7 +710,7 @@ def decode_attention(
         parts_slc = (o_p[:, :, :top_n], m_p[:, :, :top_n], l_p[:, :, :top_n])
         parts_swa = (o_p[:, :, top_n:], m_p[:, :, top_n:], l_p[:, :, top_n:])
     else:
-        kw = dict(with_logits=False, block_k=block_k, **common)
+        kw = dict(block_k=block_k, **common)
         parts_slc = _range_call(lo_s, hi_s, qg, k_slc, v_slc, name="nsa_decode_slc", **kw)
         parts_swa = _range_call(lo_w, hi_w, qg, k_swa, v_swa, name="nsa_decode_swa", ring=True,
                                 **kw)
@@ -340,4 +720,4 @@ def decode_attention(
     # 4. Gates.
     o = combine_gated(gates, o_cmp.reshape(b, n, dv), o_slc.reshape(b, n, dv),
                       o_swa.reshape(b, n, dv), q.dtype)
-    return o, indices
+    return {"o": o, "indices": indices}

@@ -13,6 +13,7 @@ import pytest
 
 from pallas_kernels.decode import gpu
 from pallas_kernels.decode import reference as ref
+from pallas_kernels.selection import reference as sel_ref
 from tests.tolerances import assert_close
 
 GEOM = dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=4, window_size=16)
@@ -31,24 +32,146 @@ def _inputs(seed, b, n, kh, dk, dv, s_len, c, dtype):
 
 
 @pytest.mark.parametrize(
-    "n,kh,dk,dv,block_k,fuse,dtype",
+    "n,kh,dk,dv,block_k,fuse,select,dtype",
     [
-        (8, 2, 16, 32, 16, True, jnp.float32),  # G = 4 padded to 16; several splits per branch
-        (16, 1, 32, 16, 64, False, jnp.float32),  # MQA, G = 16; one tile per split; 3 launches
-        (8, 2, 32, 32, 16, True, jnp.bfloat16),
+        # G = 4 padded to 16; several splits per branch; the select kernel merges o_cmp.
+        (8, 2, 16, 32, 16, True, {}, jnp.float32),
+        # MQA, G = 16; one tile per split; 3 launches; selection chunks of 16 tokens.
+        (16, 1, 32, 16, 64, False, dict(select_chunk=16), jnp.float32),
+        (8, 2, 32, 32, 16, True, {}, jnp.bfloat16),
+        # XLA merges o_cmp (more splits than select_merge_splits), the kernel selects.
+        (8, 2, 16, 32, 16, True, dict(select_merge_splits=0), jnp.float32),
+        (8, 2, 16, 32, 16, True, dict(select_kernel=False), jnp.float32),  # XLA selects
     ],
 )
-def test_decode_kernel_matches_twin(n, kh, dk, dv, block_k, fuse, dtype):
+def test_decode_kernel_matches_twin(n, kh, dk, dv, block_k, fuse, select, dtype):
     s_len, c = 64, 64
     # Lengths: a single token (no compressed token yet), block-unaligned, and a full cache.
     seq_lens = jnp.asarray([1, 7, 30, 64], jnp.int32)
     args = (*_inputs(n + dk, len(seq_lens), n, kh, dk, dv, s_len, c, dtype), seq_lens)
-    sizes = gpu.BlockSizes(block_k=block_k, target_programs=64, fuse_sparse=fuse)
+    sizes = gpu.BlockSizes(block_k=block_k, target_programs=64, fuse_sparse=fuse, **select)
     o_ref, idx_ref = ref.decode_attention(*args, **GEOM)
     o, idx = gpu.decode_attention(*args, **GEOM, block_sizes=sizes, interpret=True)
     assert o.dtype == o_ref.dtype and o.shape == o_ref.shape
     np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(idx_ref), -1))
-    assert_close(o, o_ref, dtype, f"decode kernel G={n // kh} block_k={block_k} fuse={fuse}")
+    assert_close(o, o_ref, dtype, f"decode kernel G={n // kh} block_k={block_k} fuse={fuse} "
+                 f"{select}")
+
+
+def _select_inputs(seed, b, kh, g, gp, mc, c, seq_lens, geom, *, ties):
+    """Logits ``[B, K, Gp, C]`` (NaN in the rows past ``G`` and at invisible tokens, which must
+    not count) and split partials ``m, l [B, K, Mc, Gp]``, ``o [B, K, Mc, Gp, 16]``.
+
+    With ``ties`` the merged log-sum-exp is exactly 0 and every logit is 0 or -1000, so each
+    probability is exactly 1 or 0 and every block score a small integer: any summation order
+    gives the same floats, and equal scores are real ties that only the index may break.
+    """
+    ks = jax.random.split(jax.random.key(seed), 5)
+    if ties:
+        s = jnp.where(jax.random.bernoulli(ks[0], 0.3, (b, kh, gp, c)), 0.0, -1000.0)
+        m = jnp.zeros((b, kh, mc, gp))
+        l = jnp.zeros((b, kh, mc, gp)).at[:, :, 0].set(1.0)  # noqa: E741
+    else:
+        s = 3.0 * jax.random.normal(ks[0], (b, kh, gp, c))
+        m = jax.random.normal(ks[1], (b, kh, mc, gp))
+        l = jax.random.uniform(ks[2], (b, kh, mc, gp), minval=0.5, maxval=2.0)  # noqa: E741
+        # An empty split: nothing to merge from it.
+        m, l = m.at[:, :, -1].set(-1e30), l.at[:, :, -1].set(0.0)  # noqa: E741
+    o = jax.random.normal(ks[3], (b, kh, mc, gp, 16))
+    n_vis = ref.num_visible_cmp(seq_lens, geom["cmp_block_size"], geom["cmp_stride"])
+    visible = jnp.arange(c)[None, :] < n_vis[:, None]  # [B, C]
+    keep = visible[:, None, None, :] & (jnp.arange(gp) < g)[None, None, :, None]
+    return jnp.where(keep, s, jnp.nan), m, l, o
+
+
+@pytest.mark.parametrize(
+    "g,geom,c,s_len,chunk,ties",
+    [
+        # l=8, d=4, l'=16 (the paper's ratios); C=80 is not a multiple of the 32-token chunk.
+        (1, dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=8), 80, 300, 32, False),
+        (4, dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=8), 64, 256, 16, True),
+        # G = 3: a padded row inside the kernel's power-of-two tile.
+        (3, dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=7), 64, 256, 32, True),
+        # l=16, d=4, l'=32: three tokens of each block reach into the next; more slots than
+        # the short sequences have blocks.
+        (16, dict(cmp_block_size=16, cmp_stride=4, slc_block_size=32, top_n=6), 80, 320, 64,
+         True),
+        (16, dict(cmp_block_size=16, cmp_stride=4, slc_block_size=32, top_n=5), 80, 320, 16,
+         False),
+        # l = l' = d: block scores are the token probabilities themselves.
+        (4, dict(cmp_block_size=4, cmp_stride=4, slc_block_size=4, top_n=5), 48, 48, 16, True),
+    ],
+)
+def test_select_kernel_matches_select_from_logits(g, geom, c, s_len, chunk, ties):
+    # Lengths: no compressed token yet, the first ones, across block and chunk boundaries.
+    lp = geom["slc_block_size"]
+    seq_lens = jnp.asarray(sorted({1, 9, lp + 1, 2 * lp, 3 * lp + 5, s_len // 2 + 3, s_len}),
+                           jnp.int32)
+    b, kh, gp, mc = len(seq_lens), 2, max(16, g), 4
+    s, m, l, o = _select_inputs(g + c + chunk, b, kh, g, gp, mc, c, seq_lens, geom, ties=ties)  # noqa: E741
+    nb = -(-s_len // lp)
+    idx, lse, o_cmp, scores = gpu.select_top_n(
+        s, m, l, seq_lens, group_size=g, num_blocks=nb, o_p=o, chunk=chunk, interpret=True,
+        **geom)
+    o_ref, lse_ref = gpu.merge_partials(o[:, :, :, :g], m[..., :g], l[..., :g])
+    idx_ref = ref.select_from_logits(s[:, :, :g], lse_ref, seq_lens, num_blocks=nb, **geom)
+    assert idx.shape == idx_ref.shape and idx.dtype == jnp.int32
+    # The block scores of every valid block, from the twin's expressions.
+    visible = jnp.arange(c)[None, :] < ref.num_visible_cmp(
+        seq_lens, geom["cmp_block_size"], geom["cmp_stride"])[:, None]
+    p = jnp.where(visible[:, None, None, :], jnp.exp(jnp.minimum(s[:, :, :g] - jnp.where(
+        jnp.isfinite(lse_ref), lse_ref, 0.0)[..., None], 0.0)), 0.0)  # [B, K, G, C]
+    scores_ref = sel_ref.block_scores_from_probs(
+        p.reshape(b, 1, kh * g, c), kh, nb, **{k: geom[k] for k in
+                                               ("cmp_block_size", "cmp_stride", "slc_block_size")}
+    )[:, 0]  # [B, K, J]
+    for i, n in enumerate(np.asarray(seq_lens)):
+        cur = (n - 1) // lp
+        np.testing.assert_allclose(scores[i, :, :cur + 1], scores_ref[i, :, :cur + 1],
+                                   rtol=0 if ties else 1e-6, atol=0 if ties else 1e-6)
+    np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(idx_ref), -1))
+    if ties:  # equal scores: even the slot order is the twin's (forced, then score, then index)
+        np.testing.assert_array_equal(np.asarray(idx), np.asarray(idx_ref))
+        assert (np.asarray(idx_ref)[:, :, 3:] >= 0).any(), "no slot chosen by score"
+    assert_close(lse, lse_ref, jnp.float32, "merged lse")
+    assert_close(o_cmp, o_ref, jnp.float32, "merged o_cmp")
+
+
+def test_select_kernel_validates_its_inputs():
+    geom = dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=4, num_blocks=4)
+    s, m = jnp.zeros((1, 1, 16, 64)), jnp.zeros((1, 1, 2, 16))
+    lens = jnp.asarray([10], jnp.int32)
+    with pytest.raises(ValueError, match="group_size=17"):
+        gpu.select_top_n(s, m, m, lens, group_size=17, interpret=True, **geom)
+    with pytest.raises(ValueError, match=r"m_p.shape=\(1, 1, 2, 8\)"):
+        gpu.select_top_n(s, m[..., :8], m[..., :8], lens, group_size=4, interpret=True, **geom)
+    with pytest.raises(ValueError, match="l=8, d=3"):
+        gpu.select_top_n(s, m, m, lens, group_size=4, interpret=True,
+                         **{**geom, "cmp_stride": 3})
+    with pytest.raises(NotImplementedError, match="l'/d=6"):
+        gpu.select_top_n(s, m, m, lens, group_size=4, interpret=True,
+                         **{**geom, "slc_block_size": 24})
+    with pytest.raises(ValueError, match="select_chunk must be a power of two >= 16, got 48"):
+        gpu.BlockSizes(select_chunk=48)
+    with pytest.raises(ValueError, match="select_merge_splits"):
+        gpu.BlockSizes(select_merge_splits=-1)
+
+
+def test_decode_stages_agree_with_the_whole_chain():
+    """The benchmark's prefixes: the compressed stage's XLA merge equals the select kernel's
+    fused one, and the selection stage picks the chain's blocks."""
+    seq_lens = jnp.asarray([1, 30, 64], jnp.int32)
+    args = (*_inputs(3, len(seq_lens), 8, 2, 16, 16, 64, 64, jnp.float32), seq_lens)
+    kw = dict(**GEOM, block_sizes=gpu.BlockSizes(block_k=16, target_programs=32),
+              interpret=True)
+    cmp = gpu.decode_stages(*args, upto="cmp", **kw)
+    sel = gpu.decode_stages(*args, upto="select", **kw)
+    _, idx_ref = ref.decode_attention(*args, **GEOM)
+    assert_close(sel["o_cmp"], cmp["o_cmp"], jnp.float32, "o_cmp: fused vs XLA merge")
+    np.testing.assert_array_equal(np.sort(np.asarray(sel["indices"]), -1),
+                                  np.sort(np.asarray(idx_ref), -1))
+    with pytest.raises(ValueError, match="upto='slc'"):
+        gpu.decode_stages(*args, upto="slc", **kw)
 
 
 def test_decode_kernel_reads_the_window_from_a_ring():
