@@ -422,13 +422,13 @@ def main():
         smoke_all(tuple(args.smoke) or ("cmp", "swa", "sel", "slc"), tuple(args.merges))
         return
     # (block_q, block_k, num_warps, num_stages, mask_edges_only, also the window); first = tuned
-    args.banded_variants = [(128, 64, 8, 2, False, True), (128, 64, 8, 2, True, True),
+    args.banded_variants = [(128, 64, 8, 3, True, True), (128, 64, 8, 2, True, True),
                             (128, 64, 8, 3, True, False), (128, 128, 8, 2, True, False),
                             (64, 64, 4, 2, True, False), (64, 64, 4, 3, True, False),
                             (128, 32, 4, 3, True, False), (128, 64, 4, 3, True, False)]
     args.selected_variants = [(2, 256), (8, 1024)]
     # (block_q, block_c, num_warps, num_stages, overlap_tf32x3, merge, pack_heads); the first
-    # is the table; block_q counts rows (positions x heads) when packed
+    # is the old per-head table, the third the packed table; block_q counts rows when packed
     args.selection_variants = [
         (64, 64, 4, 2, False, "dynamic", False), (64, 64, 4, 2, False, "one", False),
         (128, 64, 4, 2, True, "dynamic", True), (128, 64, 4, 2, True, "one", True),

@@ -8,7 +8,8 @@
 # then two chains in parallel, GPU 0: kernels (benchmark + tile variants, ~250 s), tests
 # (tests/pallas_kernels/test_gpu.py, ~360 s); GPU 1: decode (~120 s), train (throughput, ~300 s).
 # A 10-minute call fits "kernels decode train" or "multi tests".
-# KERNELS_ARGS replaces the kernel benchmark's size/variant arguments, TRAIN_ARGS is added to the
+# KERNELS_PRE_ARGS runs the kernel benchmark once more before the main run (a sweep, say);
+# DECODE_S is the decode benchmark's time limit (200 s). KERNELS_ARGS replaces the kernel benchmark's size/variant arguments, TRAIN_ARGS is added to the
 # throughput run's (e.g. TRAIN_ARGS="--set model.num_kv_heads=1 --seq-lens 32768,65536").
 # Writes DIR/results.tar.gz (result JSON/Markdown/PNG and every log) and DIR/summary.txt.
 set -u
@@ -31,6 +32,13 @@ if has multi; then
   echo "multi_gpu rc=$?" >> "$R/train_multi_gpu.log"
 fi
 (
+  if has kernels && [ -n "${KERNELS_PRE_ARGS:-}" ]; then  # e.g. a sweep before the main run
+    mkdir -p "$R/pre"
+    # shellcheck disable=SC2086
+    CUDA_VISIBLE_DEVICES=0 timeout 200 python benchmarks/kernels.py --out "$R/pre" \
+        $KERNELS_PRE_ARGS --commit "$COMMIT" > "$R/kernels_pre.log" 2>&1
+    echo "kernels_pre rc=$?" >> "$R/kernels_pre.log"
+  fi
   if has kernels; then
     lim=$(left); has tests && lim=$(( lim / 3 ))
     # shellcheck disable=SC2086
@@ -47,8 +55,8 @@ fi
 ) &
 (
   if has decode; then
-    CUDA_VISIBLE_DEVICES=1 timeout 200 python benchmarks/decode.py --out "$R" \
-        --commit "$COMMIT" --budget-s 150 > "$R/decode.log" 2>&1
+    CUDA_VISIBLE_DEVICES=1 timeout "${DECODE_S:-200}" python benchmarks/decode.py --out "$R" \
+        --commit "$COMMIT" --budget-s $(( ${DECODE_S:-200} - 60 )) > "$R/decode.log" 2>&1
     echo "decode rc=$?" >> "$R/decode.log"
   fi
   if has train; then
@@ -66,8 +74,9 @@ wait
   grep -h "rc=" "$R"/*.log
   grep -hE "^check" "$R/kernels.log"
   grep -hE "^T=.*(nsa|cudnn_dense) +(fwd|fwdbwd) " "$R/kernels.log"
-  grep -hE "^variant" "$R/kernels.log"
+  grep -hE "^variant" "$R/kernels_pre.log" "$R/kernels.log"
   grep -hE " (passed|failed)" "$R/test_gpu.log" | tail -3
+  grep -hE "^(check|stage|  sweep)" "$R/decode.log"
   tail -20 "$R/decode.log"
   grep -h '"name"' "$R/train.log" | cut -c1-160
   grep -hE "^(1 device|data=2|fsdp=2|tensor=2)" "$R/train_multi_gpu.log"

@@ -4,8 +4,8 @@ Each entry holds keyword arguments of the stage's frozen ``BlockSizes`` dataclas
 ``pallas_kernels/<branch>/gpu.py``). These are the values the committed H200 measurements
 (``docs/results/kernels.json``) ran with. The banded tiles and the selected dK/dV tiling come
 from sweeps on the device (``benchmarks/kernels.py --variants`` and ``--slc-parts``); the
-others are the usual flash-attention shapes for ``D=128`` in bf16. Kernels clamp them to short sequences and to shared memory, so the same table serves the
-CPU interpret tests.
+others are the usual flash-attention shapes for ``D=128`` in bf16. Kernels clamp them to short
+sequences and to shared memory, so the same table serves the CPU interpret tests.
 """
 
 from __future__ import annotations
@@ -26,5 +26,8 @@ COMPRESSED = dict(block_q=128, block_k=64, block_q_dkv=64, block_k_dkv=128,
 # warps measured 15.6 ms, against 29.3 ms with 8 warps and 19.3 ms with 8 entries and 8 warps.
 SELECTED = dict(entries_per_chunk=256, entries_per_step=4, num_warps=4, num_stages=2,
                 num_warps_bwd=4, num_stages_bwd=2)
-# Fused scores + top-n: ``block_q`` queries per program, ``block_c`` compressed tokens a step.
-SELECTION = dict(block_q=64, block_c=64, num_warps=4, num_stages=2)
+# Fused scores + top-n: ``block_q`` rows per program (with ``pack_heads``, positions x the
+# group's heads: 8 positions at G=16), ``block_c`` compressed tokens a step. The per-head
+# layout (``pack_heads=False``, 64 positions a program) measured 17.2 ms at 64k (commit e77f2e6).
+SELECTION = dict(block_q=128, block_c=64, num_warps=4, num_stages=2, overlap_tf32x3=True,
+                 pack_heads=True)
