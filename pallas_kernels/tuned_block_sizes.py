@@ -26,8 +26,9 @@ COMPRESSED = dict(block_q=128, block_k=64, block_q_dkv=64, block_k_dkv=128,
 # warps measured 15.6 ms, against 29.3 ms with 8 warps and 19.3 ms with 8 entries and 8 warps.
 SELECTED = dict(entries_per_chunk=256, entries_per_step=4, num_warps=4, num_stages=2,
                 num_warps_bwd=4, num_stages_bwd=2)
-# Fused scores + top-n: ``block_q`` rows per program (with ``pack_heads``, positions x the
-# group's heads: 8 positions at G=16), ``block_c`` compressed tokens a step. The per-head
-# layout (``pack_heads=False``, 64 positions a program) measured 17.2 ms at 64k (commit e77f2e6).
-SELECTION = dict(block_q=128, block_c=64, num_warps=4, num_stages=2, overlap_tf32x3=True,
-                 pack_heads=True)
+# Fused scores + top-n: ``block_q`` queries per program, ``block_c`` compressed tokens a step,
+# block scores by tf32x3 dots. At 64k (H200, commits e77f2e6 and 20a4330): 16.7 ms, against
+# 17.2 ms with float32 FMA dots and 25-35 ms with the head-packed layout (``pack_heads``); a
+# probe that merges one block a chunk took 15.3 ms, so the running top-n costs about 1.7 ms and
+# the rest is the per-head scores.
+SELECTION = dict(block_q=64, block_c=64, num_warps=4, num_stages=2, overlap_tf32x3=True)

@@ -90,13 +90,18 @@ class BlockSizes:
         def fits(resident, streamed, stages):
             return itemsize * (resident + stages * streamed) <= SMEM_BUDGET
 
-        while not fits(bq * dkp, bk * (dkp + dvp), self.num_stages) and max(bq, bk) > 16:
+        # Over budget: drop pipeline stages down to two first, then halve the larger tile.
+        st, stb = self.num_stages, self.num_stages_bwd
+        while not fits(bq * dkp, bk * (dkp + dvp), st) and st > 2:
+            st -= 1
+        while not fits(bq * dkp, bk * (dkp + dvp), st) and max(bq, bk) > 16:
             bq, bk = (bq // 2, bk) if bq >= bk and bq > 16 else (bq, max(16, bk // 2))
-        while (not fits(bkd * (dkp + dvp), bqd * (dkp + dvp), self.num_stages_bwd)
-               and max(bqd, bkd) > 16):
+        while not fits(bkd * (dkp + dvp), bqd * (dkp + dvp), stb) and stb > 2:
+            stb -= 1
+        while not fits(bkd * (dkp + dvp), bqd * (dkp + dvp), stb) and max(bqd, bkd) > 16:
             bqd, bkd = (bqd // 2, bkd) if bqd >= bkd and bqd > 16 else (bqd, max(16, bkd // 2))
         return dataclasses.replace(self, block_q=bq, block_k=bk, block_q_dkv=bqd,
-                                   block_k_dkv=bkd)
+                                   block_k_dkv=bkd, num_stages=st, num_stages_bwd=stb)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -157,3 +157,20 @@ def test_select_blocks_packed_heads(case, rows, dtype):
     ref = selection_ref.select_blocks(q, k_cmp, lse, **kw)
     assert idx.shape == ref.shape == (case.b, case.t, case.kh, case.top_n)
     np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(ref), -1))
+
+
+def test_banded_tiles_clamp_stages_before_tiles():
+    """Over the shared-memory budget, the banded tiles first give up pipeline stages (down to
+    two) and only then halve; short sequences shrink the tiles to the sequence."""
+    from pallas_kernels.sliding_window import gpu as sliding_window_gpu
+
+    bs = sliding_window_gpu.BlockSizes(block_q=128, block_k=64, block_q_dkv=64, block_k_dkv=128,
+                                       num_stages=3, num_stages_bwd=3)
+    assert bs.clamp(65536, 4096, 2, 128, 128) == bs  # 128-wide bf16 heads fit as they are
+    wide = bs.clamp(16384, 1024, 2, 256, 128)  # Dk = 192 padded to 256
+    assert (wide.block_q, wide.block_k, wide.num_stages) == (128, 64, 2)
+    assert (wide.block_q_dkv, wide.block_k_dkv, wide.num_stages_bwd) == (64, 64, 2)
+    f32 = bs.clamp(65536, 4096, 4, 128, 128)
+    assert (f32.block_q, f32.block_k, f32.num_stages) == (64, 64, 2)
+    short = bs.clamp(40, 20, 2, 128, 128)
+    assert (short.block_q, short.block_k, short.block_q_dkv, short.block_k_dkv) == (64, 32, 64, 32)
