@@ -6,11 +6,15 @@
 #
 # Parts (durations seen on 2 H200s): multi (2-GPU training check, both GPUs, ~80 s) runs first;
 # then two chains in parallel, GPU 0: kernels (benchmark + tile variants, ~250 s), tests
-# (tests/pallas_kernels/test_gpu.py, ~360 s); GPU 1: decode (~120 s), train (throughput, ~300 s).
-# A 10-minute call fits "kernels decode train" or "multi tests".
+# (tests/pallas_kernels/test_gpu.py: 7 of 8 tests in 360 s at 4d5fb60; the window suite alone
+# has since taken over 200 s); GPU 1: decode (~120-240 s), train (throughput, ~460 s for 3
+# attentions x 3 lengths). A 10-minute call fits "kernels decode" or "kernels tests train" with
+# the tests split over calls by TEST_ARGS.
 # KERNELS_PRE_ARGS runs the kernel benchmark once more before the main run (a sweep, say);
-# DECODE_S is the decode benchmark's time limit (200 s). KERNELS_ARGS replaces the kernel benchmark's size/variant arguments, TRAIN_ARGS is added to the
-# throughput run's (e.g. TRAIN_ARGS="--set model.num_kv_heads=1 --seq-lens 32768,65536").
+# DECODE_S is the decode benchmark's time limit (200 s); TEST_ARGS is added to the GPU tests'
+# pytest command (e.g. TEST_ARGS="-k window --timeout 120": the suite has one test per case).
+# KERNELS_ARGS replaces the kernel benchmark's size/variant arguments, TRAIN_ARGS is added to
+# the throughput run's (e.g. TRAIN_ARGS="--set model.num_kv_heads=1 --seq-lens 32768,65536").
 # Writes DIR/results.tar.gz (result JSON/Markdown/PNG and every log) and DIR/summary.txt.
 set -u
 TOTAL=${1:?seconds}
@@ -48,8 +52,10 @@ fi
     echo "kernels rc=$?" >> "$R/kernels.log"
   fi
   if has tests; then
+    # shellcheck disable=SC2086
     CUDA_VISIBLE_DEVICES=0 timeout "$(left)" python -m pytest -v --tb=short --durations=15 \
-        -p no:cacheprovider tests/pallas_kernels/test_gpu.py > "$R/test_gpu.log" 2>&1
+        -p no:cacheprovider tests/pallas_kernels/test_gpu.py ${TEST_ARGS:-} \
+        > "$R/test_gpu.log" 2>&1
     echo "pytest rc=$?" >> "$R/test_gpu.log"
   fi
 ) &

@@ -116,25 +116,55 @@ def _weights(cfg: _Config) -> tuple[np.ndarray, np.ndarray]:
     return table(a - bb * rp + r - 1), table(a - cfg.block_c - bb * rp + r - 1)
 
 
-def _kernel(q_ref, kc_ref, lse_ref, w_in_ref, w_next_ref, idx_ref, *, cfg: _Config):
-    bq, bc = cfg.block_q, cfg.block_c
-    rp = cfg.lp // cfg.d
-    nbc = bc // rp
-    n_slots = idx_ref.shape[-1]
-    q0 = pl.program_id(0) * bq
-    kh = pl.program_id(1) % (q_ref.shape[1] // cfg.g)
-    prec = lax.Precision.HIGHEST if jnp.dtype(q_ref.dtype) == jnp.float32 else None
+def _precisions(cfg: _Config, dtype):
+    """Dot precisions: the logits' (full float32 for float32 inputs) and the block scores'."""
+    prec = lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
     hi_prec = (lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if cfg.overlap_tf32x3
                else lax.Precision.HIGHEST)
-    t_pos = q0 + jnp.arange(bq, dtype=jnp.int32)  # [bq]
-    cur = lax.div(t_pos, cfg.lp)  # [bq] current block
-    w_in = w_in_ref[...]  # [bc, nbc]
-    w_next = w_next_ref[...]
+    return prec, hi_prec
+
+
+def _walk(chunk_scores, q0, n_pos: int, idx_ref, cfg: _Config):
+    """The chunk loop both kernels share. ``chunk_scores(c, pending)`` gives chunk ``c``'s block
+    scores ``[n_pos, nbc]`` and the carried term for the next chunk; forced blocks score
+    ``+inf``, blocks past a position's current block ``-inf``; each chunk is merged into the
+    running top-n, whose ids are written to ``idx_ref``."""
+    nbc = cfg.block_c // (cfg.lp // cfg.d)
+    n_slots = idx_ref.shape[-1]
+    cur = lax.div(q0 + jnp.arange(n_pos, dtype=jnp.int32), cfg.lp)  # current block
     slot_col = jnp.arange(n_slots, dtype=jnp.int32)[None, :]
     blk_col = jnp.arange(nbc, dtype=jnp.int32)[None, :]
 
     def chunk_body(c, carry):
         vals, ids, pending = carry
+        score, pending = chunk_scores(c, pending)
+        j = c * nbc + blk_col  # [1, nbc]
+        valid = (j <= cur[:, None]) & (j < cfg.num_blocks)
+        forced = (j == 0) | (j == cur[:, None]) | (j == cur[:, None] - 1)
+        pri = jnp.where(valid, jnp.where(forced, jnp.inf, score), -jnp.inf)
+        vals, ids = _merge(pri, vals, ids, j, slot_col, cfg, nbc)
+        return vals, ids, pending
+
+    # Slots past top_n start at +inf so they are never replaced; they stay -1.
+    vals = jnp.where(slot_col < cfg.top_n, -jnp.inf, jnp.inf) + jnp.zeros((n_pos, 1), jnp.float32)
+    ids = jnp.full((n_pos, n_slots), -1, jnp.int32)
+    pending = jnp.zeros((n_pos, nbc), jnp.float32)
+    last_block = lax.div(q0 + n_pos - 1, cfg.lp)
+    hi = jnp.minimum(lax.div(last_block, nbc) + 1, cfg.num_chunks)
+    _, ids, _ = lax.fori_loop(0, hi, chunk_body, (vals, ids, pending))
+    idx_ref[...] = ids
+
+
+def _kernel(q_ref, kc_ref, lse_ref, w_in_ref, w_next_ref, idx_ref, *, cfg: _Config):
+    bq, bc = cfg.block_q, cfg.block_c
+    q0 = pl.program_id(0) * bq
+    kh = pl.program_id(1) % (q_ref.shape[1] // cfg.g)
+    prec, hi_prec = _precisions(cfg, q_ref.dtype)
+    t_pos = q0 + jnp.arange(bq, dtype=jnp.int32)  # [bq]
+    w_in = w_in_ref[...]  # [bc, nbc]
+    w_next = w_next_ref[...]
+
+    def chunk_scores(c, pending):
         kc = kc_ref[pl.ds(c * bc, bc), :]  # [bc, Dk]
         tok = c * bc + jnp.arange(bc, dtype=jnp.int32)
         vis = ((tok[None, :] * cfg.d + cfg.l - 1 <= t_pos[:, None])
@@ -149,23 +179,9 @@ def _kernel(q_ref, kc_ref, lse_ref, w_in_ref, w_next_ref, idx_ref, *, cfg: _Conf
 
         p_sum = lax.fori_loop(0, cfg.g, head_body, jnp.zeros((bq, bc), jnp.float32))
         score = plgpu.dot(p_sum, w_in, precision=hi_prec) + pending  # [bq, nbc]
-        pending = plgpu.dot(p_sum, w_next, precision=hi_prec)
-        j = c * nbc + blk_col  # [1, nbc]
-        valid = (j <= cur[:, None]) & (j < cfg.num_blocks)
-        forced = (j == 0) | (j == cur[:, None]) | (j == cur[:, None] - 1)
-        pri = jnp.where(valid, jnp.where(forced, jnp.inf, score), -jnp.inf)
+        return score, plgpu.dot(p_sum, w_next, precision=hi_prec)
 
-        vals, ids = _merge(pri, vals, ids, j, slot_col, cfg, nbc)
-        return vals, ids, pending
-
-    # Slots past top_n start at +inf so they are never replaced; they stay -1.
-    vals = jnp.where(slot_col < cfg.top_n, -jnp.inf, jnp.inf) + jnp.zeros((bq, 1), jnp.float32)
-    ids = jnp.full((bq, n_slots), -1, jnp.int32)
-    pending = jnp.zeros((bq, nbc), jnp.float32)
-    last_block = lax.div(q0 + bq - 1, cfg.lp)
-    hi = jnp.minimum(lax.div(last_block, nbc) + 1, cfg.num_chunks)
-    vals, ids, _ = lax.fori_loop(0, hi, chunk_body, (vals, ids, pending))
-    idx_ref[...] = ids
+    _walk(chunk_scores, q0, bq, idx_ref, cfg)
 
 
 def _merge(pri, vals, ids, j, slot_col, cfg: _Config, nbc: int):
@@ -206,25 +222,16 @@ def _kernel_packed(q_ref, kc_ref, lse_ref, w_in_ref, w_next_ref, idx_ref, *, cfg
     g, bc = cfg.g, cfg.block_c
     bt = cfg.block_q // g
     rows = bt * g
-    rp = cfg.lp // cfg.d
-    nbc = bc // rp
-    n_slots = idx_ref.shape[-1]
+    nbc = bc // (cfg.lp // cfg.d)
     q0 = pl.program_id(0) * bt
-    prec = lax.Precision.HIGHEST if jnp.dtype(q_ref.dtype) == jnp.float32 else None
-    hi_prec = (lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if cfg.overlap_tf32x3
-               else lax.Precision.HIGHEST)
+    prec, hi_prec = _precisions(cfg, q_ref.dtype)
     q = q_ref[...].reshape(rows, q_ref.shape[-1])  # [bt*G, Dk]: position-major rows
     lse = lse_ref[...].reshape(rows)  # [bt*G]
     row_t = q0 + lax.div(jnp.arange(rows, dtype=jnp.int32), g)  # position of each row
-    t_pos = q0 + jnp.arange(bt, dtype=jnp.int32)  # [bt]
-    cur = lax.div(t_pos, cfg.lp)
     w_in = w_in_ref[...]
     w_next = w_next_ref[...]
-    slot_col = jnp.arange(n_slots, dtype=jnp.int32)[None, :]
-    blk_col = jnp.arange(nbc, dtype=jnp.int32)[None, :]
 
-    def chunk_body(c, carry):
-        vals, ids, pending = carry
+    def chunk_scores(c, pending):
         kc = kc_ref[pl.ds(c * bc, bc), :]  # [bc, Dk]
         tok = c * bc + jnp.arange(bc, dtype=jnp.int32)
         vis = ((tok[None, :] * cfg.d + cfg.l - 1 <= row_t[:, None])
@@ -233,22 +240,10 @@ def _kernel_packed(q_ref, kc_ref, lse_ref, w_in_ref, w_next_ref, idx_ref, *, cfg
         p = jnp.where(vis, jnp.exp(jnp.minimum(s - lse[:, None], 0.0)), 0.0)
         # Map each head's probabilities to blocks, then sum the group's heads (Eq. 10).
         score = plgpu.dot(p, w_in, precision=hi_prec).reshape(bt, g, nbc).sum(axis=1)
-        score = score + pending  # [bt, nbc]
-        pending = plgpu.dot(p, w_next, precision=hi_prec).reshape(bt, g, nbc).sum(axis=1)
-        j = c * nbc + blk_col
-        valid = (j <= cur[:, None]) & (j < cfg.num_blocks)
-        forced = (j == 0) | (j == cur[:, None]) | (j == cur[:, None] - 1)
-        pri = jnp.where(valid, jnp.where(forced, jnp.inf, score), -jnp.inf)
-        vals, ids = _merge(pri, vals, ids, j, slot_col, cfg, nbc)
-        return vals, ids, pending
+        return (score + pending,
+                plgpu.dot(p, w_next, precision=hi_prec).reshape(bt, g, nbc).sum(axis=1))
 
-    vals = jnp.where(slot_col < cfg.top_n, -jnp.inf, jnp.inf) + jnp.zeros((bt, 1), jnp.float32)
-    ids = jnp.full((bt, n_slots), -1, jnp.int32)
-    pending = jnp.zeros((bt, nbc), jnp.float32)
-    last_block = lax.div(q0 + bt - 1, cfg.lp)
-    hi = jnp.minimum(lax.div(last_block, nbc) + 1, cfg.num_chunks)
-    vals, ids, _ = lax.fori_loop(0, hi, chunk_body, (vals, ids, pending))
-    idx_ref[...] = ids
+    _walk(chunk_scores, q0, bt, idx_ref, cfg)
 
 
 def select_blocks(

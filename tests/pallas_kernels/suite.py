@@ -118,10 +118,13 @@ class KernelSuite:
             return jax.jit(lambda *a: fn(*a, **kw))(*args)
         return jitted
 
-    def _iter(self):
-        for case in self.cases:
-            for dtype in self.dtypes:
-                yield case, dtype
+    def pytest_generate_tests(self, metafunc):
+        """One test item per (case, dtype) of the subclass, so that each can be selected with
+        ``-k`` and bounded by a per-test timeout on the device."""
+        if "case_dtype" in metafunc.fixturenames:
+            params = [(c, d) for c in self.cases for d in self.dtypes]
+            metafunc.parametrize("case_dtype", params,
+                                 ids=[f"{c.id}-{jnp.dtype(d).name}" for c, d in params])
 
     def _vjp_check(self, fn, ref_fn, args, diff_argnums, dtype, what):
         """Compares outputs and the VJPs w.r.t. ``diff_argnums`` under a random cotangent."""
@@ -158,81 +161,81 @@ class KernelSuite:
                     assert_close(a, r, dtype, f"{what} grad of arg {i} leaf {j}")
 
     # ----------------------------------------------------------------------------------------
-    def test_compressed_attention(self):
+    def test_compressed_attention(self, case_dtype):
         fn = self._backend_stage("compressed_attention")
         ref = self._maybe_jit(registry.REFERENCE.compressed_attention)
-        for case, dtype in self._iter():
-            ks = jax.random.split(jax.random.key(case.t), 3)
-            c = case.num_cmp
-            q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)
-            k_cmp = _normal(ks[1], (case.b, c, case.kh, case.dk), dtype)
-            v_cmp = _normal(ks[2], (case.b, c, case.kh, case.dv), dtype)
-            kw = dict(block_size=case.cmp_block_size, stride=case.cmp_stride, scale=None)
-            o, lse = fn(q, k_cmp, v_cmp, **kw)
-            o_ref, lse_ref = ref(q, k_cmp, v_cmp, **kw)
-            what = f"compressed {case.id} {jnp.dtype(dtype)}"
-            np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(lse_ref), err_msg=what)
-            fin = np.isfinite(np.asarray(lse_ref))
-            assert_close(np.asarray(lse)[fin], np.asarray(lse_ref)[fin], dtype, what + " lse")
-            if c:
-                self._vjp_check(lambda *a, kw=kw: fn(*a, **kw), lambda *a, kw=kw: ref(*a, **kw),
-                                (q, k_cmp, v_cmp), (0, 1, 2), dtype, what)
-            else:
-                assert not np.asarray(o, np.float32).any(), what + ": empty branch must be 0"
+        case, dtype = case_dtype
+        ks = jax.random.split(jax.random.key(case.t), 3)
+        c = case.num_cmp
+        q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)
+        k_cmp = _normal(ks[1], (case.b, c, case.kh, case.dk), dtype)
+        v_cmp = _normal(ks[2], (case.b, c, case.kh, case.dv), dtype)
+        kw = dict(block_size=case.cmp_block_size, stride=case.cmp_stride, scale=None)
+        o, lse = fn(q, k_cmp, v_cmp, **kw)
+        o_ref, lse_ref = ref(q, k_cmp, v_cmp, **kw)
+        what = f"compressed {case.id} {jnp.dtype(dtype)}"
+        np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(lse_ref), err_msg=what)
+        fin = np.isfinite(np.asarray(lse_ref))
+        assert_close(np.asarray(lse)[fin], np.asarray(lse_ref)[fin], dtype, what + " lse")
+        if c:
+            self._vjp_check(lambda *a, kw=kw: fn(*a, **kw), lambda *a, kw=kw: ref(*a, **kw),
+                            (q, k_cmp, v_cmp), (0, 1, 2), dtype, what)
+        else:
+            assert not np.asarray(o, np.float32).any(), what + ": empty branch must be 0"
 
-    def test_select_blocks(self):
+    def test_select_blocks(self, case_dtype):
         fn = self._backend_stage("select_blocks")
         ref = self._maybe_jit(registry.REFERENCE.select_blocks)
         cmp_ref = self._maybe_jit(registry.REFERENCE.compressed_attention)
-        for case, dtype in self._iter():
-            ks = jax.random.split(jax.random.key(case.t + 1), 3)
-            c = case.num_cmp
-            q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)
-            k_cmp = _normal(ks[1], (case.b, c, case.kh, case.dk), dtype)
-            v_cmp = _normal(ks[2], (case.b, c, case.kh, case.dv), dtype)
-            _, lse = cmp_ref(q, k_cmp, v_cmp, block_size=case.cmp_block_size,
-                             stride=case.cmp_stride, scale=None)
-            kw = dict(seq_len=case.t, cmp_block_size=case.cmp_block_size,
-                      cmp_stride=case.cmp_stride, slc_block_size=case.slc_block_size,
-                      top_n=case.top_n, scale=None)
-            idx = np.sort(np.asarray(fn(q, k_cmp, lse, **kw)), axis=-1)
-            idx_ref = np.sort(np.asarray(ref(q, k_cmp, lse, **kw)), axis=-1)
-            np.testing.assert_array_equal(idx, idx_ref, err_msg=f"select {case.id} {dtype}")
+        case, dtype = case_dtype
+        ks = jax.random.split(jax.random.key(case.t + 1), 3)
+        c = case.num_cmp
+        q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)
+        k_cmp = _normal(ks[1], (case.b, c, case.kh, case.dk), dtype)
+        v_cmp = _normal(ks[2], (case.b, c, case.kh, case.dv), dtype)
+        _, lse = cmp_ref(q, k_cmp, v_cmp, block_size=case.cmp_block_size,
+                         stride=case.cmp_stride, scale=None)
+        kw = dict(seq_len=case.t, cmp_block_size=case.cmp_block_size,
+                  cmp_stride=case.cmp_stride, slc_block_size=case.slc_block_size,
+                  top_n=case.top_n, scale=None)
+        idx = np.sort(np.asarray(fn(q, k_cmp, lse, **kw)), axis=-1)
+        idx_ref = np.sort(np.asarray(ref(q, k_cmp, lse, **kw)), axis=-1)
+        np.testing.assert_array_equal(idx, idx_ref, err_msg=f"select {case.id} {dtype}")
 
-    def test_selected_attention(self):
+    def test_selected_attention(self, case_dtype):
         fn = self._backend_stage("selected_attention")
         ref = self._maybe_jit(registry.REFERENCE.selected_attention)
-        rng = np.random.default_rng(0)
-        for case, dtype in self._iter():
-            ks = jax.random.split(jax.random.key(case.t + 2), 3)
-            q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)
-            k = _normal(ks[1], (case.b, case.t, case.kh, case.dk), dtype)
-            v = _normal(ks[2], (case.b, case.t, case.kh, case.dv), dtype)
-            idx = jnp.asarray(random_indices(rng, case))
-            kw = dict(block_size=case.slc_block_size, scale=None)
-            what = f"selected {case.id} {jnp.dtype(dtype)}"
-            _, lse = fn(q, k, v, idx, **kw)
-            _, lse_ref = ref(q, k, v, idx, **kw)
-            assert_close(lse, lse_ref, dtype, what + " lse")
-            self._vjp_check(lambda q, k, v, idx=idx, kw=kw: fn(q, k, v, idx, **kw),
-                            lambda q, k, v, idx=idx, kw=kw: ref(q, k, v, idx, **kw),
-                            (q, k, v), (0, 1, 2), dtype, what)
+        case, dtype = case_dtype
+        rng = np.random.default_rng(case.t)
+        ks = jax.random.split(jax.random.key(case.t + 2), 3)
+        q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)
+        k = _normal(ks[1], (case.b, case.t, case.kh, case.dk), dtype)
+        v = _normal(ks[2], (case.b, case.t, case.kh, case.dv), dtype)
+        idx = jnp.asarray(random_indices(rng, case))
+        kw = dict(block_size=case.slc_block_size, scale=None)
+        what = f"selected {case.id} {jnp.dtype(dtype)}"
+        _, lse = fn(q, k, v, idx, **kw)
+        _, lse_ref = ref(q, k, v, idx, **kw)
+        assert_close(lse, lse_ref, dtype, what + " lse")
+        self._vjp_check(lambda q, k, v, idx=idx, kw=kw: fn(q, k, v, idx, **kw),
+                        lambda q, k, v, idx=idx, kw=kw: ref(q, k, v, idx, **kw),
+                        (q, k, v), (0, 1, 2), dtype, what)
 
-    def test_sliding_window_attention(self):
+    def test_sliding_window_attention(self, case_dtype):
         fn = self._backend_stage("sliding_window_attention")
         ref = self._maybe_jit(registry.REFERENCE.sliding_window_attention)
-        for case, dtype in self._iter():
-            ks = jax.random.split(jax.random.key(case.t + 3), 3)
-            q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)
-            k = _normal(ks[1], (case.b, case.t, case.kh, case.dk), dtype)
-            v = _normal(ks[2], (case.b, case.t, case.kh, case.dv), dtype)
-            kw = dict(window_size=case.window_size, scale=None)
-            what = f"window {case.id} {jnp.dtype(dtype)}"
-            _, lse = fn(q, k, v, **kw)
-            _, lse_ref = ref(q, k, v, **kw)
-            assert_close(lse, lse_ref, dtype, what + " lse")
-            self._vjp_check(lambda *a, kw=kw: fn(*a, **kw), lambda *a, kw=kw: ref(*a, **kw),
-                            (q, k, v), (0, 1, 2), dtype, what)
+        case, dtype = case_dtype
+        ks = jax.random.split(jax.random.key(case.t + 3), 3)
+        q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)
+        k = _normal(ks[1], (case.b, case.t, case.kh, case.dk), dtype)
+        v = _normal(ks[2], (case.b, case.t, case.kh, case.dv), dtype)
+        kw = dict(window_size=case.window_size, scale=None)
+        what = f"window {case.id} {jnp.dtype(dtype)}"
+        _, lse = fn(q, k, v, **kw)
+        _, lse_ref = ref(q, k, v, **kw)
+        assert_close(lse, lse_ref, dtype, what + " lse")
+        self._vjp_check(lambda *a, kw=kw: fn(*a, **kw), lambda *a, kw=kw: ref(*a, **kw),
+                        (q, k, v), (0, 1, 2), dtype, what)
 
     def test_full_nsa_matches_reference(self):
         """The whole NSA through this backend (stages it lacks fall back) vs the reference."""
