@@ -31,8 +31,11 @@ first block through a carried scalar; the next chunk's logits are loaded before 
 arithmetic. The scores go to a ``[J']`` scratch output (``J' = J`` rounded up to a power of
 two); after a barrier the program reads them back and takes the top-n by ``n`` rounds of
 argmax (which returns the lowest index among equal maxima, as ``lax.top_k`` orders them), so
-the slots even come out in the twin's order. The kernel needs ``r'`` a power of two and
-``J' <= MAX_SELECT_BLOCKS``; otherwise XLA selects.
+the slots come out in the twin's order whenever the scores are the twin's to the bit. They can
+differ in the last bit: the chunk's first block adds the carried term last, the twin sums in
+one fixed order, so blocks whose scores tie exactly in real arithmetic (uniform probabilities,
+say) may be separated by rounding and a higher index win, as in the training kernels. The
+kernel needs ``r'`` a power of two and ``J' <= MAX_SELECT_BLOCKS``; otherwise XLA selects.
 
 Layout: ``q [B, N, Dk]``, raw caches ``[B, S, K, D]`` (the window's may be a ring of
 ``S' >= w`` slots), compressed caches ``[B, C, K, D]``: the twin's. Limits (else
@@ -244,7 +247,8 @@ def _select_kernel(t_ref, m_ref, l_ref, s_ref, *refs, geom: _SelectGeom, merge_o
     w_in = _overlap(tok[:, None] - jnp.arange(nbc, dtype=jnp.int32)[None, :] * rp, r, rp)
     w_next = _overlap(tok - bc, r, rp)  # [bc]: weights for the next chunk's first block
     first = jnp.arange(nbc, dtype=jnp.int32) == 0
-    n_chunks = cur // nbc + 1
+    # A sequence longer than the cache (a broken contract) must not write past this row.
+    n_chunks = jnp.minimum(cur // nbc + 1, -(-geom.num_blocks // nbc))
 
     def load(c):
         start = c * bc if isinstance(c, int) else pl.multiple_of(c * bc, bc)

@@ -12,7 +12,11 @@ queries may select, and for each chunk:
 3. merges the chunk's scores into a running top-n kept in registers: repeatedly the chunk's
    best block (ties to the lower index) replaces the list's worst entry (ties: the higher
    index goes) while it is strictly better. Blocks arrive in ascending order, so this keeps
-   exactly the ``n`` best under "score descending, index ascending", as ``lax.top_k`` does.
+   exactly the ``n`` best under "score descending, index ascending", as ``lax.top_k`` does,
+   of the scores as this kernel rounds them: they are summed in another order than the
+   reference's (dots, the carried term added last), so blocks whose scores tie exactly in real
+   arithmetic (uniform probabilities, say) can be separated in the last bit and a higher index
+   can win where the reference takes the lower.
 
 Forced blocks (0, ``t//l'``, ``t//l' - 1``) score ``+inf``, blocks after ``t//l'`` ``-inf``;
 slots left at ``-inf`` come out as ``-1``. The ``[B, T, K, T/l']`` score array never
@@ -286,7 +290,7 @@ def select_blocks(
     if kh < 1 or n % kh:
         raise ValueError(f"select_blocks: {n=} query heads not a multiple of {kh=} KV heads")
     l, d, lp = cmp_block_size, cmp_stride, slc_block_size  # noqa: E741 (the paper's symbols)
-    if l % d or lp % d or l > lp:
+    if min(l, d, lp) < 1 or l % d or lp % d or l > lp:
         raise ValueError(f"select_blocks: need d | l, d | l', l <= l'; got l={l}, d={d}, l'={lp}")
     rp = lp // d
     if rp & (rp - 1) or top_n < NUM_FORCED:
