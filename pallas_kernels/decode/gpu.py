@@ -528,8 +528,11 @@ def select_top_n(
     if o_p is not None and (o_p.ndim != 5 or o_p.shape[:4] != m_p.shape):
         raise ValueError(f"{what}: o_p must be [B, K, Mc, Gp, Dv] with {m_p.shape=}, "
                          f"got {o_p.shape=}")
-    if chunk < 1 or chunk & (chunk - 1):
-        raise ValueError(f"{what}: chunk must be a power of two, got {chunk}")
+    if chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"{what}: chunk must be a power of two >= 16, got {chunk}")
+    if num_cmp is not None and not 0 <= num_cmp <= s_cmp.shape[-1]:
+        raise ValueError(f"{what}: num_cmp={num_cmp} must lie in [0, Cp={s_cmp.shape[-1]}] "
+                         f"({s_cmp.shape=})")
     geom = _SelectGeom(
         l=cmp_block_size, d=cmp_stride, lp=slc_block_size, top_n=top_n, g=group_size,
         num_cmp=s_cmp.shape[-1] if num_cmp is None else num_cmp, num_blocks=num_blocks,

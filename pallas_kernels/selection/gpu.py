@@ -308,6 +308,9 @@ def select_blocks(
         rows = max(bs.block_q, 16, g)
         while itemsize * dkp * (rows + bs.num_stages * bc) > SMEM_BUDGET and rows > max(16, g):
             rows //= 2
+        # A group too wide for one tile's shared memory: the per-head kernel instead.
+        packed = itemsize * dkp * (rows + bs.num_stages * bc) <= SMEM_BUDGET
+    if packed:
         bt = rows // g
         bt = min(bt, max(1, _pow2(t)))
         rows = bt * g

@@ -151,6 +151,10 @@ def test_select_kernel_validates_its_inputs():
     with pytest.raises(NotImplementedError, match="l'/d=6"):
         gpu.select_top_n(s, m, m, lens, group_size=4, interpret=True,
                          **{**geom, "slc_block_size": 24})
+    with pytest.raises(ValueError, match="chunk must be a power of two >= 16, got 8"):
+        gpu.select_top_n(s, m, m, lens, group_size=4, chunk=8, interpret=True, **geom)
+    with pytest.raises(ValueError, match=r"num_cmp=65 must lie in \[0, Cp=64\]"):
+        gpu.select_top_n(s, m, m, lens, group_size=4, num_cmp=65, interpret=True, **geom)
     with pytest.raises(ValueError, match="select_chunk must be a power of two >= 16, got 48"):
         gpu.BlockSizes(select_chunk=48)
     with pytest.raises(ValueError, match="select_merge_splits"):

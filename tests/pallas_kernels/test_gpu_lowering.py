@@ -144,3 +144,18 @@ def test_int32_extent_guard():
     out = jax.eval_shape(lambda q, k, v, i: registry.call_stage(
         chain, "selected_attention", q, k, v, i, block_size=64), q, kv, kv, idx)
     assert out[0].shape == (B, t, HQ, 128)  # traced through the reference
+
+
+def test_packed_selection_falls_back_for_groups_too_wide_for_a_tile():
+    """``pack_heads`` with a group whose rows cannot fit one tile's shared memory (128 heads of
+    256 float32 dims) lowers the per-head kernel rather than failing to compile."""
+    t, n = 1024, 128
+    c = (t - L_CMP) // D_CMP + 1
+    sizes = sel_gpu.BlockSizes(pack_heads=True, block_q=128)
+    fn = lambda q, kc, lse: sel_gpu.select_blocks(  # noqa: E731
+        q, kc, lse, seq_len=t, cmp_block_size=L_CMP, cmp_stride=D_CMP,
+        slc_block_size=L_SLC, top_n=TOP_N, block_sizes=sizes)
+    f32 = jnp.float32
+    names, _ = _lower(fn, _sds(1, t, n, 256, dtype=f32), _sds(1, c, 1, 256, dtype=f32),
+                      _sds(1, t, n, dtype=f32))
+    assert names == ["nsa_sel_topn"], names
