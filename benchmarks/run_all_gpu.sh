@@ -11,8 +11,9 @@
 # attentions x 3 lengths). A 10-minute call fits "kernels decode" or "kernels tests train" with
 # the tests split over calls by TEST_ARGS.
 # KERNELS_PRE_ARGS runs the kernel benchmark once more before the main run (a sweep, say);
-# DECODE_S is the decode benchmark's time limit (200 s); TEST_ARGS is added to the GPU tests'
-# pytest command (e.g. TEST_ARGS="-k window --timeout 120": the suite has one test per case).
+# DECODE_S is the decode benchmark's time limit (200 s); TEST_K is the GPU tests' -k expression
+# and TEST_ARGS more pytest words (e.g. TEST_K="window and bfloat16" TEST_ARGS="--timeout 150":
+# the suite has one test per case and dtype).
 # KERNELS_ARGS replaces the kernel benchmark's size/variant arguments, TRAIN_ARGS is added to
 # the throughput run's (e.g. TRAIN_ARGS="--set model.num_kv_heads=1 --seq-lens 32768,65536").
 # Writes DIR/results.tar.gz (result JSON/Markdown/PNG and every log) and DIR/summary.txt.
@@ -54,7 +55,7 @@ fi
   if has tests; then
     # shellcheck disable=SC2086
     CUDA_VISIBLE_DEVICES=0 timeout "$(left)" python -m pytest -v --tb=short --durations=15 \
-        -p no:cacheprovider tests/pallas_kernels/test_gpu.py ${TEST_ARGS:-} \
+        -p no:cacheprovider tests/pallas_kernels/test_gpu.py ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-} \
         > "$R/test_gpu.log" 2>&1
     echo "pytest rc=$?" >> "$R/test_gpu.log"
   fi
