@@ -58,6 +58,7 @@ from jaxtyping import Array, Float, Int
 
 from pallas_kernels.common import MASK_VALUE, check_int32_extent, default_scale
 from pallas_kernels.decode.reference import combine_gated, num_visible_cmp, select_from_logits
+from pallas_kernels.selection.reference import check_geometry, overlap_tables
 
 MAX_SELECT_BLOCKS = 4096  # J' the select kernel keeps in registers (l' = 64: 256k tokens)
 
@@ -210,18 +211,13 @@ class _SelectGeom:
         return -(-self.num_blocks // self.blocks_per_chunk) * self.chunk
 
 
-def _overlap(e, r: int, rp: int):
-    """Overlap in strides (spec Eq. 9) of a compressed token that starts ``e`` strides after a
-    selection block's start with that block: ``min(e + r, r') - max(e, 0)``, at least 0."""
-    return jnp.maximum(jnp.minimum(e + r, rp) - jnp.maximum(e, 0), 0).astype(jnp.float32)
-
-
-def _select_kernel(t_ref, m_ref, l_ref, s_ref, *refs, geom: _SelectGeom, merge_o: bool):
+def _select_kernel(t_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, *refs, geom: _SelectGeom,
+                   merge_o: bool):
     if merge_o:
         o_ref, idx_ref, score_ref, lse_ref, oc_ref = refs
     else:
         idx_ref, score_ref, lse_ref = refs
-    r, rp, bc, nbc = geom.l // geom.d, geom.rp, geom.chunk, geom.blocks_per_chunk
+    bc, nbc = geom.chunk, geom.blocks_per_chunk
     t = t_ref[()]
     n_vis = jnp.where(t + 1 >= geom.l, (t + 1 - geom.l) // geom.d + 1, 0)
     n_vis = jnp.minimum(n_vis, geom.num_cmp)
@@ -244,8 +240,8 @@ def _select_kernel(t_ref, m_ref, l_ref, s_ref, *refs, geom: _SelectGeom, merge_o
     # 2. Block scores chunk by chunk, into the scratch row.
     rows = jnp.arange(s_ref.shape[0], dtype=jnp.int32)[:, None] < geom.g  # [Gg, 1]
     tok = jnp.arange(bc, dtype=jnp.int32)
-    w_in = _overlap(tok[:, None] - jnp.arange(nbc, dtype=jnp.int32)[None, :] * rp, r, rp)
-    w_next = _overlap(tok - bc, r, rp)  # [bc]: weights for the next chunk's first block
+    w_in = w_in_ref[...]  # [bc, nbc]: the spec's overlap weights (selection/reference.py)
+    w_next = w_next_ref[...]  # [bc]: weights for the next chunk's first block
     first = jnp.arange(nbc, dtype=jnp.int32) == 0
     # A sequence longer than the cache (a broken contract) must not write past this row.
     n_chunks = jnp.minimum(cur // nbc + 1, -(-geom.num_blocks // nbc))
@@ -376,6 +372,8 @@ def _select_call(t, m_p, l_p, s_cmp, o_p, *, geom: _SelectGeom, params):
         pl.BlockSpec((None, None, mc, gg), lambda b, k: (b, k, 0, 0)),  # m
         pl.BlockSpec((None, None, mc, gg), lambda b, k: (b, k, 0, 0)),  # l
         pl.BlockSpec((None, None, gg, cp), lambda b, k: (b, k, 0, 0)),  # logits
+        pl.BlockSpec((geom.chunk, geom.blocks_per_chunk), lambda b, k: (0, 0)),  # w_in
+        pl.BlockSpec((geom.chunk,), lambda b, k: (0,)),  # w_next (next chunk's first block)
     ]
     out_specs = [
         pl.BlockSpec((None, None, n_slots), lambda b, k: (b, k, 0)),  # indices
@@ -385,7 +383,8 @@ def _select_call(t, m_p, l_p, s_cmp, o_p, *, geom: _SelectGeom, params):
     out_shape = [jax.ShapeDtypeStruct((b, kh, n_slots), jnp.int32),
                  jax.ShapeDtypeStruct((b, kh, geom.score_len), jnp.float32),
                  jax.ShapeDtypeStruct((b, kh, gg), jnp.float32)]
-    args = [t, m_p, l_p, s_cmp]
+    w_in, w_next = overlap_tables(geom.l, geom.d, geom.lp, geom.chunk)
+    args = [t, m_p, l_p, s_cmp, jnp.asarray(w_in), jnp.asarray(w_next[:, 0])]
     if merge_o:
         dv = o_p.shape[-1]
         in_specs.append(pl.BlockSpec((None, None, mc, gg, dv), lambda b, k: (b, k, 0, 0, 0)))
@@ -441,9 +440,7 @@ def merge_partials(o, m_i, l_i):
 
 
 def _check_geometry(what, cmp_block_size, cmp_stride, slc_block_size, top_n):
-    l, d, lp = cmp_block_size, cmp_stride, slc_block_size  # noqa: E741 (the paper's symbols)
-    if d < 1 or l % d or lp % d or l > lp:
-        raise ValueError(f"{what}: need d | l, d | l' and l <= l'; got l={l}, d={d}, l'={lp}")
+    check_geometry(what, cmp_block_size, cmp_stride, slc_block_size)
     if top_n < 1:
         raise ValueError(f"{what}: top_n must be >= 1, got {top_n}")
 

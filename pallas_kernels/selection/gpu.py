@@ -31,7 +31,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -39,7 +38,7 @@ from jaxtyping import Array, Float, Int
 
 from pallas_kernels import tuned_block_sizes
 from pallas_kernels.common import check_int32_extent, default_scale
-from pallas_kernels.selection.reference import NUM_FORCED, overlap_weights
+from pallas_kernels.selection.reference import NUM_FORCED, check_geometry, overlap_tables
 
 BIG_INT = 1 << 30
 # Debug switch for the merge loop ("dynamic" the default; "static" for bisecting, "one" a
@@ -102,22 +101,6 @@ class _Config:
     num_warps: int
     num_stages: int
     overlap_tf32x3: bool = False
-
-
-def _weights(cfg: _Config) -> tuple[np.ndarray, np.ndarray]:
-    """``w_in[a, b]``: weight of chunk token ``a`` for chunk block ``b``; ``w_next``: for the
-    next chunk's block ``b``."""
-    r, rp = cfg.l // cfg.d, cfg.lp // cfg.d
-    w = overlap_weights(cfg.l, cfg.d, cfg.lp)  # offsets o = i - j*r' + r - 1
-    nbc = cfg.block_c // rp
-    a = np.arange(cfg.block_c)[:, None]
-    bb = np.arange(nbc)[None, :]
-
-    def table(o):
-        inside = (o >= 0) & (o < len(w))
-        return np.where(inside, w[np.clip(o, 0, len(w) - 1)], 0.0).astype(np.float32)
-
-    return table(a - bb * rp + r - 1), table(a - cfg.block_c - bb * rp + r - 1)
 
 
 def _precisions(cfg: _Config, dtype):
@@ -290,8 +273,7 @@ def select_blocks(
     if kh < 1 or n % kh:
         raise ValueError(f"select_blocks: {n=} query heads not a multiple of {kh=} KV heads")
     l, d, lp = cmp_block_size, cmp_stride, slc_block_size  # noqa: E741 (the paper's symbols)
-    if min(l, d, lp) < 1 or l % d or lp % d or l > lp:
-        raise ValueError(f"select_blocks: need d | l, d | l', l <= l'; got l={l}, d={d}, l'={lp}")
+    check_geometry("select_blocks", l, d, lp)
     rp = lp // d
     if rp & (rp - 1) or top_n < NUM_FORCED:
         raise NotImplementedError(f"select_blocks kernel needs l'/d a power of two and top_n >= "
@@ -304,22 +286,21 @@ def select_blocks(
     dkp = max(16, _pow2(dk))
     itemsize = jnp.dtype(q.dtype).itemsize
     bc = max(bs.block_c, 16 * rp)
-    if packed:  # block_q rows = (block_q / G) positions x G heads, at least 16 rows
+
+    def fits(rows):  # the program's query tile and its pipelined key chunks in shared memory
+        return itemsize * dkp * (rows + bs.num_stages * bc) <= SMEM_BUDGET
+
+    if packed:  # block_q rows = (block_q / G) positions x G heads
         rows = max(bs.block_q, 16, g)
-        while itemsize * dkp * (rows + bs.num_stages * bc) > SMEM_BUDGET and rows > max(16, g):
+        while not fits(rows) and rows > max(16, g):
             rows //= 2
-        # A group too wide for one tile's shared memory: the per-head kernel instead.
-        packed = itemsize * dkp * (rows + bs.num_stages * bc) <= SMEM_BUDGET
-    if packed:
-        bt = rows // g
-        bt = min(bt, max(1, _pow2(t)))
-        rows = bt * g
-        if rows < 16:  # short sequences: more positions per tile (padded) to keep 16 rows
-            bt, rows = -(-16 // g), max(16, g)
-        bq = rows
+        packed = fits(rows)  # a group too wide for one tile: the per-head kernel instead
+    if packed:  # no more positions than the sequence needs, at least 16 rows
+        bt = max(min(rows // g, _pow2(t)), -(-16 // g))
+        bq = bt * g
     else:
-        bq = bt = min(bs.block_q, max(16, _pow2(t)))
-        while itemsize * dkp * (bq + bs.num_stages * bc) > SMEM_BUDGET and bq > 16:
+        bq = min(bs.block_q, max(16, _pow2(t)))
+        while not fits(bq) and bq > 16:
             bq //= 2  # wide heads in float32: fewer queries per program
         bt = bq
     nbc = bc // rp
@@ -337,7 +318,7 @@ def select_blocks(
                   num_cmp=c, num_blocks=nb, block_q=bq, block_c=bc, num_chunks=num_chunks,
                   interpret=interpret, num_warps=bs.num_warps, num_stages=bs.num_stages,
                   overlap_tf32x3=bs.overlap_tf32x3 and not interpret)
-    w_in, w_next = (jnp.asarray(w) for w in _weights(cfg))
+    w_in, w_next = (jnp.asarray(w) for w in overlap_tables(l, d, lp, bc))
     kc_spec = pl.BlockSpec((None, num_chunks * bc, None, dkp),
                            lambda i, bk: (bk // kh, 0, bk % kh, 0))
     w_spec = pl.BlockSpec((bc, nbc), lambda i, bk: (0, 0))

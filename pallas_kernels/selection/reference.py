@@ -34,6 +34,34 @@ def overlap_weights(cmp_block_size: int, cmp_stride: int, slc_block_size: int) -
     return (np.minimum(e + r, rp) - np.maximum(e, 0)).astype(np.float32)
 
 
+
+def check_geometry(what: str, cmp_block_size: int, cmp_stride: int, slc_block_size: int) -> None:
+    """``ValueError`` naming ``l, d, l'`` unless ``d | l``, ``d | l'`` and ``l <= l'``."""
+    l, d, lp = cmp_block_size, cmp_stride, slc_block_size  # noqa: E741 (the paper's symbols)
+    if min(l, d, lp) < 1 or l % d or lp % d or l > lp:
+        raise ValueError(f"{what}: need d | l, d | l' and l <= l'; got l={l}, d={d}, l'={lp}")
+
+
+def overlap_tables(cmp_block_size: int, cmp_stride: int, slc_block_size: int,
+                   chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """The overlap weights of one chunk of ``chunk`` compressed tokens (a multiple of ``r'``)
+    laid out for kernels that walk the tokens chunk by chunk.
+
+    Returns ``(w_in, w_next)``, both float32 ``[chunk, chunk / r']``: ``w_in[a, b]`` weighs
+    chunk token ``a`` for the chunk's block ``b``, ``w_next[a, b]`` for the next chunk's block
+    ``b`` (only block 0 and the last ``r - 1`` tokens are non-zero).
+    """
+    r, rp = cmp_block_size // cmp_stride, slc_block_size // cmp_stride
+    w = overlap_weights(cmp_block_size, cmp_stride, slc_block_size)  # o = i - j*r' + r - 1
+    a = np.arange(chunk)[:, None]
+    bb = np.arange(chunk // rp)[None, :]
+
+    def table(o):
+        inside = (o >= 0) & (o < len(w))
+        return np.where(inside, w[np.clip(o, 0, len(w) - 1)], 0.0).astype(np.float32)
+
+    return table(a - bb * rp + r - 1), table(a - chunk - bb * rp + r - 1)
+
 def block_scores_from_probs(
     p_cmp: Float[Array, "B T N C"],
     num_kv_heads: int,
