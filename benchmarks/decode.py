@@ -89,6 +89,11 @@ def nsa_bytes(b: int, ctx: int) -> int:
     return b * tokens * per_token
 
 
+def num_sets(b: int, ctx: int) -> int:
+    """Independent caches to cycle over: enough that a round touches ``L2_BYTES``, at most 4."""
+    return max(1, min(4, math.ceil(L2_BYTES / dense_bytes(b, ctx))))
+
+
 def dense_bytes(b: int, ctx: int) -> int:
     return b * ctx * HKV * 2 * D * 2
 
@@ -329,7 +334,7 @@ def main(argv=None) -> int:
     key = jax.random.key(0)
     for ctx in contexts:
         for b in batches:
-            n_sets = max(1, min(4, math.ceil(L2_BYTES / dense_bytes(b, ctx))))
+            n_sets = num_sets(b, ctx)
             row = {"context": ctx, "B": b}
             try:
                 dense_sets = tuple(make_dense_set(jax.random.fold_in(key, i), b, ctx)
@@ -386,7 +391,7 @@ def main(argv=None) -> int:
 
     for ctx, b in stages:
         try:
-            n_sets = max(1, min(4, math.ceil(L2_BYTES / dense_bytes(b, ctx))))
+            n_sets = num_sets(b, ctx)
             nsa_sets = tuple(make_nsa_set(jax.random.fold_in(key, 100 + i), b, ctx)
                              for i in range(n_sets))
             for name, upto, overrides in STAGE_VARIANTS:

@@ -281,7 +281,11 @@ def run_variants(args, records, table):
         print(f"variant {name:60s} {r['ms']:8.3f} ms", flush=True)
 
     groups = set(args.variant_groups)
-    for bq, bk, nw, st, edges, with_swa in args.banded_variants * ("banded" in groups):
+
+    def chosen(group, variants):
+        return variants if group in groups else ()
+
+    for bq, bk, nw, st, edges, with_swa in chosen("banded", args.banded_variants):
         bs = swa_gpu.BlockSizes(block_q=bq, block_k=bk, block_q_dkv=bk, block_k_dkv=bq,
                                 num_warps=nw, num_warps_bwd=nw, num_stages=st,
                                 num_stages_bwd=st, mask_edges_only=edges)
@@ -295,13 +299,13 @@ def run_variants(args, records, table):
             variant(f"swa fwd+bwd {tag}", grad_of(swa), q, k, v)
         variant(f"cmp fwd {tag}", lambda *a, f=cmpf: f(*a)[0], q, k_cmp, v_cmp)
         variant(f"cmp fwd+bwd {tag}", grad_of(cmpf), q, k_cmp, v_cmp)
-    for nw, e in args.selected_variants * ("selected" in groups):
+    for nw, e in chosen("selected", args.selected_variants):
         bs = slc_gpu.BlockSizes(entries_per_chunk=e, num_warps=nw, num_warps_bwd=nw)
         slc = lambda q, k, v, bs=bs: slc_gpu.selected_attention(  # noqa: E731
             q, k, v, idx, block_size=64, block_sizes=bs)
         variant(f"slc fwd w{nw}", lambda *a, f=slc: f(*a)[0], q, k, v)
         variant(f"slc fwd+bwd w{nw} e{e}", grad_of(slc), q, k, v)
-    for bq, bc, nw, st, x3, merge, packed in args.selection_variants * ("selection" in groups):
+    for bq, bc, nw, st, x3, merge, packed in chosen("selection", args.selection_variants):
         bs = sel_gpu.BlockSizes(block_q=bq, block_c=bc, num_warps=nw, num_stages=st,
                                 overlap_tf32x3=x3, pack_heads=packed)
         tag = (f"{'packed rows' if packed else 'bq'}{bq} bc{bc} w{nw} s{st}"

@@ -87,19 +87,23 @@ class BlockSizes:
         bq, bk = min(self.block_q, tq), min(self.block_k, ts)
         bqd, bkd = min(self.block_q_dkv, tq), min(self.block_k_dkv, ts)
 
-        def fits(resident, streamed, stages):
-            return itemsize * (resident + stages * streamed) <= SMEM_BUDGET
+        def fit(a, b, stages, elems):
+            """Over budget (``elems(a, b, stages)`` tile elements): drop pipeline stages down to
+            two first, then halve the larger tile (``a`` on a tie), keeping both >= 16."""
+            def over():
+                return itemsize * elems(a, b, stages) > SMEM_BUDGET
 
-        # Over budget: drop pipeline stages down to two first, then halve the larger tile.
-        st, stb = self.num_stages, self.num_stages_bwd
-        while not fits(bq * dkp, bk * (dkp + dvp), st) and st > 2:
-            st -= 1
-        while not fits(bq * dkp, bk * (dkp + dvp), st) and max(bq, bk) > 16:
-            bq, bk = (bq // 2, bk) if bq >= bk and bq > 16 else (bq, max(16, bk // 2))
-        while not fits(bkd * (dkp + dvp), bqd * (dkp + dvp), stb) and stb > 2:
-            stb -= 1
-        while not fits(bkd * (dkp + dvp), bqd * (dkp + dvp), stb) and max(bqd, bkd) > 16:
-            bqd, bkd = (bqd // 2, bkd) if bqd >= bkd and bqd > 16 else (bqd, max(16, bkd // 2))
+            while over() and stages > 2:
+                stages -= 1
+            while over() and max(a, b) > 16:
+                a, b = (a // 2, b) if a >= b and a > 16 else (a, max(16, b // 2))
+            return a, b, stages
+
+        # Forward/dq: the query tile stays resident, key/value tiles stream through the stages.
+        bq, bk, st = fit(bq, bk, self.num_stages, lambda a, b, n: a * dkp + n * b * (dkp + dvp))
+        # dk/dv: the key/value tile stays resident, query/dO tiles stream.
+        bqd, bkd, stb = fit(bqd, bkd, self.num_stages_bwd,
+                            lambda a, b, n: (b + n * a) * (dkp + dvp))
         return dataclasses.replace(self, block_q=bq, block_k=bk, block_q_dkv=bqd,
                                    block_k_dkv=bkd, num_stages=st, num_stages_bwd=stb)
 
