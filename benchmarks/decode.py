@@ -66,12 +66,17 @@ SWEEP = {
     "xla_select": gpu.BlockSizes(select_kernel=False),
     "sel_chunk64": gpu.BlockSizes(select_chunk=64),
     "sel_xla_merge": gpu.BlockSizes(select_merge_splits=0),
+    "sel_one_split": gpu.BlockSizes(select_splits=1),
+    "sel_splits2": gpu.BlockSizes(select_splits=2),
+    "programs528": gpu.BlockSizes(target_programs=528),
+    "programs1056": gpu.BlockSizes(target_programs=1056),
 }
 # --stages: (record name, decode_stages(upto=...), BlockSizes overrides).
 STAGE_VARIANTS = (
     ("cmp", "cmp", {}),
     ("cmp+select_kernel", "select", dict(select_kernel=True)),
     ("cmp+select_xla", "select", dict(select_kernel=False)),
+    ("cmp+select_one_split", "select", dict(select_splits=1)),
     ("full/select_kernel", "full", dict(select_kernel=True)),
     ("full/select_xla", "full", dict(select_kernel=False)),
 )

@@ -305,11 +305,14 @@ def run_variants(args, records, table):
             q, k, v, idx, block_size=64, block_sizes=bs)
         variant(f"slc fwd w{nw}", lambda *a, f=slc: f(*a)[0], q, k, v)
         variant(f"slc fwd+bwd w{nw} e{e}", grad_of(slc), q, k, v)
-    for bq, bc, nw, st, x3, merge, packed in chosen("selection", args.selection_variants):
-        bs = sel_gpu.BlockSizes(block_q=bq, block_c=bc, num_warps=nw, num_stages=st,
-                                overlap_tf32x3=x3, pack_heads=packed)
-        tag = (f"{'packed rows' if packed else 'bq'}{bq} bc{bc} w{nw} s{st}"
-               + (" tf32x3" if x3 else ""))
+    for kw in chosen("selection", args.selection_variants):
+        kw = dict(kw)
+        merge = kw.pop("merge", "dynamic")
+        bs = sel_gpu.BlockSizes(**{**tuned_block_sizes.SELECTION, **kw})
+        tag = (f"{'packed rows' if bs.pack_heads else 'bq'}{bs.block_q} bc{bs.block_c} "
+               f"w{bs.num_warps} s{bs.num_stages}" + (" tf32x3" if bs.overlap_tf32x3 else "")
+               + ("" if bs.heavy_first else " light-first")
+               + (" unrolled" if bs.unroll_heads else ""))
         if merge != "dynamic":  # a timing probe only: "one" merges one block a chunk
             tag += f" merge={merge}"
         old_merge, sel_gpu._VARIANT = sel_gpu._VARIANT, merge  # read when the kernel traces
@@ -433,12 +436,12 @@ def main():
     args.selected_variants = [(2, 256), (8, 1024)]
     # (block_q, block_c, num_warps, num_stages, overlap_tf32x3, merge, pack_heads); the first
     # is the old per-head table, the third the packed table; block_q counts rows when packed
+    # BlockSizes fields over the tuned SELECTION entry (the first is the default itself);
+    # "merge" picks the merge loop ("one" is a timing probe with wrong indices).
     args.selection_variants = [
-        (64, 64, 4, 2, False, "dynamic", False), (64, 64, 4, 2, False, "one", False),
-        (128, 64, 4, 2, True, "dynamic", True), (128, 64, 4, 2, True, "one", True),
-        (128, 64, 8, 2, True, "dynamic", True), (64, 64, 4, 2, True, "dynamic", True),
-        (256, 64, 8, 2, True, "dynamic", True), (128, 128, 8, 2, True, "dynamic", True),
-        (128, 64, 4, 2, False, "dynamic", True), (128, 64, 4, 3, True, "dynamic", True)]
+        {}, dict(heavy_first=False), dict(unroll_heads=True), dict(merge="one"),
+        dict(unroll_heads=True, num_warps=8), dict(block_c=128), dict(block_q=128, num_warps=8),
+        dict(block_q=32)]
     # (entries_per_chunk, entries_per_step, num_warps_bwd, num_stages_bwd); first = default
     args.dkv_variants = [(256, 4, 4, 2), (256, 4, 8, 2), (256, 8, 8, 2), (512, 8, 8, 3),
                          (256, 2, 4, 2), (1024, 4, 8, 2)]

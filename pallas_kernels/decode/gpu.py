@@ -7,12 +7,13 @@ blocks and the window. A decode step is a short chain:
    of KV group ``k`` over the ``j``-th share of sequence ``b``'s visible compressed tokens and
    writes a partial softmax (unnormalised output, running max, running sum) plus the scaled
    logits. Splitting the compressed tokens ``Mc`` ways is what fills the GPU at batch 1.
-2. ``nsa_decode_select`` (grid ``B x K``): program ``(b, k)`` merges the ``Mc`` partial
-   log-sum-exps (and, with at most ``select_merge_splits`` splits, the partial outputs into
-   ``o_cmp``), turns the logits into the branch's probabilities, sums them over the group,
-   maps them to selection-block scores with the overlap weights and takes the top-n (forced
-   blocks first, then score descending, ties to the lower index). With ``select_kernel=False``
-   XLA does this step with the twin's ``select_from_logits``.
+2. ``nsa_decode_select`` (grid ``B x K x S``): program ``(b, k, s)`` merges the ``Mc`` partial
+   log-sum-exps (and, with at most ``select_merge_splits`` splits, its slice of the partial
+   outputs' columns into ``o_cmp``), turns the logits of its run of chunks into the branch's
+   probabilities, sums them over the group, maps them to selection-block scores with the
+   overlap weights and proposes its top-n (forced blocks first, then score descending, ties to
+   the lower index); a stable top-k in XLA merges the ``S`` proposals (none with ``S = 1``).
+   With ``select_kernel=False`` XLA does this step with the twin's ``select_from_logits``.
 3. ``nsa_decode_sparse`` (grid ``B x K x (n + Mw)``): programs ``j < n`` attend the selected
    block in slot ``j`` (causal inside the current block; ``-1`` slots do nothing), programs
    ``j >= n`` a share of the window ``[t - w + 1, t]``. With ``fuse_sparse=False`` these are
@@ -24,18 +25,20 @@ Every attention program walks whole tiles of ``block_k`` keys aligned to multipl
 outside it, so no load starts at an unaligned or out-of-bounds slot.
 
 The select kernel walks the compressed tokens in chunks of ``select_chunk`` (``select_chunk /
-r'`` selection blocks, ``r' = l'/d``) up to the chunk of the current block. Per chunk it maps
-the group-summed probabilities to block scores with a constant ``[chunk, chunk/r']`` weight
-table (the spec's Eq. 9 overlaps); the last ``r - 1`` tokens of a chunk feed the next chunk's
-first block through a carried scalar; the next chunk's logits are loaded before this chunk's
-arithmetic. The scores go to a ``[J']`` scratch output (``J' = J`` rounded up to a power of
-two); after a barrier the program reads them back and takes the top-n by ``n`` rounds of
-argmax (which returns the lowest index among equal maxima, as ``lax.top_k`` orders them), so
-the slots come out in the twin's order whenever the scores are the twin's to the bit. They can
-differ in the last bit: the chunk's first block adds the carried term last, the twin sums in
-one fixed order, so blocks whose scores tie exactly in real arithmetic (uniform probabilities,
-say) may be separated by rounding and a higher index win, as in the training kernels. The
-kernel needs ``r'`` a power of two and ``J' <= MAX_SELECT_BLOCKS``; otherwise XLA selects.
+r'`` selection blocks, ``r' = l'/d``); program ``s`` takes a run of chunks (a power of two of
+them), up to the chunk of the current block. Per chunk it maps the group-summed probabilities
+to block scores with a constant ``[chunk, chunk/r']`` weight table (the spec's Eq. 9
+overlaps); the last ``r - 1`` tokens of a chunk feed the next chunk's first block through a
+carried scalar (a program recomputes it from the chunk before its run); the next chunk's
+logits are loaded before this chunk's arithmetic. The scores go to a ``[J']`` scratch output
+(``J'`` the run's blocks); after a barrier the program reads them back and takes its top-n by
+``n`` rounds of argmax (which returns the lowest index among equal maxima, as ``lax.top_k``
+orders them), so the slots come out in the twin's order whenever the scores are the twin's to
+the bit. They can differ in the last bit: the chunk's first block adds the carried term last,
+the twin sums in one fixed order, so blocks whose scores tie exactly in real arithmetic
+(uniform probabilities, say) may be separated by rounding and a higher index win, as in the
+training kernels. The kernel needs ``r'`` a power of two and ``J' <= MAX_SELECT_BLOCKS``;
+otherwise XLA selects.
 
 Layout: ``q [B, N, Dk]``, raw caches ``[B, S, K, D]`` (the window's may be a ring of
 ``S' >= w`` slots), compressed caches ``[B, C, K, D]``: the twin's. Limits (else
@@ -81,6 +84,9 @@ class BlockSizes:
         outputs into ``o_cmp`` when that kernel used at most this many splits (``0``: never).
         With more splits (small batches) XLA merges them, since one program per KV group
         would read every split's ``[G, Dv]`` output alone.
+      select_splits: most select programs per (sequence, KV group), each walking a run of
+        chunks and proposing its own top-n (``0``: as many as ``target_programs`` asks for);
+        rounded up to a power of two.
     """
 
     block_k: int = 64
@@ -91,6 +97,7 @@ class BlockSizes:
     select_kernel: bool = True
     select_chunk: int = 128
     select_merge_splits: int = 8
+    select_splits: int = 0
 
     def __post_init__(self):
         if self.block_k < 16 or self.block_k & (self.block_k - 1):
@@ -101,6 +108,8 @@ class BlockSizes:
             raise ValueError(f"select_chunk must be a power of two >= 16, got {self.select_chunk}")
         if self.select_merge_splits < 0:
             raise ValueError(f"select_merge_splits must be >= 0, got {self.select_merge_splits}")
+        if self.select_splits < 0:
+            raise ValueError(f"select_splits must be >= 0, got {self.select_splits}")
 
 
 def _pow2_divisor(x: int, cap: int) -> int:
@@ -191,6 +200,7 @@ class _SelectGeom:
     num_blocks: int  # J, selection blocks in the raw cache
     chunk: int  # compressed tokens per step
     interpret: bool
+    max_splits: int = 1  # programs per (sequence, KV group), at most
 
     @property
     def rp(self) -> int:
@@ -201,29 +211,47 @@ class _SelectGeom:
         return self.chunk // self.rp
 
     @property
+    def num_chunks(self) -> int:
+        """Chunks holding every selection block of the cache."""
+        return -(-self.num_blocks // self.blocks_per_chunk)
+
+    @property
+    def chunks_per_split(self) -> int:
+        """Chunks one program walks: a power of two, so its score row is one."""
+        return _next_pow2(-(-self.num_chunks // max(1, self.max_splits)))
+
+    @property
+    def splits(self) -> int:
+        """Programs per (sequence, KV group): a power of two (those past the last chunk
+        propose nothing), at most ``max_splits`` rounded up to a power of two."""
+        return _next_pow2(-(-self.num_chunks // self.chunks_per_split))
+
+    @property
     def score_len(self) -> int:
-        """``J'``: the scratch row of block scores, a power of two holding every chunk."""
-        return _next_pow2(max(self.num_blocks, self.blocks_per_chunk))
+        """``J'``: the scratch row of block scores of one program, a power of two."""
+        return self.chunks_per_split * self.blocks_per_chunk
 
     @property
     def logits_len(self) -> int:
         """Logit columns the kernel may load: whole chunks up to the last block's."""
-        return -(-self.num_blocks // self.blocks_per_chunk) * self.chunk
+        return self.num_chunks * self.chunk
 
 
 def _select_kernel(t_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, *refs, geom: _SelectGeom,
                    merge_o: bool):
     if merge_o:
-        o_ref, idx_ref, score_ref, lse_ref, oc_ref = refs
+        o_ref, idx_ref, val_ref, score_ref, lse_ref, oc_ref = refs
     else:
-        idx_ref, score_ref, lse_ref = refs
+        idx_ref, val_ref, score_ref, lse_ref = refs
     bc, nbc = geom.chunk, geom.blocks_per_chunk
     t = t_ref[()]
     n_vis = jnp.where(t + 1 >= geom.l, (t + 1 - geom.l) // geom.d + 1, 0)
     n_vis = jnp.minimum(n_vis, geom.num_cmp)
     cur = t // geom.lp  # the current block
+    split = pl.program_id(2)
 
-    # 1. Merge the compressed kernel's split softmaxes (merge_partials' expressions).
+    # 1. Merge the compressed kernel's split softmaxes (merge_partials' expressions). With
+    # merge_o, program ``split`` merges its own slice of the output's columns.
     m_max = m_ref[...].max(axis=0)  # [Gg]
     l_tot = (jnp.exp(m_ref[...] - m_max[None, :]) * l_ref[...]).sum(axis=0)  # [Gg]
     has = l_tot > 0
@@ -233,55 +261,81 @@ def _select_kernel(t_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, *refs, geom
     if merge_o:
         o = jnp.zeros(oc_ref.shape, jnp.float32)
         for j in range(o_ref.shape[0]):  # a few splits, unrolled so the loads issue together
-            o = o + jnp.exp(m_ref[j, :] - m_max)[:, None] * o_ref[j]  # [Gg, Dv]
+            o = o + jnp.exp(m_ref[j, :] - m_max)[:, None] * o_ref[j]  # [Gg, Dv / splits]
         oc_ref[...] = o / safe[:, None]
     shift = jnp.where(has, lse, 0.0)[:, None]  # [Gg, 1]: the twin's finite lse
 
-    # 2. Block scores chunk by chunk, into the scratch row.
+    # 2. Block scores chunk by chunk, into the program's scratch row.
     rows = jnp.arange(s_ref.shape[0], dtype=jnp.int32)[:, None] < geom.g  # [Gg, 1]
     tok = jnp.arange(bc, dtype=jnp.int32)
     w_in = w_in_ref[...]  # [bc, nbc]: the spec's overlap weights (selection/reference.py)
     w_next = w_next_ref[...]  # [bc]: weights for the next chunk's first block
     first = jnp.arange(nbc, dtype=jnp.int32) == 0
-    # A sequence longer than the cache (a broken contract) must not write past this row.
-    n_chunks = jnp.minimum(cur // nbc + 1, -(-geom.num_blocks // nbc))
+    # A sequence longer than the cache (a broken contract) must not read past the logits.
+    n_chunks = jnp.minimum(cur // nbc + 1, geom.num_chunks)
+    c0 = split * geom.chunks_per_split  # this program's chunks: [c0, c1)
+    c1 = jnp.minimum(c0 + geom.chunks_per_split, n_chunks)
 
     def load(c):
         start = c * bc if isinstance(c, int) else pl.multiple_of(c * bc, bc)
         return s_ref[:, pl.ds(start, bc)]  # [Gg, bc]
 
-    def chunk_body(c, carry):
-        s, pending = carry
-        s_next = load(jnp.minimum(c + 1, n_chunks - 1))  # in flight during this chunk's maths
+    def group_probs(c, s):
         vis = rows & ((c * bc + tok) < n_vis)[None, :]  # [Gg, bc]
         # The same expression as the twin's (and the training path's) probabilities.
         p = jnp.where(vis, jnp.exp(jnp.minimum(s - shift, 0.0)), 0.0)
-        p_sum = p.sum(axis=0)  # [bc]: the group's sum first, as the twin does
+        return p.sum(axis=0)  # [bc]: the group's sum first, as the twin does
+
+    def chunk_body(c, carry):
+        s, pending = carry
+        s_next = load(jnp.minimum(c + 1, n_chunks - 1))  # in flight during this chunk's maths
+        p_sum = group_probs(c, s)
         score = (p_sum[:, None] * w_in).sum(axis=0) + jnp.where(first, pending, 0.0)  # [nbc]
-        score_ref[pl.ds(pl.multiple_of(c * nbc, nbc), nbc)] = score
+        score_ref[pl.ds(pl.multiple_of((c - c0) * nbc, nbc), nbc)] = score
         return s_next, (p_sum * w_next).sum()
 
-    jax.lax.fori_loop(0, n_chunks, chunk_body, (load(0), jnp.zeros((), jnp.float32)))
+    # The carried term into chunk c0 comes from chunk c0 - 1, another program's last chunk.
+    prev = jnp.maximum(c0 - 1, 0)
+    pending = jnp.where(c0 > 0, (group_probs(prev, load(prev)) * w_next).sum(), 0.0)
+    jax.lax.fori_loop(c0, c1, chunk_body, (load(jnp.minimum(c0, n_chunks - 1)), pending))
 
-    # 3. Top-n. Each thread reads scores other threads wrote: a CTA barrier makes the global
-    # writes before it visible after it.
+    # 3. This program's top-n candidates. Each thread reads scores other threads wrote: a CTA
+    # barrier makes the global writes before it visible after it.
     if not geom.interpret:
         plgpu.debug_barrier()
-    j = jnp.arange(score_ref.shape[0], dtype=jnp.int32)
+    j0 = c0 * nbc
+    j = j0 + jnp.arange(score_ref.shape[0], dtype=jnp.int32)
     forced = (j == 0) | (j == cur) | (j == cur - 1)
     pri = jnp.where(j <= cur, jnp.where(forced, jnp.inf, score_ref[...]), -jnp.inf)  # [J']
     slot = jnp.arange(idx_ref.shape[0], dtype=jnp.int32)
 
     def pick(i, carry):
-        pri, ids = carry
+        pri, ids, vals = carry
         best = jnp.argmax(pri).astype(jnp.int32)  # the lowest index among equal maxima
-        ids = jnp.where(slot == i, best, ids)
-        return jnp.where(j == best, -jnp.inf, pri), ids
+        ids = jnp.where(slot == i, j0 + best, ids)
+        vals = jnp.where(slot == i, jnp.max(pri), vals)
+        return jnp.where(j == j0 + best, -jnp.inf, pri), ids, vals
 
-    # Blocks 0..cur are the valid ones; slots past them stay -1.
-    rounds = jnp.minimum(cur + 1, min(geom.top_n, geom.num_blocks))
-    _, ids = jax.lax.fori_loop(0, rounds, pick, (pri, jnp.full(slot.shape, -1, jnp.int32)))
+    # Blocks j0..cur are this program's valid ones; slots past them stay (-1, -inf).
+    rounds = jnp.clip(cur + 1 - j0, 0, min(geom.top_n, score_ref.shape[0]))
+    _, ids, vals = jax.lax.fori_loop(0, rounds, pick, (
+        pri, jnp.full(slot.shape, -1, jnp.int32), jnp.full(slot.shape, -jnp.inf, jnp.float32)))
     idx_ref[...] = ids
+    val_ref[...] = vals
+
+
+def merge_candidates(ids: Int[Array, "B K S M"], vals: Float[Array, "B K S M"],
+                     top_n: int) -> Int[Array, "B K n"]:
+    """The ``top_n`` best of the select programs' candidates (``-1`` where fewer are valid),
+    in the twin's slot order: score descending, then block index ascending. Programs hold
+    ascending block ranges and list equal scores by ascending index, so a stable top-k over
+    their concatenation breaks ties by index."""
+    b, kh = ids.shape[:2]
+    if ids.shape[2] == 1:
+        return ids[:, :, 0, :top_n]
+    vals, pos = jax.lax.top_k(vals.reshape(b, kh, -1), top_n)
+    picked = jnp.take_along_axis(ids.reshape(b, kh, -1), pos, axis=-1)
+    return jnp.where(vals > -jnp.inf, picked, -1)
 
 
 # pallas_call wrappers --------------------------------------------------------------------------
@@ -360,40 +414,45 @@ def _sparse_call(lo, hi, qg, k_slc, v_slc, k_swa, v_swa, *, num_slc, scale, bloc
 
 
 def _select_call(t, m_p, l_p, s_cmp, o_p, *, geom: _SelectGeom, params):
-    """``nsa_decode_select`` over grid ``B x K``: (indices ``[B, K, n']``, block scores
-    ``[B, K, J']``, lse ``[B, K, Gg]``, ``o_cmp [B, K, Gg, Dv]`` when ``o_p`` is given), with
-    ``n'``, ``J'`` and ``Gg`` the powers of two at or above ``n``, ``J`` and ``G``."""
+    """``nsa_decode_select`` over grid ``B x K x S`` (``S = geom.splits``): per program the
+    candidate indices and scores ``[B, K, S, n']``, the block scores ``[B, K, S, J']``, the lse
+    ``[B, K, Gg]`` and, when ``o_p`` is given, ``o_cmp [B, K, Gg, Dv]`` (program ``s`` merges
+    columns ``s Dv/S ...``); ``n'``, ``Gg`` the powers of two at or above ``n``, ``G``."""
     b, kh, mc = m_p.shape[:3]
     gg, cp = _next_pow2(geom.g), s_cmp.shape[-1]
     n_slots = _next_pow2(geom.top_n)
+    ns = geom.splits
     merge_o = o_p is not None
     in_specs = [
-        pl.BlockSpec((None,), lambda b, k: (b,)),  # t
-        pl.BlockSpec((None, None, mc, gg), lambda b, k: (b, k, 0, 0)),  # m
-        pl.BlockSpec((None, None, mc, gg), lambda b, k: (b, k, 0, 0)),  # l
-        pl.BlockSpec((None, None, gg, cp), lambda b, k: (b, k, 0, 0)),  # logits
-        pl.BlockSpec((geom.chunk, geom.blocks_per_chunk), lambda b, k: (0, 0)),  # w_in
-        pl.BlockSpec((geom.chunk,), lambda b, k: (0,)),  # w_next (next chunk's first block)
+        pl.BlockSpec((None,), lambda b, k, s: (b,)),  # t
+        pl.BlockSpec((None, None, mc, gg), lambda b, k, s: (b, k, 0, 0)),  # m
+        pl.BlockSpec((None, None, mc, gg), lambda b, k, s: (b, k, 0, 0)),  # l
+        pl.BlockSpec((None, None, gg, cp), lambda b, k, s: (b, k, 0, 0)),  # logits
+        pl.BlockSpec((geom.chunk, geom.blocks_per_chunk), lambda b, k, s: (0, 0)),  # w_in
+        pl.BlockSpec((geom.chunk,), lambda b, k, s: (0,)),  # w_next (next chunk's first block)
     ]
     out_specs = [
-        pl.BlockSpec((None, None, n_slots), lambda b, k: (b, k, 0)),  # indices
-        pl.BlockSpec((None, None, geom.score_len), lambda b, k: (b, k, 0)),  # score scratch
-        pl.BlockSpec((None, None, gg), lambda b, k: (b, k, 0)),  # lse
+        pl.BlockSpec((None, None, None, n_slots), lambda b, k, s: (b, k, s, 0)),  # indices
+        pl.BlockSpec((None, None, None, n_slots), lambda b, k, s: (b, k, s, 0)),  # their scores
+        pl.BlockSpec((None, None, None, geom.score_len), lambda b, k, s: (b, k, s, 0)),  # scratch
+        pl.BlockSpec((None, None, gg), lambda b, k, s: (b, k, 0)),  # lse
     ]
-    out_shape = [jax.ShapeDtypeStruct((b, kh, n_slots), jnp.int32),
-                 jax.ShapeDtypeStruct((b, kh, geom.score_len), jnp.float32),
+    out_shape = [jax.ShapeDtypeStruct((b, kh, ns, n_slots), jnp.int32),
+                 jax.ShapeDtypeStruct((b, kh, ns, n_slots), jnp.float32),
+                 jax.ShapeDtypeStruct((b, kh, ns, geom.score_len), jnp.float32),
                  jax.ShapeDtypeStruct((b, kh, gg), jnp.float32)]
     w_in, w_next = overlap_tables(geom.l, geom.d, geom.lp, geom.chunk)
     args = [t, m_p, l_p, s_cmp, jnp.asarray(w_in), jnp.asarray(w_next[:, 0])]
     if merge_o:
         dv = o_p.shape[-1]
-        in_specs.append(pl.BlockSpec((None, None, mc, gg, dv), lambda b, k: (b, k, 0, 0, 0)))
-        out_specs.append(pl.BlockSpec((None, None, gg, dv), lambda b, k: (b, k, 0, 0)))
+        dvs = dv // ns  # each program's columns
+        in_specs.append(pl.BlockSpec((None, None, mc, gg, dvs), lambda b, k, s: (b, k, 0, 0, s)))
+        out_specs.append(pl.BlockSpec((None, None, gg, dvs), lambda b, k, s: (b, k, 0, s)))
         out_shape.append(jax.ShapeDtypeStruct((b, kh, gg, dv), jnp.float32))
         args.append(o_p)
     out = pl.pallas_call(
         functools.partial(_select_kernel, geom=geom, merge_o=merge_o),
-        grid=(b, kh),
+        grid=(b, kh, ns),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
@@ -401,7 +460,15 @@ def _select_call(t, m_p, l_p, s_cmp, o_p, *, geom: _SelectGeom, params):
         interpret=geom.interpret,
         name="nsa_decode_select",
     )(*args)
-    return out[0], out[1], out[2], (out[3] if merge_o else None)
+    ids, vals, scores, lse = out[:4]
+    return (merge_candidates(ids, vals, geom.top_n), scores.reshape(b, kh, -1), lse,
+            out[4] if merge_o else None)
+
+
+def _can_merge_o(dv: int, splits: int) -> bool:
+    """Whether ``splits`` (a power of two) select programs can each merge ``Dv / splits >= 16``
+    of the output's columns (``Dv`` a power of two)."""
+    return dv // splits >= 16
 
 
 # Glue ------------------------------------------------------------------------------------------
@@ -486,6 +553,7 @@ def select_top_n(
     num_cmp: int | None = None,
     o_p: Float[Array, "B K Mc Gp Hv"] | None = None,
     chunk: int = 128,
+    splits: int = 1,
     num_warps: int = 4,
     num_stages: int = 2,
     interpret: bool = False,
@@ -505,6 +573,10 @@ def select_top_n(
         count.
       o_p: split outputs ``[B, K, Mc, Gp, Dv]`` to merge into ``o_cmp`` as well (``None``: not).
       chunk: compressed tokens per step (a power of two; raised to ``l'/d`` if smaller).
+      splits: most programs per (sequence, KV group), rounded up to a power of two; each walks
+        a run of chunks and proposes its own top-n, and a stable top-k merges the proposals.
+        With ``o_p``, ``Dv`` over the programs launched must be at least 16 (each merges its
+        share of the columns).
       num_warps, num_stages: Triton launch parameters.
       interpret: run in the Pallas interpreter.
 
@@ -527,16 +599,21 @@ def select_top_n(
                          f"got {o_p.shape=}")
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"{what}: chunk must be a power of two >= 16, got {chunk}")
+    if splits < 1:
+        raise ValueError(f"{what}: splits must be >= 1, got {splits}")
     if num_cmp is not None and not 0 <= num_cmp <= s_cmp.shape[-1]:
         raise ValueError(f"{what}: num_cmp={num_cmp} must lie in [0, Cp={s_cmp.shape[-1]}] "
                          f"({s_cmp.shape=})")
     geom = _SelectGeom(
         l=cmp_block_size, d=cmp_stride, lp=slc_block_size, top_n=top_n, g=group_size,
         num_cmp=s_cmp.shape[-1] if num_cmp is None else num_cmp, num_blocks=num_blocks,
-        chunk=max(chunk, slc_block_size // cmp_stride), interpret=interpret)
+        chunk=max(chunk, slc_block_size // cmp_stride), interpret=interpret, max_splits=splits)
     why = _select_unsupported(geom)
     if why:
         raise NotImplementedError(f"{what}: {why}")
+    if o_p is not None and not _can_merge_o(o_p.shape[-1], geom.splits):
+        raise ValueError(f"{what}: {geom.splits} select programs cannot split Dv="
+                         f"{o_p.shape[-1]} into slices of 16 or more columns; lower splits")
     # Powers of two for Triton: pad the splits (empty ones), the rows and the columns.
     gg, mcp = _next_pow2(group_size), _next_pow2(mc)
     rows, cols = max(gp, gg) - gp, max(0, geom.logits_len - s_cmp.shape[-1])
@@ -653,10 +730,12 @@ def decode_stages(
     params = plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
     common = dict(scale=scale, precision=precision, params=params, interpret=interpret)
     num_blocks = -(-s_slc // slc_block_size)
+    per_row = b * kh
     geom = _SelectGeom(
         l=cmp_block_size, d=cmp_stride, lp=slc_block_size, top_n=top_n, g=g, num_cmp=c,
         num_blocks=num_blocks, chunk=max(bs.select_chunk, slc_block_size // cmp_stride),
-        interpret=interpret)
+        interpret=interpret,
+        max_splits=bs.select_splits or _next_pow2(-(-bs.target_programs // per_row)))
     if not bs.select_kernel or _select_unsupported(geom):
         geom = None  # XLA selects
 
@@ -666,7 +745,6 @@ def decode_stages(
 
     # 1. Compressed branch, split over the compressed tokens (a power of two of splits, so the
     # select kernel reads all their maxima and sums in one tile).
-    per_row = b * kh
     mc = min(_next_pow2(-(-bs.target_programs // per_row)), _prev_pow2(c // block_kc))
     hi_c = jnp.broadcast_to((num_visible_cmp(t + 1, cmp_block_size, cmp_stride) - 1)[:, None],
                             (b, kh))
@@ -684,7 +762,7 @@ def decode_stages(
 
     # 2. Selection from the branch's own probabilities.
     if geom is not None:
-        merge_o = mc <= bs.select_merge_splits
+        merge_o = mc <= bs.select_merge_splits and _can_merge_o(dv, geom.splits)
         indices, _, _, o_cmp = _select_call(t, m_p, l_p, s_cmp, o_p if merge_o else None,
                                          geom=geom, params=params)
         indices = indices[:, :, :top_n]  # [B, K, n]

@@ -66,6 +66,9 @@ class BlockSizes:
         positions x ``G`` heads per program): the queries are loaded once, one dot a chunk
         scores every head, and the running top-n has one row per position. Needs ``G`` a power
         of two; other groups use the per-head loop.
+      heavy_first: launch the query blocks from the last (the longest walk) to the first.
+      unroll_heads: unroll the per-head loop of a chunk (``G`` copies of its body) so the
+        compiler can overlap one head's loads and dot with another's exponentials.
     """
 
     block_q: int = 64
@@ -74,6 +77,8 @@ class BlockSizes:
     num_stages: int = 2
     overlap_tf32x3: bool = False
     pack_heads: bool = False
+    heavy_first: bool = True
+    unroll_heads: bool = False
 
     def __post_init__(self):
         for f in ("block_q", "block_c"):
@@ -101,6 +106,8 @@ class _Config:
     num_warps: int
     num_stages: int
     overlap_tf32x3: bool = False
+    heavy_first: bool = True
+    unroll_heads: bool = False
 
 
 def _precisions(cfg: _Config, dtype):
@@ -111,20 +118,30 @@ def _precisions(cfg: _Config, dtype):
     return prec, hi_prec
 
 
+def _row_block(cfg: _Config):
+    """The query block of this program. The grid is ``(B * K, query blocks)`` with the first
+    axis launched fastest, and with ``heavy_first`` programs run from the last block: a query
+    block's work grows with its position (it walks every earlier chunk), and launching the
+    long ones last would leave most of the GPU idle while they finish."""
+    i = pl.program_id(1)
+    return pl.num_programs(1) - 1 - i if cfg.heavy_first else i
+
+
 def _walk(chunk_scores, q0, n_pos: int, idx_ref, cfg: _Config):
-    """The chunk loop both kernels share. ``chunk_scores(c, pending)`` gives chunk ``c``'s block
-    scores ``[n_pos, nbc]`` and the carried term for the next chunk; forced blocks score
-    ``+inf``, blocks past a position's current block ``-inf``; each chunk is merged into the
-    running top-n, whose ids are written to ``idx_ref``."""
+    """The chunk loop both kernels share. ``chunk_scores(c, pending, masked)`` gives chunk
+    ``c``'s block scores ``[n_pos, nbc]`` and the carried term for the next chunk; with
+    ``masked=False`` (chunks every position sees whole) it may skip the visibility mask.
+    Forced blocks score ``+inf``, blocks past a position's current block ``-inf``; each chunk
+    is merged into the running top-n, whose ids are written to ``idx_ref``."""
     nbc = cfg.block_c // (cfg.lp // cfg.d)
     n_slots = idx_ref.shape[-1]
     cur = lax.div(q0 + jnp.arange(n_pos, dtype=jnp.int32), cfg.lp)  # current block
     slot_col = jnp.arange(n_slots, dtype=jnp.int32)[None, :]
     blk_col = jnp.arange(nbc, dtype=jnp.int32)[None, :]
 
-    def chunk_body(c, carry):
+    def chunk_body(c, carry, masked: bool):
         vals, ids, pending = carry
-        score, pending = chunk_scores(c, pending)
+        score, pending = chunk_scores(c, pending, masked)
         j = c * nbc + blk_col  # [1, nbc]
         valid = (j <= cur[:, None]) & (j < cfg.num_blocks)
         forced = (j == 0) | (j == cur[:, None]) | (j == cur[:, None] - 1)
@@ -138,33 +155,47 @@ def _walk(chunk_scores, q0, n_pos: int, idx_ref, cfg: _Config):
     pending = jnp.zeros((n_pos, nbc), jnp.float32)
     last_block = lax.div(q0 + n_pos - 1, cfg.lp)
     hi = jnp.minimum(lax.div(last_block, nbc) + 1, cfg.num_chunks)
-    _, ids, _ = lax.fori_loop(0, hi, chunk_body, (vals, ids, pending))
+    # Chunks whose every token the first position already sees (so every position does).
+    first_tok = q0 - (cfg.l - 1)
+    full = jnp.where(first_tok >= 0, lax.div(lax.div(jnp.maximum(first_tok, 0), cfg.d) + 1,
+                                             cfg.block_c), 0)
+    full = jnp.minimum(jnp.minimum(full, cfg.num_cmp // cfg.block_c), hi)
+    carry = lax.fori_loop(0, full, functools.partial(chunk_body, masked=False),
+                          (vals, ids, pending))
+    _, ids, _ = lax.fori_loop(full, hi, functools.partial(chunk_body, masked=True), carry)
     idx_ref[...] = ids
 
 
 def _kernel(q_ref, kc_ref, lse_ref, w_in_ref, w_next_ref, idx_ref, *, cfg: _Config):
     bq, bc = cfg.block_q, cfg.block_c
-    q0 = pl.program_id(0) * bq
-    kh = pl.program_id(1) % (q_ref.shape[1] // cfg.g)
+    q0 = _row_block(cfg) * bq
+    kh = pl.program_id(0) % (q_ref.shape[1] // cfg.g)
     prec, hi_prec = _precisions(cfg, q_ref.dtype)
     t_pos = q0 + jnp.arange(bq, dtype=jnp.int32)  # [bq]
     w_in = w_in_ref[...]  # [bc, nbc]
     w_next = w_next_ref[...]
 
-    def chunk_scores(c, pending):
+    def chunk_scores(c, pending, masked):
         kc = kc_ref[pl.ds(c * bc, bc), :]  # [bc, Dk]
-        tok = c * bc + jnp.arange(bc, dtype=jnp.int32)
-        vis = ((tok[None, :] * cfg.d + cfg.l - 1 <= t_pos[:, None])
-               & (tok[None, :] < cfg.num_cmp))  # [bq, bc]
+        if masked:
+            tok = c * bc + jnp.arange(bc, dtype=jnp.int32)
+            vis = ((tok[None, :] * cfg.d + cfg.l - 1 <= t_pos[:, None])
+                   & (tok[None, :] < cfg.num_cmp))  # [bq, bc]
 
         def head_body(h, p_sum):
             head = kh * cfg.g + h
             q = q_ref[:, head, :]  # [bq, Dk]
             lse = lse_ref[head, :]  # [bq]
             s = plgpu.dot(q, kc, trans_b=True, precision=prec) * cfg.scale  # [bq, bc]
-            return p_sum + jnp.where(vis, jnp.exp(jnp.minimum(s - lse[:, None], 0.0)), 0.0)
+            p = jnp.exp(jnp.minimum(s - lse[:, None], 0.0))
+            return p_sum + (jnp.where(vis, p, 0.0) if masked else p)
 
-        p_sum = lax.fori_loop(0, cfg.g, head_body, jnp.zeros((bq, bc), jnp.float32))
+        p_sum = jnp.zeros((bq, bc), jnp.float32)
+        if cfg.unroll_heads:
+            for h in range(cfg.g):
+                p_sum = head_body(h, p_sum)
+        else:
+            p_sum = lax.fori_loop(0, cfg.g, head_body, p_sum)
         score = plgpu.dot(p_sum, w_in, precision=hi_prec) + pending  # [bq, nbc]
         return score, plgpu.dot(p_sum, w_next, precision=hi_prec)
 
@@ -210,7 +241,7 @@ def _kernel_packed(q_ref, kc_ref, lse_ref, w_in_ref, w_next_ref, idx_ref, *, cfg
     bt = cfg.block_q // g
     rows = bt * g
     nbc = bc // (cfg.lp // cfg.d)
-    q0 = pl.program_id(0) * bt
+    q0 = _row_block(cfg) * bt
     prec, hi_prec = _precisions(cfg, q_ref.dtype)
     q = q_ref[...].reshape(rows, q_ref.shape[-1])  # [bt*G, Dk]: position-major rows
     lse = lse_ref[...].reshape(rows)  # [bt*G]
@@ -218,13 +249,15 @@ def _kernel_packed(q_ref, kc_ref, lse_ref, w_in_ref, w_next_ref, idx_ref, *, cfg
     w_in = w_in_ref[...]
     w_next = w_next_ref[...]
 
-    def chunk_scores(c, pending):
+    def chunk_scores(c, pending, masked):
         kc = kc_ref[pl.ds(c * bc, bc), :]  # [bc, Dk]
-        tok = c * bc + jnp.arange(bc, dtype=jnp.int32)
-        vis = ((tok[None, :] * cfg.d + cfg.l - 1 <= row_t[:, None])
-               & (tok[None, :] < cfg.num_cmp))  # [rows, bc]
         s = plgpu.dot(q, kc, trans_b=True, precision=prec) * cfg.scale  # [rows, bc]
-        p = jnp.where(vis, jnp.exp(jnp.minimum(s - lse[:, None], 0.0)), 0.0)
+        p = jnp.exp(jnp.minimum(s - lse[:, None], 0.0))
+        if masked:
+            tok = c * bc + jnp.arange(bc, dtype=jnp.int32)
+            vis = ((tok[None, :] * cfg.d + cfg.l - 1 <= row_t[:, None])
+                   & (tok[None, :] < cfg.num_cmp))  # [rows, bc]
+            p = jnp.where(vis, p, 0.0)
         # Map each head's probabilities to blocks, then sum the group's heads (Eq. 10).
         score = plgpu.dot(p, w_in, precision=hi_prec).reshape(bt, g, nbc).sum(axis=1)
         return (score + pending,
@@ -306,6 +339,10 @@ def select_blocks(
     nbc = bc // rp
     num_chunks = max(-(-nb // nbc), -(-c // bc), 1)
     tp = -(-t // bt) * bt
+    nqb = tp // bt  # query blocks
+
+    def row(i):  # the query block of program i (as _row_block has it)
+        return nqb - 1 - i if bs.heavy_first else i
     check_int32_extent("select_blocks", q=(b, tp, n, dkp))
     q = jax.lax.stop_gradient(q)
     lse = jax.lax.stop_gradient(lse_cmp).astype(jnp.float32)
@@ -317,27 +354,31 @@ def select_blocks(
     cfg = _Config(l=l, d=d, lp=lp, top_n=top_n, scale=default_scale(dk, scale), g=g,
                   num_cmp=c, num_blocks=nb, block_q=bq, block_c=bc, num_chunks=num_chunks,
                   interpret=interpret, num_warps=bs.num_warps, num_stages=bs.num_stages,
-                  overlap_tf32x3=bs.overlap_tf32x3 and not interpret)
+                  overlap_tf32x3=bs.overlap_tf32x3 and not interpret,
+                  heavy_first=bs.heavy_first, unroll_heads=bs.unroll_heads)
     w_in, w_next = (jnp.asarray(w) for w in overlap_tables(l, d, lp, bc))
     kc_spec = pl.BlockSpec((None, num_chunks * bc, None, dkp),
-                           lambda i, bk: (bk // kh, 0, bk % kh, 0))
-    w_spec = pl.BlockSpec((bc, nbc), lambda i, bk: (0, 0))
+                           lambda bk, i: (bk // kh, 0, bk % kh, 0))
+    w_spec = pl.BlockSpec((bc, nbc), lambda bk, i: (0, 0))
     if packed:
         kernel = _kernel_packed
         lse = jnp.pad(lse, [(0, 0), (0, tp - t), (0, 0)]).reshape(b, tp, kh, g)
         q = q.reshape(b, tp, kh, g, dkp)
-        q_spec = pl.BlockSpec((None, bt, None, g, dkp), lambda i, bk: (bk // kh, i, bk % kh, 0, 0))
-        lse_spec = pl.BlockSpec((None, bt, None, g), lambda i, bk: (bk // kh, i, bk % kh, 0))
+        q_spec = pl.BlockSpec((None, bt, None, g, dkp),
+                              lambda bk, i: (bk // kh, row(i), bk % kh, 0, 0))
+        lse_spec = pl.BlockSpec((None, bt, None, g),
+                                lambda bk, i: (bk // kh, row(i), bk % kh, 0))
     else:
         kernel = _kernel
         lse = jnp.pad(jnp.swapaxes(lse, 1, 2), [(0, 0), (0, 0), (0, tp - t)])  # [B, N, Tp]
-        q_spec = pl.BlockSpec((None, bq, n, dkp), lambda i, bk: (bk // kh, i, 0, 0))
-        lse_spec = pl.BlockSpec((None, n, bq), lambda i, bk: (bk // kh, 0, i))
+        q_spec = pl.BlockSpec((None, bq, n, dkp), lambda bk, i: (bk // kh, row(i), 0, 0))
+        lse_spec = pl.BlockSpec((None, n, bq), lambda bk, i: (bk // kh, 0, row(i)))
     idx = pl.pallas_call(
         functools.partial(kernel, cfg=cfg),
-        grid=(tp // bt, b * kh),
+        grid=(b * kh, nqb),
         in_specs=[q_spec, kc_spec, lse_spec, w_spec, w_spec],
-        out_specs=pl.BlockSpec((None, bt, None, n_slots), lambda i, bk: (bk // kh, i, bk % kh, 0)),
+        out_specs=pl.BlockSpec((None, bt, None, n_slots),
+                               lambda bk, i: (bk // kh, row(i), bk % kh, 0)),
         out_shape=jax.ShapeDtypeStruct((b, tp, kh, n_slots), jnp.int32),
         compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,

@@ -42,12 +42,17 @@ def _inputs(seed, b, n, kh, dk, dv, s_len, c, dtype):
         # XLA merges o_cmp (more splits than select_merge_splits), the kernel selects.
         (8, 2, 16, 32, 16, True, dict(select_merge_splits=0), jnp.float32),
         (8, 2, 16, 32, 16, True, dict(select_kernel=False), jnp.float32),  # XLA selects
+        # A 256-token cache in 16-token select chunks: 4 select programs per KV group, each
+        # merging 16 of o_cmp's 64 columns; then 2 programs (32 columns each).
+        (8, 2, 16, 64, 16, True, dict(select_chunk=16, select_splits=4), jnp.float32),
+        (16, 1, 32, 64, 32, True, dict(select_chunk=16, select_splits=2), jnp.bfloat16),
     ],
 )
 def test_decode_kernel_matches_twin(n, kh, dk, dv, block_k, fuse, select, dtype):
-    s_len, c = 64, 64
+    s_len = 256 if select.get("select_splits") else 64
+    c = 64
     # Lengths: a single token (no compressed token yet), block-unaligned, and a full cache.
-    seq_lens = jnp.asarray([1, 7, 30, 64], jnp.int32)
+    seq_lens = jnp.asarray([1, 7, 30, 64] if s_len == 64 else [1, 30, 140, 256], jnp.int32)
     args = (*_inputs(n + dk, len(seq_lens), n, kh, dk, dv, s_len, c, dtype), seq_lens)
     sizes = gpu.BlockSizes(block_k=block_k, target_programs=64, fuse_sparse=fuse, **select)
     o_ref, idx_ref = ref.decode_attention(*args, **GEOM)
@@ -58,7 +63,7 @@ def test_decode_kernel_matches_twin(n, kh, dk, dv, block_k, fuse, select, dtype)
                  f"{select}")
 
 
-def _select_inputs(seed, b, kh, g, gp, mc, c, seq_lens, geom, *, ties):
+def _select_inputs(seed, b, kh, g, gp, mc, c, seq_lens, geom, *, ties, dv=16):
     """Logits ``[B, K, Gp, C]`` (NaN in the rows past ``G`` and at invisible tokens, which must
     not count) and split partials ``m, l [B, K, Mc, Gp]``, ``o [B, K, Mc, Gp, 16]``.
 
@@ -77,7 +82,7 @@ def _select_inputs(seed, b, kh, g, gp, mc, c, seq_lens, geom, *, ties):
         l = jax.random.uniform(ks[2], (b, kh, mc, gp), minval=0.5, maxval=2.0)  # noqa: E741
         # An empty split: nothing to merge from it.
         m, l = m.at[:, :, -1].set(-1e30), l.at[:, :, -1].set(0.0)  # noqa: E741
-    o = jax.random.normal(ks[3], (b, kh, mc, gp, 16))
+    o = jax.random.normal(ks[3], (b, kh, mc, gp, dv))
     n_vis = ref.num_visible_cmp(seq_lens, geom["cmp_block_size"], geom["cmp_stride"])
     visible = jnp.arange(c)[None, :] < n_vis[:, None]  # [B, C]
     keep = visible[:, None, None, :] & (jnp.arange(gp) < g)[None, None, :, None]
@@ -85,34 +90,48 @@ def _select_inputs(seed, b, kh, g, gp, mc, c, seq_lens, geom, *, ties):
 
 
 @pytest.mark.parametrize(
-    "g,geom,c,s_len,chunk,ties",
+    "g,geom,c,s_len,chunk,ties,splits",
     [
         # l=8, d=4, l'=16 (the paper's ratios); C=80 is not a multiple of the 32-token chunk.
-        (1, dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=8), 80, 300, 32, False),
-        (4, dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=8), 64, 256, 16, True),
+        (1, dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=8), 80, 300, 32, False,
+         1),
+        (4, dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=8), 64, 256, 16, True,
+         1),
         # G = 3: a padded row inside the kernel's power-of-two tile.
-        (3, dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=7), 64, 256, 32, True),
+        (3, dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=7), 64, 256, 32, True,
+         1),
         # l=16, d=4, l'=32: three tokens of each block reach into the next; more slots than
         # the short sequences have blocks.
         (16, dict(cmp_block_size=16, cmp_stride=4, slc_block_size=32, top_n=6), 80, 320, 64,
-         True),
+         True, 1),
         (16, dict(cmp_block_size=16, cmp_stride=4, slc_block_size=32, top_n=5), 80, 320, 16,
-         False),
+         False, 1),
         # l = l' = d: block scores are the token probabilities themselves.
-        (4, dict(cmp_block_size=4, cmp_stride=4, slc_block_size=4, top_n=5), 48, 48, 16, True),
+        (4, dict(cmp_block_size=4, cmp_stride=4, slc_block_size=4, top_n=5), 48, 48, 16, True,
+         1),
+        # Several programs per KV group, each proposing its own top-n over a run of chunks.
+        (4, dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=8), 64, 256, 16, True,
+         4),
+        (1, dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=8), 80, 300, 16, False,
+         2),
+        (16, dict(cmp_block_size=16, cmp_stride=4, slc_block_size=32, top_n=6), 80, 320, 16,
+         True, 8),
+        (4, dict(cmp_block_size=4, cmp_stride=4, slc_block_size=4, top_n=5), 48, 48, 16, True,
+         4),
     ],
 )
-def test_select_kernel_matches_select_from_logits(g, geom, c, s_len, chunk, ties):
+def test_select_kernel_matches_select_from_logits(g, geom, c, s_len, chunk, ties, splits):
     # Lengths: no compressed token yet, the first ones, across block and chunk boundaries.
     lp = geom["slc_block_size"]
     seq_lens = jnp.asarray(sorted({1, 9, lp + 1, 2 * lp, 3 * lp + 5, s_len // 2 + 3, s_len}),
                            jnp.int32)
     b, kh, gp, mc = len(seq_lens), 2, max(16, g), 4
-    s, m, l, o = _select_inputs(g + c + chunk, b, kh, g, gp, mc, c, seq_lens, geom, ties=ties)  # noqa: E741
+    s, m, l, o = _select_inputs(g + c + chunk, b, kh, g, gp, mc, c, seq_lens, geom,  # noqa: E741
+                                ties=ties, dv=16 * splits)  # each program merges 16 columns
     nb = -(-s_len // lp)
     idx, lse, o_cmp, scores = gpu.select_top_n(
-        s, m, l, seq_lens, group_size=g, num_blocks=nb, o_p=o, chunk=chunk, interpret=True,
-        **geom)
+        s, m, l, seq_lens, group_size=g, num_blocks=nb, o_p=o, chunk=chunk, splits=splits,
+        interpret=True, **geom)
     o_ref, lse_ref = gpu.merge_partials(o[:, :, :, :g], m[..., :g], l[..., :g])
     idx_ref = ref.select_from_logits(s[:, :, :g], lse_ref, seq_lens, num_blocks=nb, **geom)
     assert idx.shape == idx_ref.shape and idx.dtype == jnp.int32

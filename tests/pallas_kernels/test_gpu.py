@@ -46,11 +46,14 @@ class TestTritonGpu(KernelSuite):
         return gpu_backend.make_backend(interpret=False)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["per_head", "packed"])
+@pytest.mark.parametrize("variant", [dict(), dict(pack_heads=True, block_q=128),
+                                     dict(unroll_heads=True), dict(heavy_first=False)],
+                         ids=["per_head", "packed", "unrolled", "light_first"])
 @pytest.mark.parametrize("tf32x3", [False, True], ids=["ieee", "tf32x3"])
-def test_select_blocks_long_sequence(tf32x3, packed):
-    """Fused top-n at 8k tokens (many chunks per program) matches the reference exactly, with
-    full-precision and with tf32x3 block-score dots, per head and with the heads packed."""
+def test_select_blocks_long_sequence(tf32x3, variant):
+    """Fused top-n at 8k tokens (many chunks per program, most seen whole) matches the
+    reference exactly, with full-precision and with tf32x3 block-score dots, per head, with the
+    heads packed, with the head loop unrolled and launched lightest first."""
     case = Case(b=1, t=8192, n=16, kh=1, dk=128, dv=128, cmp_block_size=32, cmp_stride=16,
                 slc_block_size=64, top_n=16)
     ks = jax.random.split(jax.random.key(5), 3)
@@ -60,8 +63,7 @@ def test_select_blocks_long_sequence(tf32x3, packed):
     v_cmp = _normal(ks[2], (case.b, c, case.kh, case.dv), jnp.float32)
     _, lse = compressed_ref.compressed_attention(q, k_cmp, v_cmp, block_size=32, stride=16)
     kw = dict(seq_len=case.t, cmp_block_size=32, cmp_stride=16, slc_block_size=64, top_n=16)
-    sizes = selection_gpu.BlockSizes(overlap_tf32x3=tf32x3, pack_heads=packed,
-                                     block_q=128 if packed else 64)
+    sizes = selection_gpu.BlockSizes(overlap_tf32x3=tf32x3, **variant)
     idx = np.sort(np.asarray(selection_gpu.select_blocks(q, k_cmp, lse, block_sizes=sizes,
                                                          **kw)), -1)
     ref = np.sort(np.asarray(selection_ref.select_blocks(q, k_cmp, lse, **kw)), -1)

@@ -48,6 +48,44 @@ def test_select_blocks_geometries(case):
     np.testing.assert_array_equal(idx, ref)
 
 
+_LONG_WALKS = [
+    # The paper's geometry: a chunk is 64 compressed tokens (1024 positions), so from position
+    # 1055 on the leading chunks are seen whole and skip the visibility mask.
+    Case(b=1, t=1400, n=4, kh=1, dk=16, dv=16, cmp_block_size=32, cmp_stride=16,
+         slc_block_size=64, top_n=6),
+    # l = d = l' = 16 in 16-token chunks (256 positions): many unmasked chunks, G = 2, batch 2.
+    Case(b=2, t=700, n=4, kh=2, dk=16, dv=16, cmp_block_size=16, cmp_stride=16,
+         slc_block_size=16, top_n=5),
+]
+
+
+@pytest.mark.parametrize("case", _LONG_WALKS, ids=lambda c: c.id)
+@pytest.mark.parametrize("sizes", [
+    dict(),
+    dict(block_c=16, heavy_first=False),
+    dict(block_c=16, unroll_heads=True, block_q=32),
+    dict(block_c=16, pack_heads=True, block_q=16),
+], ids=["default", "light_first", "unrolled", "packed"])
+def test_select_blocks_long_walks(case, sizes):
+    """Query blocks that walk chunks seen whole (no visibility mask) and then the masked tail
+    agree exactly with the reference, in both launch orders, with the head loop unrolled, and
+    head-packed."""
+    ks = jax.random.split(jax.random.key(case.t), 3)
+    c = case.num_cmp
+    q = _normal(ks[0], (case.b, case.t, case.n, case.dk), jnp.float32)
+    k_cmp = _normal(ks[1], (case.b, c, case.kh, case.dk), jnp.float32)
+    v_cmp = _normal(ks[2], (case.b, c, case.kh, case.dv), jnp.float32)
+    _, lse = compressed_ref.compressed_attention(q, k_cmp, v_cmp, block_size=case.cmp_block_size,
+                                                 stride=case.cmp_stride)
+    kw = dict(seq_len=case.t, cmp_block_size=case.cmp_block_size, cmp_stride=case.cmp_stride,
+              slc_block_size=case.slc_block_size, top_n=case.top_n)
+    bs = selection_gpu.BlockSizes(**sizes)
+    idx = selection_gpu.select_blocks(q, k_cmp, lse, block_sizes=bs, interpret=True, **kw)
+    ref = selection_ref.select_blocks(q, k_cmp, lse, **kw)
+    assert idx.shape == ref.shape == (case.b, case.t, case.kh, case.top_n)
+    np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(ref), -1))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_compressed_dkv_split(monkeypatch, dtype):
     """The compressed-key dk/dv pass split over programs (float32 partials, summed) agrees with

@@ -85,6 +85,20 @@ def test_selection_kernel_lowers_for_h200(t, tf32x3, packed):
     assert text.count(TRITON_CALL) == 1
 
 
+@pytest.mark.parametrize("sizes", [dict(unroll_heads=True), dict(heavy_first=False)],
+                         ids=["unrolled", "light_first"])
+def test_selection_kernel_options_lower_for_h200(sizes):
+    t = 65536
+    c = (t - L_CMP) // D_CMP + 1
+    fn = lambda q, kc, lse: sel_gpu.select_blocks(  # noqa: E731
+        q, kc, lse, seq_len=t, cmp_block_size=L_CMP, cmp_stride=D_CMP, slc_block_size=L_SLC,
+        top_n=TOP_N, block_sizes=sel_gpu.BlockSizes(overlap_tf32x3=True, **sizes))
+    names, text = _lower(fn, _sds(B, t, HQ, 128), _sds(B, c, HKV, 128),
+                         _sds(B, t, HQ, dtype=jnp.float32))
+    assert names == ["nsa_sel_topn"], names
+    assert text.count(TRITON_CALL) == 1
+
+
 @pytest.mark.parametrize("batch,context", [(1, 65536), (32, 8192)])
 def test_decode_kernels_lower_for_h200(batch, context):
     c = context // D_CMP  # the cache holds compressed slots in multiples of 16
