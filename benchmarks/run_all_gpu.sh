@@ -11,6 +11,7 @@
 # attentions x 3 lengths). A 10-minute call fits "kernels decode" or "kernels tests train" with
 # the tests split over calls by TEST_ARGS.
 # KERNELS_PRE_ARGS runs the kernel benchmark once more before the main run (a sweep, say);
+# KERNELS_S is the kernel benchmark's time limit when tests follow it (a third of the call);
 # DECODE_S is the decode benchmark's time limit (200 s); TEST_K is the GPU tests' -k expression
 # and TEST_ARGS more pytest words (e.g. TEST_K="window and bfloat16" TEST_ARGS="--timeout 150":
 # the suite has one test per case and dtype).
@@ -45,7 +46,7 @@ fi
     echo "kernels_pre rc=$?" >> "$R/kernels_pre.log"
   fi
   if has kernels; then
-    lim=$(left); has tests && lim=$(( lim / 3 ))
+    lim=$(left); has tests && lim=${KERNELS_S:-$(( lim / 3 ))}
     # shellcheck disable=SC2086
     CUDA_VISIBLE_DEVICES=0 timeout "$lim" python benchmarks/kernels.py --out "$R" \
         ${KERNELS_ARGS:---seq 8192 16384 32768 65536 --dk192 16384 --reps 5 --variants} \
