@@ -12,7 +12,7 @@
 # the tests split over calls by TEST_ARGS.
 # KERNELS_PRE_ARGS runs the kernel benchmark once more before the main run (a sweep, say);
 # KERNELS_S is the kernel benchmark's time limit when tests follow it (a third of the call);
-# DECODE_S is the decode benchmark's time limit (200 s); TEST_K is the GPU tests' -k expression
+# DECODE_S is the decode benchmark's time limit (200 s), DECODE_ARGS more of its arguments; TEST_K is the GPU tests' -k expression
 # and TEST_ARGS more pytest words (e.g. TEST_K="window and bfloat16" TEST_ARGS="--timeout 150":
 # the suite has one test per case and dtype).
 # KERNELS_ARGS replaces the kernel benchmark's size/variant arguments, TRAIN_ARGS is added to
@@ -63,8 +63,10 @@ fi
 ) &
 (
   if has decode; then
+    # shellcheck disable=SC2086
     CUDA_VISIBLE_DEVICES=1 timeout "${DECODE_S:-200}" python benchmarks/decode.py --out "$R" \
-        --commit "$COMMIT" --budget-s $(( ${DECODE_S:-200} - 60 )) > "$R/decode.log" 2>&1
+        --commit "$COMMIT" --budget-s $(( ${DECODE_S:-200} - 60 )) ${DECODE_ARGS:-} \
+        > "$R/decode.log" 2>&1
     echo "decode rc=$?" >> "$R/decode.log"
   fi
   if has train; then

@@ -95,7 +95,7 @@ class BlockSizes:
     num_stages: int = 2
     fuse_sparse: bool = True
     select_kernel: bool = True
-    select_chunk: int = 128
+    select_chunk: int = 64
     select_merge_splits: int = 8
     select_splits: int = 0
 
