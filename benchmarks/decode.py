@@ -65,16 +65,17 @@ SWEEP = {
     "warps8": gpu.BlockSizes(num_warps=8),
     "xla_select": gpu.BlockSizes(select_kernel=False),
     "sel_chunk128": gpu.BlockSizes(select_chunk=128),
-    "sel_chunk32": gpu.BlockSizes(select_chunk=32),
     "sel_xla_merge": gpu.BlockSizes(select_merge_splits=0),
     "sel_one_split": gpu.BlockSizes(select_splits=1),
     "sel_splits4": gpu.BlockSizes(select_splits=4),
-    "sel_splits16": gpu.BlockSizes(select_splits=16),
+    "sel_splits_uncapped": gpu.BlockSizes(select_splits=0),
     "programs132": gpu.BlockSizes(target_programs=132),
     "programs528": gpu.BlockSizes(target_programs=528),
     "stages3": gpu.BlockSizes(num_stages=3),
-    "stages4": gpu.BlockSizes(num_stages=4),
     "warps2": gpu.BlockSizes(num_warps=2),
+    "slots1": gpu.BlockSizes(sparse_slots=1),
+    "slots2": gpu.BlockSizes(sparse_slots=2),
+    "slots8": gpu.BlockSizes(sparse_slots=8),
 }
 # --stages: (record name, decode_stages(upto=...), BlockSizes overrides).
 STAGE_VARIANTS = (
@@ -195,14 +196,16 @@ def check_correctness(ctx: int) -> list[str]:
         args = list(make_nsa_set(jax.random.key(1), 3, ctx, dtype))
         args[-1] = jnp.asarray([ctx, ctx // 2 - 24, 37], jnp.int32)  # unequal, one tiny
         o_ref, idx_ref = jax.jit(functools.partial(reference.decode_attention, **NSA))(*args)
-        for fuse, select in ((True, True), (False, True), (True, False)):
-            sizes = gpu.BlockSizes(fuse_sparse=fuse, select_kernel=select)
+        for kw in (dict(), dict(fuse_sparse=False), dict(select_kernel=False),
+                   dict(sparse_slots=4, select_splits=1), dict(sparse_slots=16, select_splits=4)):
+            sizes = gpu.BlockSizes(**kw)
             o, idx = jax.jit(functools.partial(gpu.decode_attention, **NSA,
                                                block_sizes=sizes, interpret=INTERPRET))(*args)
             err = rel_err(o, o_ref)
             same = float(np.mean(np.sort(np.asarray(idx), -1) == np.sort(np.asarray(idx_ref), -1)))
             ok = err <= tol and np.isfinite(np.asarray(o, np.float32)).all()
-            lines.append(f"check {jnp.dtype(dtype).name} fuse={fuse} select_kernel={select}: "
+            tag = " ".join(f"{k}={v}" for k, v in kw.items()) or "default"
+            lines.append(f"check {jnp.dtype(dtype).name} {tag}: "
                          f"rel err {err:.2e} (tol {tol:.0e}), index agreement {same:.4f} -> "
                          f"{'OK' if ok else 'FAIL'}")
     return lines

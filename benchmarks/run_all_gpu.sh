@@ -16,7 +16,8 @@
 # and TEST_ARGS more pytest words (e.g. TEST_K="window and bfloat16" TEST_ARGS="--timeout 150":
 # the suite has one test per case and dtype).
 # KERNELS_ARGS replaces the kernel benchmark's size/variant arguments, TRAIN_ARGS is added to
-# the throughput run's (e.g. TRAIN_ARGS="--set model.num_kv_heads=1 --seq-lens 32768,65536").
+# the throughput run's (e.g. TRAIN_ARGS="--set model.num_kv_heads=1 --seq-lens 32768,65536");
+# part train0 runs it on GPU 0 after the kernel parts, into TRAIN0_OUT (train.json).
 # Writes DIR/results.tar.gz (result JSON/Markdown/PNG and every log) and DIR/summary.txt.
 set -u
 TOTAL=${1:?seconds}
@@ -60,6 +61,14 @@ fi
         > "$R/test_gpu.log" 2>&1
     echo "pytest rc=$?" >> "$R/test_gpu.log"
   fi
+  if has train0; then  # the throughput run on GPU 0 instead (TRAIN0_OUT names its JSON)
+    lim=$(left)
+    # shellcheck disable=SC2086
+    CUDA_VISIBLE_DEVICES=0 timeout "$lim" python benchmarks/train.py --mode throughput \
+        --budget-s $(( lim - 60 )) --out "$R/${TRAIN0_OUT:-train.json}" ${TRAIN_ARGS:-} \
+        > "$R/train0.log" 2>&1
+    echo "train0 rc=$?" >> "$R/train0.log"
+  fi
 ) &
 (
   if has decode; then
@@ -88,7 +97,7 @@ wait
   grep -hE " (passed|failed)" "$R/test_gpu.log" | tail -3
   grep -hE "^(check|stage|  sweep)" "$R/decode.log"
   tail -20 "$R/decode.log"
-  grep -h '"name"' "$R/train.log" | cut -c1-160
+  grep -h '"name"' "$R/train.log" "$R/train0.log" | cut -c1-160
   grep -hE "^(1 device|data=2|fsdp=2|tensor=2)" "$R/train_multi_gpu.log"
 } > "$OUT/summary.txt" 2>/dev/null
 tar -czf "$OUT/results.tar.gz" -C "$OUT" results

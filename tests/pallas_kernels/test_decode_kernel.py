@@ -46,6 +46,10 @@ def _inputs(seed, b, n, kh, dk, dv, s_len, c, dtype):
         # merging 16 of o_cmp's 64 columns; then 2 programs (32 columns each).
         (8, 2, 16, 64, 16, True, dict(select_chunk=16, select_splits=4), jnp.float32),
         (16, 1, 32, 64, 32, True, dict(select_chunk=16, select_splits=2), jnp.bfloat16),
+        # Two selected blocks per sparse program; then all four slots and four empty ones.
+        (8, 2, 16, 32, 16, True, dict(sparse_slots=2), jnp.float32),
+        (8, 2, 32, 32, 16, True, dict(sparse_slots=8, select_chunk=16, select_splits=4),
+         jnp.bfloat16),
     ],
 )
 def test_decode_kernel_matches_twin(n, kh, dk, dv, block_k, fuse, select, dtype):
