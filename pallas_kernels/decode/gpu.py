@@ -316,7 +316,8 @@ def _select_kernel(t_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, *refs, geom
         return s_next, (p_sum * w_next).sum()
 
     # The carried term into chunk c0 comes from chunk c0 - 1, another program's last chunk.
-    prev = jnp.maximum(c0 - 1, 0)
+    # (Clamped into the row: a run past the last chunk has no chunk to carry into.)
+    prev = jnp.clip(c0 - 1, 0, n_chunks - 1)
     pending = jnp.where(c0 > 0, (group_probs(prev, load(prev)) * w_next).sum(), 0.0)
     jax.lax.fori_loop(c0, c1, chunk_body, (load(jnp.minimum(c0, n_chunks - 1)), pending))
 
@@ -490,9 +491,9 @@ def _select_call(t, m_p, l_p, s_cmp, o_p, *, geom: _SelectGeom, params):
 
 
 def _can_merge_o(dv: int, splits: int) -> bool:
-    """Whether ``splits`` (a power of two) select programs can each merge ``Dv / splits >= 16``
-    of the output's columns (``Dv`` a power of two)."""
-    return dv // splits >= 16
+    """Whether ``splits`` select programs can each merge ``Dv / splits >= 16`` of the output's
+    columns (``splits`` must divide ``Dv``: a remainder column would never be written)."""
+    return dv % splits == 0 and dv // splits >= 16
 
 
 # Glue ------------------------------------------------------------------------------------------
@@ -599,8 +600,8 @@ def select_top_n(
       chunk: compressed tokens per step (a power of two; raised to ``l'/d`` if smaller).
       splits: most programs per (sequence, KV group), rounded up to a power of two; each walks
         a run of chunks and proposes its own top-n, and a stable top-k merges the proposals.
-        With ``o_p``, ``Dv`` over the programs launched must be at least 16 (each merges its
-        share of the columns).
+        With ``o_p``, the programs launched must divide ``Dv`` into slices of at least 16
+        columns (each merges its slice).
       num_warps, num_stages: Triton launch parameters.
       interpret: run in the Pallas interpreter.
 
@@ -637,7 +638,8 @@ def select_top_n(
         raise NotImplementedError(f"{what}: {why}")
     if o_p is not None and not _can_merge_o(o_p.shape[-1], geom.splits):
         raise ValueError(f"{what}: {geom.splits} select programs cannot split Dv="
-                         f"{o_p.shape[-1]} into slices of 16 or more columns; lower splits")
+                         f"{o_p.shape[-1]} into equal slices of 16 or more columns; lower "
+                         "splits")
     # Powers of two for Triton: pad the splits (empty ones), the rows and the columns.
     gg, mcp = _next_pow2(group_size), _next_pow2(mc)
     rows, cols = max(gp, gg) - gp, max(0, geom.logits_len - s_cmp.shape[-1])

@@ -50,6 +50,8 @@ def _inputs(seed, b, n, kh, dk, dv, s_len, c, dtype):
         (8, 2, 16, 32, 16, True, dict(sparse_slots=2), jnp.float32),
         (8, 2, 32, 32, 16, True, dict(sparse_slots=8, select_chunk=16, select_splits=4),
          jnp.bfloat16),
+        # Few programs wanted: the automatic choice puts 4 selected blocks in each program.
+        (8, 2, 16, 32, 16, True, dict(target_programs=8), jnp.float32),
     ],
 )
 def test_decode_kernel_matches_twin(n, kh, dk, dv, block_k, fuse, select, dtype):
@@ -58,7 +60,8 @@ def test_decode_kernel_matches_twin(n, kh, dk, dv, block_k, fuse, select, dtype)
     # Lengths: a single token (no compressed token yet), block-unaligned, and a full cache.
     seq_lens = jnp.asarray([1, 7, 30, 64] if s_len == 64 else [1, 30, 140, 256], jnp.int32)
     args = (*_inputs(n + dk, len(seq_lens), n, kh, dk, dv, s_len, c, dtype), seq_lens)
-    sizes = gpu.BlockSizes(block_k=block_k, target_programs=64, fuse_sparse=fuse, **select)
+    sizes = gpu.BlockSizes(**{"block_k": block_k, "target_programs": 64, "fuse_sparse": fuse,
+                              **select})
     o_ref, idx_ref = ref.decode_attention(*args, **GEOM)
     o, idx = gpu.decode_attention(*args, **GEOM, block_sizes=sizes, interpret=True)
     assert o.dtype == o_ref.dtype and o.shape == o_ref.shape
@@ -182,6 +185,17 @@ def test_select_kernel_validates_its_inputs():
         gpu.BlockSizes(select_chunk=48)
     with pytest.raises(ValueError, match="select_merge_splits"):
         gpu.BlockSizes(select_merge_splits=-1)
+    with pytest.raises(ValueError, match="splits must be >= 1, got 0"):
+        gpu.select_top_n(s, m, m, lens, group_size=4, splits=0, interpret=True, **geom)
+    # Two programs cannot share Dv = 33 columns equally (a column would never be written).
+    o = jnp.zeros((1, 1, 2, 16, 33))
+    with pytest.raises(ValueError, match="cannot split Dv=33"):
+        gpu.select_top_n(s, m, m, lens, group_size=4, o_p=o, chunk=16, splits=2,
+                         interpret=True, **{**geom, "num_blocks": 16})
+    with pytest.raises(ValueError, match="sparse_slots must be 0 or a power of two, got 3"):
+        gpu.BlockSizes(sparse_slots=3)
+    with pytest.raises(ValueError, match="select_splits must be >= 0"):
+        gpu.BlockSizes(select_splits=-1)
 
 
 def test_decode_stages_agree_with_the_whole_chain():

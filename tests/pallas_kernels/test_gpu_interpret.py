@@ -66,12 +66,14 @@ _LONG_WALKS = [
     dict(block_c=16, block_q=32),
     dict(block_c=16, pack_heads=True, block_q=16),
 ], ids=["default", "light_first", "small_tiles", "packed"])
-def test_select_blocks_long_walks(case, sizes):
+@pytest.mark.parametrize("short", [False, True], ids=["full_cmp", "short_cmp"])
+def test_select_blocks_long_walks(case, sizes, short):
     """Query blocks that walk chunks seen whole (no visibility mask) and then the masked tail
     agree exactly with the reference, in both launch orders, with smaller tiles, and
-    head-packed."""
+    head-packed; also with fewer compressed tokens than the sequence has (``short``), whose
+    missing tokens fall inside chunks the mask-free loop would otherwise take whole."""
     ks = jax.random.split(jax.random.key(case.t), 3)
-    c = case.num_cmp
+    c = case.num_cmp - (37 if short else 0)
     q = _normal(ks[0], (case.b, case.t, case.n, case.dk), jnp.float32)
     k_cmp = _normal(ks[1], (case.b, c, case.kh, case.dk), jnp.float32)
     v_cmp = _normal(ks[2], (case.b, c, case.kh, case.dv), jnp.float32)
