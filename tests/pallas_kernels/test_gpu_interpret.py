@@ -24,6 +24,25 @@ class TestTritonInterpret(KernelSuite):
         return gpu_backend.make_backend(interpret=True)
 
 
+def _check_top_n(case, *, seed, dtype=jnp.float32, num_cmp=None, block_sizes=None):
+    """The fused top-n kernel (interpreted) against the reference on random inputs: the same
+    block set for every query and KV group. ``num_cmp`` shortens the compressed cache."""
+    ks = jax.random.split(jax.random.key(seed), 3)
+    c = case.num_cmp if num_cmp is None else num_cmp
+    q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)
+    k_cmp = _normal(ks[1], (case.b, c, case.kh, case.dk), dtype)
+    v_cmp = _normal(ks[2], (case.b, c, case.kh, case.dv), dtype)
+    _, lse = compressed_ref.compressed_attention(q, k_cmp, v_cmp, block_size=case.cmp_block_size,
+                                                 stride=case.cmp_stride)
+    kw = dict(seq_len=case.t, cmp_block_size=case.cmp_block_size, cmp_stride=case.cmp_stride,
+              slc_block_size=case.slc_block_size, top_n=case.top_n)
+    idx = selection_gpu.select_blocks(q, k_cmp, lse, block_sizes=block_sizes, interpret=True,
+                                      **kw)
+    ref = selection_ref.select_blocks(q, k_cmp, lse, **kw)
+    assert idx.shape == ref.shape == (case.b, case.t, case.kh, case.top_n)
+    np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(ref), -1))
+
+
 @pytest.mark.parametrize("case", [
     # The paper's geometry (r = 2, r' = 4: overlap weights 1, 2, 2, 2, 1), several chunks.
     Case(b=1, t=300, n=4, kh=1, dk=16, dv=16, cmp_block_size=32, cmp_stride=16,
@@ -34,18 +53,7 @@ class TestTritonInterpret(KernelSuite):
 ], ids=lambda c: c.id)
 def test_select_blocks_geometries(case):
     """Fused top-n agrees with the reference on block geometries the default cases miss."""
-    ks = jax.random.split(jax.random.key(case.t), 3)
-    c = case.num_cmp
-    q = _normal(ks[0], (case.b, case.t, case.n, case.dk), jnp.float32)
-    k_cmp = _normal(ks[1], (case.b, c, case.kh, case.dk), jnp.float32)
-    v_cmp = _normal(ks[2], (case.b, c, case.kh, case.dv), jnp.float32)
-    _, lse = compressed_ref.compressed_attention(q, k_cmp, v_cmp, block_size=case.cmp_block_size,
-                                                 stride=case.cmp_stride)
-    kw = dict(seq_len=case.t, cmp_block_size=case.cmp_block_size, cmp_stride=case.cmp_stride,
-              slc_block_size=case.slc_block_size, top_n=case.top_n)
-    idx = np.sort(np.asarray(selection_gpu.select_blocks(q, k_cmp, lse, interpret=True, **kw)), -1)
-    ref = np.sort(np.asarray(selection_ref.select_blocks(q, k_cmp, lse, **kw)), -1)
-    np.testing.assert_array_equal(idx, ref)
+    _check_top_n(case, seed=case.t)
 
 
 _LONG_WALKS = [
@@ -72,20 +80,8 @@ def test_select_blocks_long_walks(case, sizes, short):
     agree exactly with the reference, in both launch orders, with smaller tiles, and
     head-packed; also with fewer compressed tokens than the sequence has (``short``), whose
     missing tokens fall inside chunks the mask-free loop would otherwise take whole."""
-    ks = jax.random.split(jax.random.key(case.t), 3)
-    c = case.num_cmp - (37 if short else 0)
-    q = _normal(ks[0], (case.b, case.t, case.n, case.dk), jnp.float32)
-    k_cmp = _normal(ks[1], (case.b, c, case.kh, case.dk), jnp.float32)
-    v_cmp = _normal(ks[2], (case.b, c, case.kh, case.dv), jnp.float32)
-    _, lse = compressed_ref.compressed_attention(q, k_cmp, v_cmp, block_size=case.cmp_block_size,
-                                                 stride=case.cmp_stride)
-    kw = dict(seq_len=case.t, cmp_block_size=case.cmp_block_size, cmp_stride=case.cmp_stride,
-              slc_block_size=case.slc_block_size, top_n=case.top_n)
-    bs = selection_gpu.BlockSizes(**sizes)
-    idx = selection_gpu.select_blocks(q, k_cmp, lse, block_sizes=bs, interpret=True, **kw)
-    ref = selection_ref.select_blocks(q, k_cmp, lse, **kw)
-    assert idx.shape == ref.shape == (case.b, case.t, case.kh, case.top_n)
-    np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(ref), -1))
+    _check_top_n(case, seed=case.t, num_cmp=case.num_cmp - (37 if short else 0),
+                 block_sizes=selection_gpu.BlockSizes(**sizes))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
@@ -183,20 +179,8 @@ def test_banded_mask_edges_only(branch, t, tiles, geom, dtype):
 def test_select_blocks_packed_heads(case, rows, dtype):
     """The head-packed top-n kernel (``pack_heads``: positions x heads as rows, one running
     top-n per position) agrees exactly with the reference."""
-    ks = jax.random.split(jax.random.key(case.t + case.n), 3)
-    c = case.num_cmp
-    q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)
-    k_cmp = _normal(ks[1], (case.b, c, case.kh, case.dk), dtype)
-    v_cmp = _normal(ks[2], (case.b, c, case.kh, case.dv), dtype)
-    _, lse = compressed_ref.compressed_attention(q, k_cmp, v_cmp, block_size=case.cmp_block_size,
-                                                 stride=case.cmp_stride)
-    kw = dict(seq_len=case.t, cmp_block_size=case.cmp_block_size, cmp_stride=case.cmp_stride,
-              slc_block_size=case.slc_block_size, top_n=case.top_n)
-    sizes = selection_gpu.BlockSizes(block_q=rows, pack_heads=True)
-    idx = selection_gpu.select_blocks(q, k_cmp, lse, block_sizes=sizes, interpret=True, **kw)
-    ref = selection_ref.select_blocks(q, k_cmp, lse, **kw)
-    assert idx.shape == ref.shape == (case.b, case.t, case.kh, case.top_n)
-    np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(ref), -1))
+    _check_top_n(case, seed=case.t + case.n, dtype=dtype,
+                 block_sizes=selection_gpu.BlockSizes(block_q=rows, pack_heads=True))
 
 
 def test_banded_tiles_clamp_stages_before_tiles():
