@@ -433,14 +433,11 @@ def main():
                             (64, 64, 4, 2, True, False), (64, 64, 4, 3, True, False),
                             (128, 32, 4, 3, True, False), (128, 64, 4, 3, True, False)]
     args.selected_variants = [(2, 256), (8, 1024)]
-    # (block_q, block_c, num_warps, num_stages, overlap_tf32x3, merge, pack_heads); the first
-    # is the old per-head table, the third the packed table; block_q counts rows when packed
     # BlockSizes fields over the tuned SELECTION entry (the first is the default itself);
     # "merge" picks the merge loop ("one" is a timing probe with wrong indices).
     args.selection_variants = [
         {}, dict(heavy_first=False), dict(merge="one"), dict(block_c=128),
-        dict(block_q=128, num_warps=8),
-        dict(block_q=32)]
+        dict(block_q=128, num_warps=8), dict(block_q=32)]
     # (entries_per_chunk, entries_per_step, num_warps_bwd, num_stages_bwd); first = default
     args.dkv_variants = [(256, 4, 4, 2), (256, 4, 8, 2), (256, 8, 8, 2), (512, 8, 8, 3),
                          (256, 2, 4, 2), (1024, 4, 8, 2)]
