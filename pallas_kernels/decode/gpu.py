@@ -93,6 +93,10 @@ class BlockSizes:
       sparse_slots: selected blocks one ``nsa_decode_sparse`` program attends in one softmax
         (a power of two; ``0``: as many as leave about ``target_programs`` programs), which
         cuts the partial outputs XLA merges at large batches.
+      cmp_block_k, cmp_num_warps, cmp_num_stages: the compressed kernel's own tile and launch
+        parameters (``0``: ``block_k``, ``num_warps``, ``num_stages``).
+      cmp_splits: programs per (sequence, KV group) of the compressed kernel, a power of two
+        (``0``: as many as leave about ``target_programs`` programs).
     """
 
     block_k: int = 64
@@ -105,6 +109,10 @@ class BlockSizes:
     select_merge_splits: int = 8
     select_splits: int = 16
     sparse_slots: int = 0
+    cmp_block_k: int = 0
+    cmp_num_warps: int = 0
+    cmp_num_stages: int = 0
+    cmp_splits: int = 0
 
     def __post_init__(self):
         if self.block_k < 16 or self.block_k & (self.block_k - 1):
@@ -117,8 +125,16 @@ class BlockSizes:
             raise ValueError(f"select_merge_splits must be >= 0, got {self.select_merge_splits}")
         if self.select_splits < 0:
             raise ValueError(f"select_splits must be >= 0, got {self.select_splits}")
-        if self.sparse_slots < 0 or self.sparse_slots & (self.sparse_slots - 1):
-            raise ValueError(f"sparse_slots must be 0 or a power of two, got {self.sparse_slots}")
+        for name in ("sparse_slots", "cmp_splits", "cmp_block_k"):
+            x = getattr(self, name)
+            if x < 0 or x & (x - 1):
+                raise ValueError(f"{name} must be 0 or a power of two, got {x}")
+        if 0 < self.cmp_block_k < 16:
+            raise ValueError(f"cmp_block_k must be 0 or a power of two >= 16, got "
+                             f"{self.cmp_block_k}")
+        for name in ("cmp_num_warps", "cmp_num_stages"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 def _pow2_divisor(x: int, cap: int) -> int:
@@ -740,7 +756,7 @@ def decode_stages(
         if d < 16 or d & (d - 1):
             raise NotImplementedError(
                 f"decode kernel needs power-of-two head dims >= 16: {name}={d}")
-    block_kc = _pow2_divisor(c, bs.block_k)
+    block_kc = _pow2_divisor(c, bs.cmp_block_k or bs.block_k)
     if c == 0 or block_kc < 16:
         raise NotImplementedError(f"compressed cache length C={c} is not a multiple of 16")
     s_slc, s_swa = k_slc.shape[1], k_swa.shape[1]
@@ -772,13 +788,17 @@ def decode_stages(
 
     # 1. Compressed branch, split over the compressed tokens (a power of two of splits, so the
     # select kernel reads all their maxima and sums in one tile).
-    mc = min(_next_pow2(-(-bs.target_programs // per_row)), _prev_pow2(c // block_kc))
+    mc = min(bs.cmp_splits or _next_pow2(-(-bs.target_programs // per_row)),
+             _prev_pow2(c // block_kc))
     hi_c = jnp.broadcast_to((num_visible_cmp(t + 1, cmp_block_size, cmp_stride) - 1)[:, None],
                             (b, kh))
     lo_c, hi_c = split_range(jnp.zeros_like(hi_c), hi_c, mc, block_kc)  # [B, K, Mc]
     logits_len = max(c, geom.logits_len) if geom else c
+    cmp_params = plgpu.CompilerParams(num_warps=bs.cmp_num_warps or bs.num_warps,
+                                      num_stages=bs.cmp_num_stages or bs.num_stages)
     o_p, m_p, l_p, s_cmp = _range_call(lo_c, hi_c, qg, k_cmp, v_cmp, block_k=block_kc,
-                                       name="nsa_decode_cmp", logits_len=logits_len, **common)
+                                       name="nsa_decode_cmp", logits_len=logits_len,
+                                       **dict(common, params=cmp_params))
 
     def merge_cmp():
         return merge_partials(o_p[:, :, :, :g], m_p[..., :g], l_p[..., :g])  # [B,K,G,Dv], [B,K,G]
