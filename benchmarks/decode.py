@@ -76,6 +76,10 @@ SWEEP = {
     "slots1": gpu.BlockSizes(sparse_slots=1),
     "slots2": gpu.BlockSizes(sparse_slots=2),
     "slots8": gpu.BlockSizes(sparse_slots=8),
+    "xla_combine": gpu.BlockSizes(combine_kernel=False),
+    "sel_programs528": gpu.BlockSizes(select_programs=528),
+    "sel_programs1056": gpu.BlockSizes(select_programs=1056),
+    "sel_chunk128_programs528": gpu.BlockSizes(select_chunk=128, select_programs=528),
 }
 # --stages: (record name, decode_stages(upto=...), BlockSizes overrides).
 STAGE_VARIANTS = (
@@ -189,15 +193,24 @@ def rel_err(out, ref) -> float:
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
+CHECK_TILINGS = (dict(), dict(fuse_sparse=False), dict(select_kernel=False),
+                 dict(sparse_slots=4, select_splits=1), dict(sparse_slots=16, select_splits=4),
+                 dict(combine_kernel=False), dict(select_programs=1024))
+# At 4x the check context: 32 compressed splits, which the combine kernel merges in a loop.
+CHECK_TILINGS_LONG = (dict(cmp_block_k=16, cmp_splits=32),)
+
+
 def check_correctness(ctx: int) -> list[str]:
     """Kernel vs XLA path at a small size, bf16 and f32; returns lines to print."""
     lines = []
-    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
-        args = list(make_nsa_set(jax.random.key(1), 3, ctx, dtype))
-        args[-1] = jnp.asarray([ctx, ctx // 2 - 24, 37], jnp.int32)  # unequal, one tiny
+    cases = [(dtype, tol, c_len, tilings)
+             for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2))
+             for c_len, tilings in ((ctx, CHECK_TILINGS), (4 * ctx, CHECK_TILINGS_LONG))]
+    for dtype, tol, c_len, tilings in cases:
+        args = list(make_nsa_set(jax.random.key(1), 3, c_len, dtype))
+        args[-1] = jnp.asarray([c_len, c_len // 2 - 24, 37], jnp.int32)  # unequal, one tiny
         o_ref, idx_ref = jax.jit(functools.partial(reference.decode_attention, **NSA))(*args)
-        for kw in (dict(), dict(fuse_sparse=False), dict(select_kernel=False),
-                   dict(sparse_slots=4, select_splits=1), dict(sparse_slots=16, select_splits=4)):
+        for kw in tilings:
             sizes = gpu.BlockSizes(**kw)
             o, idx = jax.jit(functools.partial(gpu.decode_attention, **NSA,
                                                block_sizes=sizes, interpret=INTERPRET))(*args)
@@ -205,7 +218,7 @@ def check_correctness(ctx: int) -> list[str]:
             same = float(np.mean(np.sort(np.asarray(idx), -1) == np.sort(np.asarray(idx_ref), -1)))
             ok = err <= tol and np.isfinite(np.asarray(o, np.float32)).all()
             tag = " ".join(f"{k}={v}" for k, v in kw.items()) or "default"
-            lines.append(f"check {jnp.dtype(dtype).name} {tag}: "
+            lines.append(f"check {jnp.dtype(dtype).name} ctx={c_len} {tag}: "
                          f"rel err {err:.2e} (tol {tol:.0e}), index agreement {same:.4f} -> "
                          f"{'OK' if ok else 'FAIL'}")
     return lines

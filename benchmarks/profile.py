@@ -8,6 +8,8 @@ Targets (``--targets``, comma-separated):
 
 - ``decode:CTX:B[:VARIANT]``: one decode step of ``benchmarks/decode.py`` (``VARIANT`` a key
   of ``decode.SWEEP`` or of ``DECODE_VARIANTS`` below);
+- ``dense:CTX:B:IMPL``: the dense decode step of ``benchmarks/decode.py`` (``xla`` or
+  ``cudnn``);
 - ``attn:T:HQ:HKV:D:PASS``: ``nsa_attention`` on the Pallas-Triton backend, batch 1, bf16,
   the paper's blocks, ``PASS`` ``fwd`` or ``fwdbwd``;
 - ``train:T:ATTENTION``: one step of the ``nsa_125m`` training benchmark (batch 1).
@@ -42,6 +44,7 @@ from pallas_kernels.decode import gpu  # noqa: E402
 
 # Decode tilings beyond decode.SWEEP, by name.
 DECODE_VARIANTS: dict[str, gpu.BlockSizes] = {
+    "rounds_topn": gpu.BlockSizes(),  # the default tiling, top-n by rounds of argmax
     "cmp_bk32": gpu.BlockSizes(cmp_block_k=32),
     "cmp_bk128": gpu.BlockSizes(cmp_block_k=128),
     "cmp_warps2": gpu.BlockSizes(cmp_num_warps=2),
@@ -125,11 +128,56 @@ def decode_target(ctx: int, b: int, variant: str | None, steps: int):
             return acc
         return jax.lax.fori_loop(0, steps, body, jnp.zeros(sets[0][0].shape, jnp.float32))
 
+    if variant == "rounds_topn":  # compiled now, with the ranking switched off
+        saved, gpu.RANK_TOPN_MAX = gpu.RANK_TOPN_MAX, 0
+        try:
+            loop = loop.lower(sets).compile()
+        finally:
+            gpu.RANK_TOPN_MAX = saved
     return loop, (sets,), steps * len(sets)
 
 
-def attn_target(t: int, hq: int, hkv: int, d: int, pas: str):
+def dense_target(ctx: int, b: int, impl: str, steps: int):
+    sets = tuple(dec.make_dense_set(jax.random.fold_in(jax.random.key(0), i), b, ctx)
+                 for i in range(dec.num_sets(b, ctx)))
+    fn = functools.partial(dec.dense_fn, implementation=impl)
+
+    @jax.jit
+    def loop(sets):
+        def body(_, acc):
+            for s in sets:
+                q = (s[0].astype(jnp.float32) + 1e-3 * acc).astype(s[0].dtype)
+                acc = fn(q, *s[1:]).astype(jnp.float32)
+            return acc
+        return jax.lax.fori_loop(0, steps, body, jnp.zeros(sets[0][0].shape, jnp.float32))
+
+    return loop, (sets,), steps * len(sets)
+
+
+# Overrides of pallas_kernels.tuned_block_sizes tables for attn targets, by name.
+ATTN_VARIANTS = {
+    "cmp_dkvq16": {"COMPRESSED": dict(dkv_q_blocks=16)},
+    "cmp_dkvq8": {"COMPRESSED": dict(dkv_q_blocks=8)},
+    "cmp_dkvq4": {"COMPRESSED": dict(dkv_q_blocks=4)},
+    "cmp_dkvk64_q8": {"COMPRESSED": dict(block_k_dkv=64, dkv_q_blocks=8)},
+}
+
+
+def attn_target(t: int, hq: int, hkv: int, d: int, pas: str, variant: str | None = None):
     from benchmarks import kernels as kb
+    from pallas_kernels import tuned_block_sizes
+
+    if variant:  # the tables are read when the kernels are traced: compile under the override
+        saved = {}
+        for table, upd in ATTN_VARIANTS[variant].items():
+            saved[table] = getattr(tuned_block_sizes, table)
+            setattr(tuned_block_sizes, table, {**saved[table], **upd})
+        try:
+            fn, args, calls = attn_target(t, hq, hkv, d, pas)
+            return fn.lower(*args).compile(), args, calls
+        finally:
+            for table, val in saved.items():
+                setattr(tuned_block_sizes, table, val)
 
     q, k, v, gates, ct = kb.inputs(jax.random.key(0), 1, t, hq, hkv, d, d)
     fn = kb.nsa_fn("pallas_triton")
@@ -165,9 +213,11 @@ def build_target(spec: str):
     if kind == "decode":
         ctx, b = int(rest[0]), int(rest[1])
         return decode_target(ctx, b, rest[2] if len(rest) > 2 else None, steps=10)
+    if kind == "dense":
+        return dense_target(int(rest[0]), int(rest[1]), rest[2], steps=10)
     if kind == "attn":
         t, hq, hkv, d = (int(x) for x in rest[:4])
-        return attn_target(t, hq, hkv, d, rest[4])
+        return attn_target(t, hq, hkv, d, rest[4], rest[5] if len(rest) > 5 else None)
     if kind == "train":
         return train_target(int(rest[0]), rest[1])
     raise ValueError(f"unknown target kind {kind!r} in {spec!r}")

@@ -61,10 +61,14 @@ from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels.common import MASK_VALUE, check_int32_extent, default_scale
-from pallas_kernels.decode.reference import combine_gated, num_visible_cmp, select_from_logits
+from pallas_kernels.decode.reference import combine_gated, select_from_logits
 from pallas_kernels.selection.reference import check_geometry, overlap_tables
 
 MAX_SELECT_BLOCKS = 4096  # J' the select kernel keeps in registers (l' = 64: 256k tokens)
+# Up to this many blocks per program the select kernel ranks all of them at once (a [J', 32]
+# comparison a step); beyond, it takes the top-n by n rounds of argmax.
+RANK_TOPN_MAX = 256
+RANK_TILE = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +101,11 @@ class BlockSizes:
         parameters (``0``: ``block_k``, ``num_warps``, ``num_stages``).
       cmp_splits: programs per (sequence, KV group) of the compressed kernel, a power of two
         (``0``: as many as leave about ``target_programs`` programs).
+      select_programs: programs the select kernel aims for (``0``: ``target_programs``); each
+        of the ``S`` programs of a (sequence, KV group) walks ``1/S`` of the chunks.
+      combine_kernel: with ``fuse_sparse``, the sparse kernel reads the selected blocks and its
+        ranges itself and one ``nsa_decode_combine`` kernel merges every branch's partials
+        and applies the gates; ``False`` leaves the ranges and the merges to XLA.
     """
 
     block_k: int = 64
@@ -113,6 +122,8 @@ class BlockSizes:
     cmp_num_warps: int = 0
     cmp_num_stages: int = 0
     cmp_splits: int = 0
+    select_programs: int = 0
+    combine_kernel: bool = True
 
     def __post_init__(self):
         if self.block_k < 16 or self.block_k & (self.block_k - 1):
@@ -132,7 +143,7 @@ class BlockSizes:
         if 0 < self.cmp_block_k < 16:
             raise ValueError(f"cmp_block_k must be 0 or a power of two >= 16, got "
                              f"{self.cmp_block_k}")
-        for name in ("cmp_num_warps", "cmp_num_stages"):
+        for name in ("cmp_num_warps", "cmp_num_stages", "select_programs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -222,6 +233,121 @@ def _sparse_kernel(lo_ref, hi_ref, q_ref, k_slc_ref, v_slc_ref, k_swa_ref, v_swa
     o_ref[...] = o
     m_ref[...] = m_i
     l_ref[...] = l_i
+
+
+def _split_piece(lo, hi, num_splits, j, block_k):
+    """Piece ``j`` of ``split_range(lo, hi, num_splits, block_k)``: the ``j``-th run of whole
+    aligned tiles of ``[lo, hi]`` (``(0, -1)`` when empty). Scalars in a kernel, or arrays."""
+    first = lo // block_k
+    ntiles = jnp.where(hi >= lo, hi // block_k - first + 1, 0)
+    per = (ntiles + num_splits - 1) // num_splits
+    t0 = j * per
+    t1 = jnp.minimum(t0 + per, ntiles)
+    empty = t1 <= t0
+    lo_s = jnp.maximum(lo, (first + t0) * block_k)
+    hi_s = jnp.minimum(hi, (first + t1) * block_k - 1)
+    return jnp.where(empty, 0, lo_s), jnp.where(empty, -1, hi_s)
+
+
+def _num_visible(t, l, d, num_cmp):  # noqa: E741  (the paper's symbol)
+    """Compressed tokens query ``t`` sees (the twin's ``num_visible_cmp``), at most ``C``."""
+    n = jnp.where(t + 1 >= l, jnp.maximum(t + 1 - l, 0) // d + 1, 0)
+    return jnp.minimum(n, num_cmp)
+
+
+def _cmp_kernel(t_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, s_ref, *, l, d, splits, **kw):  # noqa: E741
+    """``nsa_decode_cmp``: program ``j`` attends its share of the visible compressed tokens
+    (``split_range`` of ``[0, n_vis - 1]``) and writes their logits."""
+    hi = _num_visible(t_ref[()], l, d, k_ref.shape[0]) - 1
+    lo, hi = _split_piece(0, hi, splits, pl.program_id(2), kw["block_k"])
+    o, m_i, l_i = _attend_range(q_ref[...], k_ref, v_ref, lo, hi, s_ref=s_ref, **kw)
+    o_ref[...] = o
+    m_ref[...] = m_i
+    l_ref[...] = l_i
+
+
+def _sparse_ranges_kernel(t_ref, idx_ref, q_ref, k_slc_ref, v_slc_ref, k_swa_ref, v_swa_ref,
+                          o_ref, m_ref, l_ref, *, num_slc, num_swa, lp, window, **kw):
+    """``nsa_decode_sparse`` with its ranges computed here: program ``j < num_slc`` attends
+    the blocks in its row of ``idx [P]`` (``-1``: nothing), each cut at the query ``t``; the
+    others piece ``j - num_slc`` of the window ``[t - w + 1, t]``."""
+    t = t_ref[()]
+    q = q_ref[...]
+    j = pl.program_id(2)  # read outside the branches (the interpreter cannot inside)
+
+    def selected():
+        carry = None
+        for s in range(idx_ref.shape[0]):  # a few slots, unrolled
+            blk = idx_ref[s]
+            lo = blk * lp
+            lo, hi = (jnp.where(blk >= 0, lo, 0),
+                      jnp.where(blk >= 0, jnp.minimum(lo + lp - 1, t), -1))
+            carry = _attend_range(q, k_slc_ref, v_slc_ref, lo, hi, init=carry, **kw)
+        return carry
+
+    def window_piece():
+        lo, hi = _split_piece(jnp.maximum(t - window + 1, 0), t, num_swa, j - num_slc,
+                              kw["block_k"])
+        return _attend_range(q, k_swa_ref, v_swa_ref, lo, hi, ring=True, **kw)
+
+    o, m_i, l_i = jax.lax.cond(j < num_slc, selected, window_piece)
+    o_ref[...] = o
+    m_ref[...] = m_i
+    l_ref[...] = l_i
+
+
+def _merge_static(o_ref, m_ref, l_ref, parts):
+    """``merge_partials`` over the partials ``parts`` (static indices) of refs ``o [M, Gp,
+    Dvs]``, ``m, l [M, Gp]``: the normalised output ``[Gp, Dvs]``, 0 where all are empty."""
+    ms = [m_ref[j] for j in parts]
+    m_max = functools.reduce(jnp.maximum, ms)
+    l_tot, o_tot = None, None
+    for j, m_j in zip(parts, ms, strict=True):
+        a = jnp.exp(m_j - m_max)
+        l_j, o_j = a * l_ref[j], a[:, None] * o_ref[j]
+        l_tot = l_j if l_tot is None else l_tot + l_j
+        o_tot = o_j if o_tot is None else o_tot + o_j
+    return o_tot / jnp.where(l_tot > 0, l_tot, 1.0)[:, None]
+
+
+def _merge_loop(o_ref, m_ref, l_ref):
+    """``merge_partials`` over all ``M`` partials by a loop with running rescaling (for many
+    splits), the same function up to rounding."""
+    def body(j, carry):
+        o, m_i, l_i = carry
+        m_j = m_ref[j]
+        m_new = jnp.maximum(m_i, m_j)
+        a, b = jnp.exp(m_i - m_new), jnp.exp(m_j - m_new)
+        return a[:, None] * o + b[:, None] * o_ref[j], m_new, a * l_i + b * l_ref[j]
+
+    gp, dvs = o_ref.shape[1:]
+    o, _, l_i = jax.lax.fori_loop(0, o_ref.shape[0], body, (
+        jnp.zeros((gp, dvs), jnp.float32), jnp.full((gp,), MASK_VALUE, jnp.float32),
+        jnp.zeros((gp,), jnp.float32)))
+    return o / jnp.where(l_i > 0, l_i, 1.0)[:, None]
+
+
+MAX_UNROLLED_MERGE = 16  # partials the combine kernel merges in straight-line code
+
+
+def _combine_kernel(c_o_ref, c_m_ref, c_l_ref, s_o_ref, s_m_ref, s_l_ref, g_ref, out_ref, *,
+                    num_slc):
+    """``nsa_decode_combine``: merges the compressed kernel's and the sparse kernel's partials
+    (selected ``< num_slc <=`` window) over this program's columns and gates them, each branch
+    first rounded to the output dtype (the twin's ``combine_gated``)."""
+    mc, ms = c_o_ref.shape[0], s_o_ref.shape[0]
+    if mc <= MAX_UNROLLED_MERGE:
+        o_cmp = _merge_static(c_o_ref, c_m_ref, c_l_ref, range(mc))
+    else:
+        o_cmp = _merge_loop(c_o_ref, c_m_ref, c_l_ref)
+    o_slc = _merge_static(s_o_ref, s_m_ref, s_l_ref, range(num_slc))
+    o_swa = _merge_static(s_o_ref, s_m_ref, s_l_ref, range(num_slc, ms))
+    dtype = out_ref.dtype
+
+    def gated(c, o):
+        return g_ref[:, c].astype(jnp.float32)[:, None] * o.astype(dtype).astype(jnp.float32)
+
+    out_ref[...] = (gated(0, o_cmp) + gated(1, o_slc) + gated(2, o_swa)).astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,22 +468,48 @@ def _select_kernel(t_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, *refs, geom
     if not geom.interpret:
         plgpu.debug_barrier()
     j0 = c0 * nbc
-    j = j0 + jnp.arange(score_ref.shape[0], dtype=jnp.int32)
-    forced = (j == 0) | (j == cur) | (j == cur - 1)
-    pri = jnp.where(j <= cur, jnp.where(forced, jnp.inf, score_ref[...]), -jnp.inf)  # [J']
+    jp = score_ref.shape[0]
     slot = jnp.arange(idx_ref.shape[0], dtype=jnp.int32)
-
-    def pick(i, carry):
-        pri, ids, vals = carry
-        best = jnp.argmax(pri).astype(jnp.int32)  # the lowest index among equal maxima
-        ids = jnp.where(slot == i, j0 + best, ids)
-        vals = jnp.where(slot == i, jnp.max(pri), vals)
-        return jnp.where(j == j0 + best, -jnp.inf, pri), ids, vals
-
     # Blocks j0..cur are this program's valid ones; slots past them stay (-1, -inf).
-    rounds = jnp.clip(cur + 1 - j0, 0, min(geom.top_n, score_ref.shape[0]))
-    _, ids, vals = jax.lax.fori_loop(0, rounds, pick, (
-        pri, jnp.full(slot.shape, -1, jnp.int32), jnp.full(slot.shape, -jnp.inf, jnp.float32)))
+    rounds = jnp.clip(cur + 1 - j0, 0, min(geom.top_n, jp))
+
+    def priority(j, score):
+        forced = (j == 0) | (j == cur) | (j == cur - 1)
+        return jnp.where(j <= cur, jnp.where(forced, jnp.inf, score), -jnp.inf)
+
+    jl = jnp.arange(jp, dtype=jnp.int32)  # local block index
+    pri = priority(j0 + jl, score_ref[...])  # [J']
+    if jp <= RANK_TOPN_MAX:
+        # Every block's rank in the slot order at once: the blocks before it are those with a
+        # higher priority and the lower-indexed ones with an equal priority. Slot r takes the
+        # block of rank r; valid blocks (priority > -inf) hold ranks 0 .. valid - 1.
+        tile = min(jp, RANK_TILE)
+
+        def rank_tile(it, rank):
+            il = it * tile + jnp.arange(tile, dtype=jnp.int32)
+            pri_i = priority(j0 + il, score_ref[pl.ds(pl.multiple_of(it * tile, tile), tile)])
+            ahead = ((pri_i[None, :] > pri[:, None])
+                     | ((pri_i[None, :] == pri[:, None]) & (il[None, :] < jl[:, None])))
+            return rank + ahead.astype(jnp.int32).sum(axis=1)
+
+        rank = jax.lax.fori_loop(0, jp // tile, rank_tile, jnp.zeros((jp,), jnp.int32))
+        hit = rank[None, :] == slot[:, None]  # [n', J']: one block per slot
+        used = slot < rounds
+        ids = jnp.where(used, jnp.where(hit, j0 + jl[None, :], 0).sum(axis=1), -1)
+        vals = jnp.where(used, jnp.where(hit, pri[None, :], 0.0).sum(axis=1), -jnp.inf)
+    else:
+        j = j0 + jl
+
+        def pick(i, carry):
+            pri, ids, vals = carry
+            best = jnp.argmax(pri).astype(jnp.int32)  # the lowest index among equal maxima
+            ids = jnp.where(slot == i, j0 + best, ids)
+            vals = jnp.where(slot == i, jnp.max(pri), vals)
+            return jnp.where(j == j0 + best, -jnp.inf, pri), ids, vals
+
+        _, ids, vals = jax.lax.fori_loop(0, rounds, pick, (
+            pri, jnp.full(slot.shape, -1, jnp.int32),
+            jnp.full(slot.shape, -jnp.inf, jnp.float32)))
     idx_ref[...] = ids
     val_ref[...] = vals
 
@@ -454,6 +606,88 @@ def _sparse_call(lo, hi, qg, k_slc, v_slc, k_swa, v_swa, *, num_slc, scale, bloc
     )(lo, hi, qg, k_slc, v_slc, k_swa, v_swa)
 
 
+def _t_spec():
+    return pl.BlockSpec((None,), lambda b, k, j: (b,))
+
+
+def _cmp_call(t, qg, k, v, *, l, d, splits, scale, block_k, precision, params, interpret,  # noqa: E741
+              logits_len):
+    """``nsa_decode_cmp`` over grid ``B x K x splits``: split partials and the logits
+    ``[B, K, Gp, logits_len]`` (only visited tiles are written)."""
+    b, kh = k.shape[0], k.shape[2]
+    gp, dk = qg.shape[2:]
+    c, dv = k.shape[1], v.shape[-1]
+    kernel = functools.partial(_cmp_kernel, l=l, d=d, splits=splits, scale=scale,
+                               block_k=block_k, precision=precision)
+    return pl.pallas_call(
+        kernel,
+        grid=(b, kh, splits),
+        in_specs=[_t_spec(), pl.BlockSpec((None, None, gp, dk), lambda b, k, j: (b, k, 0, 0)),
+                  _seq_spec(c, dk), _seq_spec(c, dv)],
+        out_specs=_partial_specs(gp, dv) + [
+            pl.BlockSpec((None, None, gp, logits_len), lambda b, k, j: (b, k, 0, 0))],
+        out_shape=_partial_shapes(b, kh, splits, gp, dv) + [
+            jax.ShapeDtypeStruct((b, kh, gp, logits_len), jnp.float32)],
+        compiler_params=params,
+        interpret=interpret,
+        name="nsa_decode_cmp",
+    )(t, qg, k, v)
+
+
+def _sparse_ranges_call(t, idx, qg, k_slc, v_slc, k_swa, v_swa, *, num_swa, lp, window, scale,
+                        block_k, precision, params, interpret):
+    """``idx [B, K, ns, P]``: ``ns`` programs of ``P`` selected blocks, then ``num_swa`` window
+    pieces; split partials ``[B, K, ns + num_swa, ...]``."""
+    b, kh, ns, slots = idx.shape
+    gp, dk = qg.shape[2:]
+    dv = v_slc.shape[-1]
+    m = ns + num_swa
+    kernel = functools.partial(_sparse_ranges_kernel, num_slc=ns, num_swa=num_swa, lp=lp,
+                               window=window, scale=scale, block_k=block_k, precision=precision)
+    return pl.pallas_call(
+        kernel,
+        grid=(b, kh, m),
+        in_specs=[_t_spec(),
+                  pl.BlockSpec((None, None, None, slots),
+                               lambda b, k, j: (b, k, jnp.minimum(j, ns - 1), 0)),
+                  pl.BlockSpec((None, None, gp, dk), lambda b, k, j: (b, k, 0, 0)),
+                  _seq_spec(k_slc.shape[1], dk), _seq_spec(v_slc.shape[1], dv),
+                  _seq_spec(k_swa.shape[1], dk), _seq_spec(v_swa.shape[1], dv)],
+        out_specs=_partial_specs(gp, dv),
+        out_shape=_partial_shapes(b, kh, m, gp, dv),
+        compiler_params=params,
+        interpret=interpret,
+        name="nsa_decode_sparse",
+    )(t, idx, qg, k_slc, v_slc, k_swa, v_swa)
+
+
+def _combine_call(cmp_parts, sparse_parts, gates, *, num_slc, col_splits, dtype, params,
+                  interpret):
+    """``nsa_decode_combine`` over grid ``B x K x col_splits``: ``o [B, K, Gp, Dv]``."""
+    c_o, c_m, c_l = cmp_parts
+    s_o, s_m, s_l = sparse_parts
+    b, kh, mc, gp, dv = c_o.shape
+    ms = s_o.shape[2]
+    dvs = dv // col_splits
+
+    def parts_specs(m):
+        return [pl.BlockSpec((None, None, m, gp, dvs), lambda b, k, c: (b, k, 0, 0, c)),
+                pl.BlockSpec((None, None, m, gp), lambda b, k, c: (b, k, 0, 0)),
+                pl.BlockSpec((None, None, m, gp), lambda b, k, c: (b, k, 0, 0))]
+
+    return pl.pallas_call(
+        functools.partial(_combine_kernel, num_slc=num_slc),
+        grid=(b, kh, col_splits),
+        in_specs=parts_specs(mc) + parts_specs(ms) + [
+            pl.BlockSpec((None, None, gp, gates.shape[-1]), lambda b, k, c: (b, k, 0, 0))],
+        out_specs=pl.BlockSpec((None, None, gp, dvs), lambda b, k, c: (b, k, 0, c)),
+        out_shape=jax.ShapeDtypeStruct((b, kh, gp, dv), dtype),
+        compiler_params=params,
+        interpret=interpret,
+        name="nsa_decode_combine",
+    )(c_o, c_m, c_l, s_o, s_m, s_l, gates)
+
+
 def _select_call(t, m_p, l_p, s_cmp, o_p, *, geom: _SelectGeom, params):
     """``nsa_decode_select`` over grid ``B x K x S`` (``S = geom.splits``): per program the
     candidate indices and scores ``[B, K, S, n']``, the block scores ``[B, K, S, J']``, the lse
@@ -520,16 +754,9 @@ def split_range(lo: Int[Array, "*R"], hi: Int[Array, "*R"], num_splits: int,
 
     Empty pieces come out as ``(0, -1)``.
     """
-    first = lo // block_k
-    ntiles = jnp.where(hi >= lo, hi // block_k - first + 1, 0)
-    per = (ntiles + num_splits - 1) // num_splits
     j = jnp.arange(num_splits, dtype=jnp.int32)
-    t0 = j * per[..., None]
-    t1 = jnp.minimum(t0 + per[..., None], ntiles[..., None])
-    lo_s = jnp.maximum(lo[..., None], (first[..., None] + t0) * block_k)
-    hi_s = jnp.minimum(hi[..., None], (first[..., None] + t1) * block_k - 1)
-    empty = t1 <= t0
-    return jnp.where(empty, 0, lo_s).astype(jnp.int32), jnp.where(empty, -1, hi_s).astype(jnp.int32)
+    lo_s, hi_s = _split_piece(lo[..., None], hi[..., None], num_splits, j, block_k)
+    return lo_s.astype(jnp.int32), hi_s.astype(jnp.int32)
 
 
 def merge_partials(o, m_i, l_i):
@@ -777,10 +1004,11 @@ def decode_stages(
         l=cmp_block_size, d=cmp_stride, lp=slc_block_size, top_n=top_n, g=g, num_cmp=c,
         num_blocks=num_blocks, chunk=max(bs.select_chunk, slc_block_size // cmp_stride),
         interpret=interpret,
-        max_splits=min(_next_pow2(-(-bs.target_programs // per_row)),
+        max_splits=min(_next_pow2(-(-(bs.select_programs or bs.target_programs) // per_row)),
                        bs.select_splits or 1 << 30))
     if not bs.select_kernel or _select_unsupported(geom):
         geom = None  # XLA selects
+    combine = bs.fuse_sparse and bs.combine_kernel
 
     gp = max(16, _next_pow2(g))
     qg = jnp.pad(q.reshape(b, kh, g, dk), [(0, 0), (0, 0), (0, gp - g), (0, 0)])  # [B,K,Gp,Dk]
@@ -790,15 +1018,13 @@ def decode_stages(
     # select kernel reads all their maxima and sums in one tile).
     mc = min(bs.cmp_splits or _next_pow2(-(-bs.target_programs // per_row)),
              _prev_pow2(c // block_kc))
-    hi_c = jnp.broadcast_to((num_visible_cmp(t + 1, cmp_block_size, cmp_stride) - 1)[:, None],
-                            (b, kh))
-    lo_c, hi_c = split_range(jnp.zeros_like(hi_c), hi_c, mc, block_kc)  # [B, K, Mc]
     logits_len = max(c, geom.logits_len) if geom else c
     cmp_params = plgpu.CompilerParams(num_warps=bs.cmp_num_warps or bs.num_warps,
                                       num_stages=bs.cmp_num_stages or bs.num_stages)
-    o_p, m_p, l_p, s_cmp = _range_call(lo_c, hi_c, qg, k_cmp, v_cmp, block_k=block_kc,
-                                       name="nsa_decode_cmp", logits_len=logits_len,
-                                       **dict(common, params=cmp_params))
+    o_p, m_p, l_p, s_cmp = _cmp_call(
+        t, qg, k_cmp, v_cmp, l=cmp_block_size, d=cmp_stride, splits=mc, block_k=block_kc,
+        logits_len=logits_len, **dict(common, params=cmp_params))
+    cmp_parts = (o_p, m_p, l_p)
 
     def merge_cmp():
         return merge_partials(o_p[:, :, :, :g], m_p[..., :g], l_p[..., :g])  # [B,K,G,Dv], [B,K,G]
@@ -807,13 +1033,15 @@ def decode_stages(
         o_cmp, lse_cmp = merge_cmp()
         return {"o_cmp": o_cmp.reshape(b, n, dv), "lse_cmp": lse_cmp}
 
-    # 2. Selection from the branch's own probabilities.
+    # 2. Selection from the branch's own probabilities. (With the combine kernel, that kernel
+    # merges o_cmp; the selection stage alone merges it in XLA.)
     if geom is not None:
-        merge_o = mc <= bs.select_merge_splits and _can_merge_o(dv, geom.splits)
+        merge_o = (not combine and mc <= bs.select_merge_splits
+                   and _can_merge_o(dv, geom.splits))
         indices, _, _, o_cmp = _select_call(t, m_p, l_p, s_cmp, o_p if merge_o else None,
-                                         geom=geom, params=params)
+                                            geom=geom, params=params)
         indices = indices[:, :, :top_n]  # [B, K, n]
-        o_cmp = o_cmp[:, :, :g] if merge_o else merge_cmp()[0]
+        o_cmp = o_cmp[:, :, :g] if merge_o else None
     else:
         o_cmp, lse_cmp = merge_cmp()
         indices = select_from_logits(
@@ -822,20 +1050,38 @@ def decode_stages(
             slc_block_size=slc_block_size, top_n=top_n,
         )  # [B, K, n]
     if upto == "select":
+        if o_cmp is None:
+            o_cmp = merge_cmp()[0]
         return {"o_cmp": o_cmp.reshape(b, n, dv), "indices": indices}
 
     # 3. Selected blocks and the window (one launch, or one each).
+    mw = max(1, min(-(-window_size // block_k) + 1, -(-bs.target_programs // per_row)))
+    # P selected blocks a program, as few as keep about target_programs programs busy.
+    slots = bs.sparse_slots or max(1, min(_next_pow2(top_n),
+                                          _prev_pow2(top_n * per_row // bs.target_programs)))
+    ns = -(-top_n // slots)  # programs for the selected blocks
+    if combine:
+        # 4. One kernel merges every branch over a share of the columns and gates them.
+        idx = jnp.pad(indices, [(0, 0), (0, 0), (0, ns * slots - top_n)], constant_values=-1)
+        parts = _sparse_ranges_call(
+            t, idx.reshape(b, kh, ns, slots), qg, k_slc, v_slc, k_swa, v_swa, num_swa=mw,
+            lp=slc_block_size, window=window_size, block_k=block_k, **common)
+        gates_g = gates.reshape(b, kh, g, 3)
+        if gp > g:
+            gates_g = jnp.pad(gates_g, [(0, 0), (0, 0), (0, gp - g), (0, 0)])
+        col_splits = max(1, min(dv // 16, _next_pow2(-(-bs.target_programs // per_row))))
+        o = _combine_call(cmp_parts, parts, gates_g, num_slc=ns, col_splits=col_splits,
+                          dtype=q.dtype, params=params, interpret=interpret)
+        return {"o": o[:, :, :g].reshape(b, n, dv), "indices": indices}
+
+    if o_cmp is None:
+        o_cmp = merge_cmp()[0]
     lo_s = indices * slc_block_size
     hi_s = jnp.minimum(lo_s + slc_block_size - 1, t[:, None, None])
     lo_s, hi_s = jnp.where(indices >= 0, lo_s, 0), jnp.where(indices >= 0, hi_s, -1)
-    mw = max(1, min(-(-window_size // block_k) + 1, -(-bs.target_programs // per_row)))
     lo_w = jnp.broadcast_to(jnp.maximum(t - window_size + 1, 0)[:, None], (b, kh))
     lo_w, hi_w = split_range(lo_w, jnp.broadcast_to(t[:, None], (b, kh)), mw, block_k)
     if bs.fuse_sparse:
-        # P selected blocks a program, as few as keep about target_programs programs busy.
-        slots = bs.sparse_slots or max(1, min(_next_pow2(top_n),
-                                              _prev_pow2(top_n * per_row // bs.target_programs)))
-        ns = -(-top_n // slots)  # programs for the selected blocks
         # [B, K, ns, P] selected rows (empty slots (0, -1)), then [B, K, Mw, P] window rows
         # with their range in column 0.
         lo_sr, hi_sr = (jnp.pad(x, [(0, 0), (0, 0), (0, ns * slots - top_n)],
@@ -856,7 +1102,7 @@ def decode_stages(
     o_slc, _ = merge_partials(*(x[:, :, :, :g] for x in parts_slc))
     o_swa, _ = merge_partials(*(x[:, :, :, :g] for x in parts_swa))
 
-    # 4. Gates.
+    # 4. Gates (XLA).
     o = combine_gated(gates, o_cmp.reshape(b, n, dv), o_slc.reshape(b, n, dv),
                       o_swa.reshape(b, n, dv), q.dtype)
     return {"o": o, "indices": indices}

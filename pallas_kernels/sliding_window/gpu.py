@@ -41,6 +41,7 @@ MASK_VALUE = -1e30
 SMEM_BUDGET = 160 * 1024
 # Query blocks one compressed-key dk/dv program walks at most (per head) before splitting.
 MAX_Q_BLOCKS_PER_PROGRAM = 32
+MAX_DKV_SPLITS = 64  # programs one compressed-key block's queries are split over, at most
 
 
 def _pow2(x: int) -> int:
@@ -58,6 +59,9 @@ class BlockSizes:
       num_warps_bwd, num_stages_bwd: those of the dk/dv kernel.
       mask_edges_only: build the visibility mask only on the blocks at the band's edges and run
         the blocks every query of the tile sees fully without it (three loops instead of one).
+      dkv_q_blocks: without a lower edge (compressed tokens), query blocks of ``block_q_dkv``
+        one dk/dv program walks per head before the range is split over more programs
+        (``0``: ``MAX_Q_BLOCKS_PER_PROGRAM``); their float32 partials are added in XLA.
     """
 
     block_q: int = 64
@@ -69,6 +73,7 @@ class BlockSizes:
     num_warps_bwd: int = 4
     num_stages_bwd: int = 2
     mask_edges_only: bool = False
+    dkv_q_blocks: int = 0
 
     def __post_init__(self):
         for f in ("block_q", "block_k", "block_q_dkv", "block_k_dkv"):
@@ -78,6 +83,8 @@ class BlockSizes:
         for f in ("num_warps", "num_warps_bwd", "num_stages", "num_stages_bwd"):
             if getattr(self, f) < 1:
                 raise ValueError(f"BlockSizes.{f}={getattr(self, f)} must be >= 1")
+        if self.dkv_q_blocks < 0:
+            raise ValueError(f"BlockSizes.dkv_q_blocks={self.dkv_q_blocks} must be >= 0")
 
     def clamp(self, t: int, s: int, itemsize: int = 2, dkp: int = 128,
               dvp: int = 128) -> BlockSizes:
@@ -395,7 +402,8 @@ def _bwd(q, k, v, o, lse, do, cfg: BandConfig):
     # Without a lower edge (compressed tokens) a key block is seen by every later query: split
     # that range over programs and add the float32 partials, rather than one long serial loop.
     nq = tp // bs.block_q_dkv
-    n_split = 1 if cfg.window is not None else min(64, max(1, nq // MAX_Q_BLOCKS_PER_PROGRAM))
+    per_program = bs.dkv_q_blocks or MAX_Q_BLOCKS_PER_PROGRAM
+    n_split = 1 if cfg.window is not None else min(MAX_DKV_SPLITS, max(1, nq // per_program))
     split_size = -(-nq // n_split)
 
     def kv_map(j, bk, sp_):

@@ -52,6 +52,9 @@ def _inputs(seed, b, n, kh, dk, dv, s_len, c, dtype):
          jnp.bfloat16),
         # Few programs wanted: the automatic choice puts 4 selected blocks in each program.
         (8, 2, 16, 32, 16, True, dict(target_programs=8), jnp.float32),
+        # The fused launch with XLA's ranges and merges instead of the combine kernel.
+        (8, 2, 16, 32, 16, True, dict(combine_kernel=False), jnp.float32),
+        (16, 1, 32, 16, 16, True, dict(combine_kernel=False, sparse_slots=2), jnp.bfloat16),
     ],
 )
 def test_decode_kernel_matches_twin(n, kh, dk, dv, block_k, fuse, select, dtype):
@@ -96,37 +99,37 @@ def _select_inputs(seed, b, kh, g, gp, mc, c, seq_lens, geom, *, ties, dv=16):
     return jnp.where(keep, s, jnp.nan), m, l, o
 
 
-@pytest.mark.parametrize(
-    "g,geom,c,s_len,chunk,ties,splits",
-    [
-        # l=8, d=4, l'=16 (the paper's ratios); C=80 is not a multiple of the 32-token chunk.
-        (1, dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=8), 80, 300, 32, False,
-         1),
-        (4, dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=8), 64, 256, 16, True,
-         1),
-        # G = 3: a padded row inside the kernel's power-of-two tile.
-        (3, dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=7), 64, 256, 32, True,
-         1),
-        # l=16, d=4, l'=32: three tokens of each block reach into the next; more slots than
-        # the short sequences have blocks.
-        (16, dict(cmp_block_size=16, cmp_stride=4, slc_block_size=32, top_n=6), 80, 320, 64,
-         True, 1),
-        (16, dict(cmp_block_size=16, cmp_stride=4, slc_block_size=32, top_n=5), 80, 320, 16,
-         False, 1),
-        # l = l' = d: block scores are the token probabilities themselves.
-        (4, dict(cmp_block_size=4, cmp_stride=4, slc_block_size=4, top_n=5), 48, 48, 16, True,
-         1),
-        # Several programs per KV group, each proposing its own top-n over a run of chunks.
-        (4, dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=8), 64, 256, 16, True,
-         4),
-        (1, dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=8), 80, 300, 16, False,
-         2),
-        (16, dict(cmp_block_size=16, cmp_stride=4, slc_block_size=32, top_n=6), 80, 320, 16,
-         True, 8),
-        (4, dict(cmp_block_size=4, cmp_stride=4, slc_block_size=4, top_n=5), 48, 48, 16, True,
-         4),
-    ],
-)
+_SELECT_CASES = [
+    # l=8, d=4, l'=16 (the paper's ratios); C=80 is not a multiple of the 32-token chunk.
+    (1, dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=8), 80, 300, 32, False,
+     1),
+    (4, dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=8), 64, 256, 16, True,
+     1),
+    # G = 3: a padded row inside the kernel's power-of-two tile.
+    (3, dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=7), 64, 256, 32, True,
+     1),
+    # l=16, d=4, l'=32: three tokens of each block reach into the next; more slots than
+    # the short sequences have blocks.
+    (16, dict(cmp_block_size=16, cmp_stride=4, slc_block_size=32, top_n=6), 80, 320, 64,
+     True, 1),
+    (16, dict(cmp_block_size=16, cmp_stride=4, slc_block_size=32, top_n=5), 80, 320, 16,
+     False, 1),
+    # l = l' = d: block scores are the token probabilities themselves.
+    (4, dict(cmp_block_size=4, cmp_stride=4, slc_block_size=4, top_n=5), 48, 48, 16, True,
+     1),
+    # Several programs per KV group, each proposing its own top-n over a run of chunks.
+    (4, dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=8), 64, 256, 16, True,
+     4),
+    (1, dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=8), 80, 300, 16, False,
+     2),
+    (16, dict(cmp_block_size=16, cmp_stride=4, slc_block_size=32, top_n=6), 80, 320, 16,
+     True, 8),
+    (4, dict(cmp_block_size=4, cmp_stride=4, slc_block_size=4, top_n=5), 48, 48, 16, True,
+     4),
+]
+
+
+@pytest.mark.parametrize("g,geom,c,s_len,chunk,ties,splits", _SELECT_CASES)
 def test_select_kernel_matches_select_from_logits(g, geom, c, s_len, chunk, ties, splits):
     # Lengths: no compressed token yet, the first ones, across block and chunk boundaries.
     lp = geom["slc_block_size"]
@@ -161,6 +164,15 @@ def test_select_kernel_matches_select_from_logits(g, geom, c, s_len, chunk, ties
         assert (np.asarray(idx_ref)[:, :, 3:] >= 0).any(), "no slot chosen by score"
     assert_close(lse, lse_ref, jnp.float32, "merged lse")
     assert_close(o_cmp, o_ref, jnp.float32, "merged o_cmp")
+
+
+@pytest.mark.parametrize("case", [0, 3, 6, 8])
+def test_select_kernel_rounds_of_argmax_match_the_ranking(case, monkeypatch):
+    """Programs with more blocks than ``RANK_TOPN_MAX`` take the top-n by rounds of argmax
+    instead of ranking every block: the same slots (here with the ranking switched off)."""
+    monkeypatch.setattr(gpu, "RANK_TOPN_MAX", 0)
+    values = _SELECT_CASES[case]
+    test_select_kernel_matches_select_from_logits(*values)
 
 
 def test_select_kernel_validates_its_inputs():
@@ -213,6 +225,20 @@ def test_decode_stages_agree_with_the_whole_chain():
                                   np.sort(np.asarray(idx_ref), -1))
     with pytest.raises(ValueError, match="upto='slc'"):
         gpu.decode_stages(*args, upto="slc", **kw)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_combine_merges_many_compressed_splits(dtype):
+    """32 compressed splits (more than the combine kernel unrolls: it merges them in a loop),
+    one 16-column share of Dv per combine program, and G = 3 padded to 16 rows."""
+    s_len, c = 2048, 512
+    seq_lens = jnp.asarray([1, 9, 700, 2048], jnp.int32)
+    args = (*_inputs(11, len(seq_lens), 6, 2, 16, 32, s_len, c, dtype), seq_lens)
+    sizes = gpu.BlockSizes(block_k=16, target_programs=64, cmp_splits=32)
+    o_ref, idx_ref = ref.decode_attention(*args, **GEOM)
+    o, idx = gpu.decode_attention(*args, **GEOM, block_sizes=sizes, interpret=True)
+    np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(idx_ref), -1))
+    assert_close(o, o_ref, dtype, "decode kernel with 32 compressed splits")
 
 
 def test_decode_kernel_reads_the_window_from_a_ring():
