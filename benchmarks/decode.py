@@ -196,7 +196,7 @@ def rel_err(out, ref) -> float:
 CHECK_TILINGS = (dict(), dict(fuse_sparse=False), dict(select_kernel=False),
                  dict(sparse_slots=4, select_splits=1), dict(sparse_slots=16, select_splits=4),
                  dict(combine_kernel=False), dict(select_programs=1024))
-# At 4x the check context: 32 compressed splits, which the combine kernel merges in a loop.
+# At 4x the check context: 32 compressed splits, which the combine kernel merges in tiles.
 CHECK_TILINGS_LONG = (dict(cmp_block_k=16, cmp_splits=32),)
 
 

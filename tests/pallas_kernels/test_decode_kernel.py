@@ -229,8 +229,8 @@ def test_decode_stages_agree_with_the_whole_chain():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_decode_combine_merges_many_compressed_splits(dtype):
-    """32 compressed splits (more than the combine kernel unrolls: it merges them in a loop),
-    one 16-column share of Dv per combine program, and G = 3 padded to 16 rows."""
+    """32 compressed splits (more than the combine kernel merges one by one: it takes them in
+    tiles of 16), one 16-column share of Dv per combine program, and G = 3 padded to 16 rows."""
     s_len, c = 2048, 512
     seq_lens = jnp.asarray([1, 9, 700, 2048], jnp.int32)
     args = (*_inputs(11, len(seq_lens), 6, 2, 16, 32, s_len, c, dtype), seq_lens)
