@@ -64,7 +64,7 @@ SWEEP = {
     "bk32": gpu.BlockSizes(block_k=32),
     "warps8": gpu.BlockSizes(num_warps=8),
     "xla_select": gpu.BlockSizes(select_kernel=False),
-    "sel_chunk128": gpu.BlockSizes(select_chunk=128),
+    "sel_chunk64": gpu.BlockSizes(select_chunk=64),
     "sel_xla_merge": gpu.BlockSizes(select_merge_splits=0),
     "sel_one_split": gpu.BlockSizes(select_splits=1),
     "sel_splits4": gpu.BlockSizes(select_splits=4),
@@ -79,7 +79,6 @@ SWEEP = {
     "xla_combine": gpu.BlockSizes(combine_kernel=False),
     "sel_programs528": gpu.BlockSizes(select_programs=528),
     "sel_programs1056": gpu.BlockSizes(select_programs=1056),
-    "sel_chunk128_programs528": gpu.BlockSizes(select_chunk=128, select_programs=528),
 }
 # --stages: (record name, decode_stages(upto=...), BlockSizes overrides).
 STAGE_VARIANTS = (

@@ -86,7 +86,8 @@ class BlockSizes:
       select_kernel: take the top-n blocks in the ``nsa_decode_select`` kernel; ``False`` runs
         the twin's XLA selection (``select_from_logits``) instead.
       select_chunk: compressed tokens per step of the select kernel (a power of two >= 16;
-        raised to ``l'/d`` if smaller).
+        raised to ``l'/d`` if smaller). At 64k / batch 32 on the H200, 128 took the kernel
+        from 23.2 to 20.0 us against 64 (commit a66f854).
       select_merge_splits: the select kernel also merges the compressed branch's partial
         outputs into ``o_cmp`` when that kernel used at most this many splits (``0``: never).
         With more splits (small batches) XLA merges them, since one program per KV group
@@ -116,7 +117,7 @@ class BlockSizes:
     num_stages: int = 2
     fuse_sparse: bool = True
     select_kernel: bool = True
-    select_chunk: int = 64
+    select_chunk: int = 128
     select_merge_splits: int = 8
     select_splits: int = 16
     sparse_slots: int = 0
@@ -268,10 +269,40 @@ def _cmp_kernel(t_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, s_ref, *, l, d,
     l_ref[...] = l_i
 
 
-def _sparse_ranges_kernel(t_ref, idx_ref, q_ref, k_slc_ref, v_slc_ref, k_swa_ref, v_swa_ref,
-                          o_ref, m_ref, l_ref, *, num_slc, num_swa, lp, window, **kw):
-    """``nsa_decode_sparse`` with its ranges computed here: program ``j < num_slc`` attends
-    the blocks in its row of ``idx [P]`` (``-1``: nothing), each cut at the query ``t``; the
+def _merged_slots(ids_ref, vals_ref, first, count: int, top_n: int):
+    """Blocks of slots ``first .. first + count - 1`` of ``merge_candidates`` over the flat
+    candidates ``ids, vals [M]`` (the select programs' lists one after another): each
+    candidate's rank is the number of candidates before it, those with a higher score and the
+    earlier ones with an equal score, so slot ``r`` holds the candidate of rank ``r``, ``-1``
+    if its score is ``-inf`` or ``r >= n``."""
+    m = ids_ref.shape[0]
+    vals = vals_ref[...]  # [M]
+    pos = jnp.arange(m, dtype=jnp.int32)
+    tile = min(m, RANK_TILE)
+
+    def rank_tile(it, rank):
+        pi = it * tile + jnp.arange(tile, dtype=jnp.int32)
+        vi = vals_ref[pl.ds(pl.multiple_of(it * tile, tile), tile)]
+        ahead = (vi[None, :] > vals[:, None]) | ((vi[None, :] == vals[:, None])
+                                                 & (pi[None, :] < pos[:, None]))
+        return rank + ahead.astype(jnp.int32).sum(axis=1)
+
+    rank = jax.lax.fori_loop(0, m // tile, rank_tile, jnp.zeros((m,), jnp.int32))
+    picked = jnp.where(vals > -jnp.inf, ids_ref[...], -1)
+    out = []
+    for s in range(count):
+        r = first + s
+        blk = jnp.where(rank == r, picked, 0).sum()
+        out.append(jnp.where(r < top_n, blk, -1))
+    return out
+
+
+def _sparse_ranges_kernel(t_ref, ids_ref, vals_ref, q_ref, k_slc_ref, v_slc_ref, k_swa_ref,
+                          v_swa_ref, o_ref, m_ref, l_ref, *, num_slc, num_swa, slots, top_n, lp,
+                          window, **kw):
+    """``nsa_decode_sparse`` with its blocks and ranges found here: program ``j < num_slc``
+    merges the select programs' candidates ``ids, vals [M]`` and attends the blocks of slots
+    ``jP .. jP + P - 1`` (``-1``: nothing), each cut at the query ``t``, in one softmax; the
     others piece ``j - num_slc`` of the window ``[t - w + 1, t]``."""
     t = t_ref[()]
     q = q_ref[...]
@@ -279,8 +310,7 @@ def _sparse_ranges_kernel(t_ref, idx_ref, q_ref, k_slc_ref, v_slc_ref, k_swa_ref
 
     def selected():
         carry = None
-        for s in range(idx_ref.shape[0]):  # a few slots, unrolled
-            blk = idx_ref[s]
+        for blk in _merged_slots(ids_ref, vals_ref, j * slots, slots, top_n):
             lo = blk * lp
             lo, hi = (jnp.where(blk >= 0, lo, 0),
                       jnp.where(blk >= 0, jnp.minimum(lo + lp - 1, t), -1))
@@ -298,25 +328,13 @@ def _sparse_ranges_kernel(t_ref, idx_ref, q_ref, k_slc_ref, v_slc_ref, k_swa_ref
     l_ref[...] = l_i
 
 
-def _merge_static(o_ref, m_ref, l_ref, parts):
-    """``merge_partials`` over the partials ``parts`` (static indices) of refs ``o [M, Gp,
-    Dvs]``, ``m, l [M, Gp]``: the normalised output ``[Gp, Dvs]``, 0 where all are empty."""
-    ms = [m_ref[j] for j in parts]
-    m_max = functools.reduce(jnp.maximum, ms)
-    l_tot, o_tot = None, None
-    for j, m_j in zip(parts, ms, strict=True):
-        a = jnp.exp(m_j - m_max)
-        l_j, o_j = a * l_ref[j], a[:, None] * o_ref[j]
-        l_tot = l_j if l_tot is None else l_tot + l_j
-        o_tot = o_j if o_tot is None else o_tot + o_j
-    return o_tot / jnp.where(l_tot > 0, l_tot, 1.0)[:, None]
-
-
-def _merge_chunks(o_ref, m_ref, l_ref, chunk):
-    """``merge_partials`` over all ``M`` partials (a power of two), ``chunk`` at a time as
-    ``[chunk, Gp, Dvs]`` tiles, every load issued before the arithmetic; the same function up
-    to rounding."""
-    starts = range(0, o_ref.shape[0], chunk)
+def _merge_chunks(o_ref, m_ref, l_ref, start: int, count: int):
+    """``merge_partials`` over partials ``start .. start + count - 1`` (``count`` a power of
+    two) of refs ``o [M, Gp, Dvs]``, ``m, l [M, Gp]``, up to 16 at a time as ``[16, Gp, Dvs]``
+    tiles with every load issued before the arithmetic: the normalised output ``[Gp, Dvs]``,
+    0 where every partial is empty."""
+    chunk = min(count, 16)
+    starts = range(start, start + count, chunk)
     ms = [m_ref[pl.ds(j, chunk), :] for j in starts]  # [chunk, Gp]
     ls = [l_ref[pl.ds(j, chunk), :] for j in starts]
     os_ = [o_ref[pl.ds(j, chunk), :, :] for j in starts]  # [chunk, Gp, Dvs]
@@ -330,21 +348,15 @@ def _merge_chunks(o_ref, m_ref, l_ref, chunk):
     return o_tot / jnp.where(l_tot > 0, l_tot, 1.0)[:, None]
 
 
-MAX_UNROLLED_MERGE = 8  # compressed partials merged one by one; more go in [16, Gp, Dvs] tiles
-
-
 def _combine_kernel(c_o_ref, c_m_ref, c_l_ref, s_o_ref, s_m_ref, s_l_ref, g_ref, out_ref, *,
-                    num_slc):
+                    num_slc, num_swa):
     """``nsa_decode_combine``: merges the compressed kernel's and the sparse kernel's partials
-    (selected ``< num_slc <=`` window) over this program's columns and gates them, each branch
-    first rounded to the output dtype (the twin's ``combine_gated``)."""
-    mc, ms = c_o_ref.shape[0], s_o_ref.shape[0]
-    if mc <= MAX_UNROLLED_MERGE:
-        o_cmp = _merge_static(c_o_ref, c_m_ref, c_l_ref, range(mc))
-    else:
-        o_cmp = _merge_chunks(c_o_ref, c_m_ref, c_l_ref, min(mc, 16))
-    o_slc = _merge_static(s_o_ref, s_m_ref, s_l_ref, range(num_slc))
-    o_swa = _merge_static(s_o_ref, s_m_ref, s_l_ref, range(num_slc, ms))
+    (``num_slc`` selected, then ``num_swa`` window; powers of two) over this program's columns
+    and gates them, each branch first rounded to the output dtype (the twin's
+    ``combine_gated``)."""
+    o_cmp = _merge_chunks(c_o_ref, c_m_ref, c_l_ref, 0, c_o_ref.shape[0])
+    o_slc = _merge_chunks(s_o_ref, s_m_ref, s_l_ref, 0, num_slc)
+    o_swa = _merge_chunks(s_o_ref, s_m_ref, s_l_ref, num_slc, num_swa)
     dtype = out_ref.dtype
 
     def gated(c, o):
@@ -637,22 +649,22 @@ def _cmp_call(t, qg, k, v, *, l, d, splits, scale, block_k, precision, params, i
     )(t, qg, k, v)
 
 
-def _sparse_ranges_call(t, idx, qg, k_slc, v_slc, k_swa, v_swa, *, num_swa, lp, window, scale,
-                        block_k, precision, params, interpret):
-    """``idx [B, K, ns, P]``: ``ns`` programs of ``P`` selected blocks, then ``num_swa`` window
-    pieces; split partials ``[B, K, ns + num_swa, ...]``."""
-    b, kh, ns, slots = idx.shape
+def _sparse_ranges_call(t, ids, vals, qg, k_slc, v_slc, k_swa, v_swa, *, num_slc, num_swa,
+                        slots, top_n, lp, window, scale, block_k, precision, params, interpret):
+    """Candidates ``ids, vals [B, K, M]``: ``num_slc`` programs of ``slots`` selected blocks,
+    then ``num_swa`` window pieces; split partials ``[B, K, num_slc + num_swa, ...]``."""
+    b, kh, mcand = ids.shape
     gp, dk = qg.shape[2:]
     dv = v_slc.shape[-1]
-    m = ns + num_swa
-    kernel = functools.partial(_sparse_ranges_kernel, num_slc=ns, num_swa=num_swa, lp=lp,
-                               window=window, scale=scale, block_k=block_k, precision=precision)
+    m = num_slc + num_swa
+    kernel = functools.partial(_sparse_ranges_kernel, num_slc=num_slc, num_swa=num_swa,
+                               slots=slots, top_n=top_n, lp=lp, window=window, scale=scale,
+                               block_k=block_k, precision=precision)
+    cand_spec = pl.BlockSpec((None, None, mcand), lambda b, k, j: (b, k, 0))
     return pl.pallas_call(
         kernel,
         grid=(b, kh, m),
-        in_specs=[_t_spec(),
-                  pl.BlockSpec((None, None, None, slots),
-                               lambda b, k, j: (b, k, jnp.minimum(j, ns - 1), 0)),
+        in_specs=[_t_spec(), cand_spec, cand_spec,
                   pl.BlockSpec((None, None, gp, dk), lambda b, k, j: (b, k, 0, 0)),
                   _seq_spec(k_slc.shape[1], dk), _seq_spec(v_slc.shape[1], dv),
                   _seq_spec(k_swa.shape[1], dk), _seq_spec(v_swa.shape[1], dv)],
@@ -661,11 +673,11 @@ def _sparse_ranges_call(t, idx, qg, k_slc, v_slc, k_swa, v_swa, *, num_swa, lp, 
         compiler_params=params,
         interpret=interpret,
         name="nsa_decode_sparse",
-    )(t, idx, qg, k_slc, v_slc, k_swa, v_swa)
+    )(t, ids, vals, qg, k_slc, v_slc, k_swa, v_swa)
 
 
-def _combine_call(cmp_parts, sparse_parts, gates, *, num_slc, col_splits, dtype, params,
-                  interpret):
+def _combine_call(cmp_parts, sparse_parts, gates, *, num_slc, num_swa, col_splits, dtype,
+                  params, interpret):
     """``nsa_decode_combine`` over grid ``B x K x col_splits``: ``o [B, K, Gp, Dv]``."""
     c_o, c_m, c_l = cmp_parts
     s_o, s_m, s_l = sparse_parts
@@ -679,7 +691,7 @@ def _combine_call(cmp_parts, sparse_parts, gates, *, num_slc, col_splits, dtype,
                 pl.BlockSpec((None, None, m, gp), lambda b, k, c: (b, k, 0, 0))]
 
     return pl.pallas_call(
-        functools.partial(_combine_kernel, num_slc=num_slc),
+        functools.partial(_combine_kernel, num_slc=num_slc, num_swa=num_swa),
         grid=(b, kh, col_splits),
         in_specs=parts_specs(mc) + parts_specs(ms) + [
             pl.BlockSpec((None, None, gp, gates.shape[-1]), lambda b, k, c: (b, k, 0, 0))],
@@ -693,12 +705,13 @@ def _combine_call(cmp_parts, sparse_parts, gates, *, num_slc, col_splits, dtype,
 
 def _select_call(t, m_p, l_p, s_cmp, o_p, *, geom: _SelectGeom, params):
     """``nsa_decode_select`` over grid ``B x K x S`` (``S = geom.splits``): per program the
-    candidate indices and scores ``[B, K, S, n']``, the block scores ``[B, K, S, J']``, the lse
-    ``[B, K, Gg]`` and, when ``o_p`` is given, ``o_cmp [B, K, Gg, Dv]`` (program ``s`` merges
-    columns ``s Dv/S ...``); ``n'``, ``Gg`` the powers of two at or above ``n``, ``G``."""
+    candidate indices and scores ``[B, K, S, n']`` (``merge_candidates`` takes the top-n of
+    them), the block scores ``[B, K, S * J']``, the lse ``[B, K, Gg]`` and, when ``o_p`` is
+    given, ``o_cmp [B, K, Gg, Dv]`` (program ``s`` merges columns ``s Dv/S ...``); ``n'`` the
+    power of two at or above ``max(n, 16)``, ``Gg`` at or above ``G``."""
     b, kh, mc = m_p.shape[:3]
     gg, cp = _next_pow2(geom.g), s_cmp.shape[-1]
-    n_slots = _next_pow2(geom.top_n)
+    n_slots = max(16, _next_pow2(geom.top_n))
     ns = geom.splits
     merge_o = o_p is not None
     in_specs = [
@@ -739,8 +752,7 @@ def _select_call(t, m_p, l_p, s_cmp, o_p, *, geom: _SelectGeom, params):
         name="nsa_decode_select",
     )(*args)
     ids, vals, scores, lse = out[:4]
-    return (merge_candidates(ids, vals, geom.top_n), scores.reshape(b, kh, -1), lse,
-            out[4] if merge_o else None)
+    return ids, vals, scores.reshape(b, kh, -1), lse, out[4] if merge_o else None
 
 
 def _can_merge_o(dv: int, splits: int) -> bool:
@@ -898,11 +910,11 @@ def select_top_n(
         s_cmp = jnp.pad(s_cmp, [(0, 0), (0, 0), (0, rows), (0, cols)])
     params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     t = seq_lens.astype(jnp.int32) - 1
-    idx, scores, lse, o_cmp = _select_call(
+    ids, vals, scores, lse, o_cmp = _select_call(
         t, m_p.astype(jnp.float32), l_p.astype(jnp.float32), s_cmp.astype(jnp.float32),
         None if o_p is None else o_p.astype(jnp.float32), geom=geom, params=params)
     g = group_size
-    return Selection(idx[:, :, :top_n], lse[:, :, :g],
+    return Selection(merge_candidates(ids, vals, top_n), lse[:, :, :g],
                      None if o_cmp is None else o_cmp[:, :, :g], scores)
 
 
@@ -1041,9 +1053,10 @@ def decode_stages(
     if geom is not None:
         merge_o = (not combine and mc <= bs.select_merge_splits
                    and _can_merge_o(dv, geom.splits))
-        indices, _, _, o_cmp = _select_call(t, m_p, l_p, s_cmp, o_p if merge_o else None,
-                                            geom=geom, params=params)
-        indices = indices[:, :, :top_n]  # [B, K, n]
+        cand_ids, cand_vals, _, _, o_cmp = _select_call(
+            t, m_p, l_p, s_cmp, o_p if merge_o else None, geom=geom, params=params)
+        indices = merge_candidates(cand_ids, cand_vals, top_n)  # [B, K, n]
+        cand_ids, cand_vals = cand_ids.reshape(b, kh, -1), cand_vals.reshape(b, kh, -1)
         o_cmp = o_cmp[:, :, :g] if merge_o else None
     else:
         o_cmp, lse_cmp = merge_cmp()
@@ -1052,6 +1065,10 @@ def decode_stages(
             cmp_block_size=cmp_block_size, cmp_stride=cmp_stride,
             slc_block_size=slc_block_size, top_n=top_n,
         )  # [B, K, n]
+        # As candidates of one program: slot order by descending score (-slot), -1 unused.
+        n_pad = max(16, _next_pow2(top_n))
+        cand_ids = jnp.pad(indices, [(0, 0), (0, 0), (0, n_pad - top_n)], constant_values=-1)
+        cand_vals = jnp.where(cand_ids >= 0, -jnp.arange(n_pad, dtype=jnp.float32), -jnp.inf)
     if upto == "select":
         if o_cmp is None:
             o_cmp = merge_cmp()[0]
@@ -1064,17 +1081,22 @@ def decode_stages(
                                           _prev_pow2(top_n * per_row // bs.target_programs)))
     ns = -(-top_n // slots)  # programs for the selected blocks
     if combine:
-        # 4. One kernel merges every branch over a share of the columns and gates them.
-        idx = jnp.pad(indices, [(0, 0), (0, 0), (0, ns * slots - top_n)], constant_values=-1)
+        # The sparse programs merge the select programs' candidates themselves; both groups
+        # of programs are rounded up to powers of two (the extra ones attend nothing), so the
+        # combine kernel merges each group in whole tiles. 4. It merges every branch over a
+        # share of the columns and gates them.
+        ns_p, mw_p = _next_pow2(ns), _next_pow2(mw)
         parts = _sparse_ranges_call(
-            t, idx.reshape(b, kh, ns, slots), qg, k_slc, v_slc, k_swa, v_swa, num_swa=mw,
-            lp=slc_block_size, window=window_size, block_k=block_k, **common)
+            t, cand_ids, cand_vals, qg, k_slc, v_slc, k_swa, v_swa, num_slc=ns_p,
+            num_swa=mw_p, slots=slots, top_n=top_n, lp=slc_block_size, window=window_size,
+            block_k=block_k, **common)
         gates_g = gates.reshape(b, kh, g, 3)
         if gp > g:
             gates_g = jnp.pad(gates_g, [(0, 0), (0, 0), (0, gp - g), (0, 0)])
         col_splits = max(1, min(dv // 16, _next_pow2(-(-bs.target_programs // per_row))))
-        o = _combine_call(cmp_parts, parts, gates_g, num_slc=ns, col_splits=col_splits,
-                          dtype=q.dtype, params=params, interpret=interpret)
+        o = _combine_call(cmp_parts, parts, gates_g, num_slc=ns_p, num_swa=mw_p,
+                          col_splits=col_splits, dtype=q.dtype, params=params,
+                          interpret=interpret)
         return {"o": o[:, :, :g].reshape(b, n, dv), "indices": indices}
 
     if o_cmp is None:

@@ -227,6 +227,21 @@ def test_decode_stages_agree_with_the_whole_chain():
         gpu.decode_stages(*args, upto="slc", **kw)
 
 
+@pytest.mark.parametrize("select", [{}, dict(select_kernel=False)])
+def test_decode_kernel_with_odd_counts(select):
+    """n = 5 blocks in slots of 2 (3 programs, rounded up to 4) and a 40-token window in
+    16-token tiles (3 pieces, rounded up to 4): the rounded-up programs attend nothing."""
+    geom = dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=5, window_size=40)
+    seq_lens = jnp.asarray([1, 23, 97, 256], jnp.int32)
+    args = (*_inputs(7, len(seq_lens), 8, 2, 16, 32, 256, 64, jnp.float32), seq_lens)
+    sizes = gpu.BlockSizes(block_k=16, target_programs=24, sparse_slots=2, select_chunk=16,
+                           select_splits=4, **select)
+    o_ref, idx_ref = ref.decode_attention(*args, **geom)
+    o, idx = gpu.decode_attention(*args, **geom, block_sizes=sizes, interpret=True)
+    np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(idx_ref), -1))
+    assert_close(o, o_ref, jnp.float32, f"decode kernel, n=5, w=40, {select}")
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_decode_combine_merges_many_compressed_splits(dtype):
     """32 compressed splits (more than the combine kernel merges one by one: it takes them in
