@@ -71,6 +71,10 @@ MAX_SELECT_BLOCKS = 4096  # J' the select kernel keeps in registers (l' = 64: 25
 # from 23 to 44 us at 64k / batch 32 (J' = 256).
 RANK_TOPN_MAX = 64
 RANK_TILE = 32
+# The sparse kernel merges at most this many select candidates itself (S programs x n' each);
+# with more, XLA's top-k merges them first. On the H200 (commit acc1582) ranking 256 of them
+# took the sparse kernel from 3.2 to 12 us at 64k / batch 1; 64 cost about 0.9 us at 8k.
+MAX_SPARSE_CANDIDATES = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1057,6 +1061,8 @@ def decode_stages(
             t, m_p, l_p, s_cmp, o_p if merge_o else None, geom=geom, params=params)
         indices = merge_candidates(cand_ids, cand_vals, top_n)  # [B, K, n]
         cand_ids, cand_vals = cand_ids.reshape(b, kh, -1), cand_vals.reshape(b, kh, -1)
+        if cand_ids.shape[-1] > MAX_SPARSE_CANDIDATES:
+            cand_ids, cand_vals = None, None  # the merged indices instead (below)
         o_cmp = o_cmp[:, :, :g] if merge_o else None
     else:
         o_cmp, lse_cmp = merge_cmp()
@@ -1065,7 +1071,10 @@ def decode_stages(
             cmp_block_size=cmp_block_size, cmp_stride=cmp_stride,
             slc_block_size=slc_block_size, top_n=top_n,
         )  # [B, K, n]
-        # As candidates of one program: slot order by descending score (-slot), -1 unused.
+        cand_ids = cand_vals = None
+    if cand_ids is None:
+        # The merged indices as the candidates of one program: slot order by descending score
+        # (-slot), -1 unused.
         n_pad = max(16, _next_pow2(top_n))
         cand_ids = jnp.pad(indices, [(0, 0), (0, 0), (0, n_pad - top_n)], constant_values=-1)
         cand_vals = jnp.where(cand_ids >= 0, -jnp.arange(n_pad, dtype=jnp.float32), -jnp.inf)

@@ -227,10 +227,13 @@ def test_decode_stages_agree_with_the_whole_chain():
         gpu.decode_stages(*args, upto="slc", **kw)
 
 
-@pytest.mark.parametrize("select", [{}, dict(select_kernel=False)])
-def test_decode_kernel_with_odd_counts(select):
+@pytest.mark.parametrize("select,max_cands", [({}, 64), ({}, 16), (dict(select_kernel=False), 64)])
+def test_decode_kernel_with_odd_counts(select, max_cands, monkeypatch):
     """n = 5 blocks in slots of 2 (3 programs, rounded up to 4) and a 40-token window in
-    16-token tiles (3 pieces, rounded up to 4): the rounded-up programs attend nothing."""
+    16-token tiles (3 pieces, rounded up to 4): the rounded-up programs attend nothing. The
+    sparse kernel merges the 4 select programs' candidates itself, or (at most 16 allowed) XLA
+    merges them first."""
+    monkeypatch.setattr(gpu, "MAX_SPARSE_CANDIDATES", max_cands)
     geom = dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=5, window_size=40)
     seq_lens = jnp.asarray([1, 23, 97, 256], jnp.int32)
     args = (*_inputs(7, len(seq_lens), 8, 2, 16, 32, 256, 64, jnp.float32), seq_lens)
