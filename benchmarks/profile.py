@@ -160,6 +160,11 @@ ATTN_VARIANTS = {
     "cmp_dkvq8": {"COMPRESSED": dict(dkv_q_blocks=8)},
     "cmp_dkvq4": {"COMPRESSED": dict(dkv_q_blocks=4)},
     "cmp_dkvk64_q8": {"COMPRESSED": dict(block_k_dkv=64, dkv_q_blocks=8)},
+    "slc_s3": {"SELECTED": dict(num_stages=3)},
+    "slc_s4": {"SELECTED": dict(num_stages=4)},
+    "slc_w2_s3": {"SELECTED": dict(num_warps=2, num_stages=3)},
+    "slc_w2_s4": {"SELECTED": dict(num_warps=2, num_stages=4)},
+    "slc_w8_s3": {"SELECTED": dict(num_warps=8, num_stages=3)},
 }
 
 
