@@ -61,7 +61,11 @@ from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels.common import MASK_VALUE, check_int32_extent, default_scale
-from pallas_kernels.decode.reference import combine_gated, select_from_logits
+from pallas_kernels.decode.reference import (
+    check_decode_args,
+    combine_gated,
+    select_from_logits,
+)
 from pallas_kernels.selection.reference import check_geometry, overlap_tables
 
 MAX_SELECT_BLOCKS = 4096  # J' the select kernel keeps in registers (l' = 64: 256k tokens)
@@ -995,6 +999,8 @@ def decode_stages(
         raise ValueError(f"upto={upto!r} is not one of {STAGES}")
     bs = block_sizes or BlockSizes()
     _check_geometry("decode_attention", cmp_block_size, cmp_stride, slc_block_size, top_n)
+    check_decode_args("decode_attention", q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates,
+                      seq_lens, window_size)
     b, n, dk = q.shape
     c, kh, dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[-1]
     g = n // kh

@@ -91,6 +91,42 @@ def combine_gated(
     return out.astype(dtype)
 
 
+def check_decode_args(what: str, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, seq_lens,
+                      window_size: int) -> None:
+    """``ValueError`` naming the shapes when the decode arguments do not fit together."""
+    shapes = dict(q=q.shape, k_cmp=k_cmp.shape, v_cmp=v_cmp.shape, k_slc=k_slc.shape,
+                  v_slc=v_slc.shape, k_swa=k_swa.shape, v_swa=v_swa.shape, gates=gates.shape,
+                  seq_lens=seq_lens.shape)
+    listed = ", ".join(f"{k}={v}" for k, v in shapes.items())
+    if q.ndim != 3 or any(x.ndim != 4 for x in (k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa)):
+        raise ValueError(f"{what}: need q [B, N, Dk] and caches [B, S, K, D]; got {listed}")
+    b, n, dk = q.shape
+    kh = k_cmp.shape[2]
+    if any(x.shape[0] != b or x.shape[2] != kh for x in (k_cmp, v_cmp, k_slc, v_slc, k_swa,
+                                                          v_swa)):
+        raise ValueError(f"{what}: every cache must be [B={b}, S, K, D] with the same K; "
+                         f"got {listed}")
+    if kh == 0 or n % kh:
+        raise ValueError(f"{what}: N={n} query heads must be a multiple of K={kh} KV heads")
+    if k_cmp.shape[3] != dk or k_slc.shape[3] != dk or k_swa.shape[3] != dk:
+        raise ValueError(f"{what}: keys must have Dk={dk} (q's); got {listed}")
+    dv = v_cmp.shape[3]
+    if v_slc.shape[3] != dv or v_swa.shape[3] != dv:
+        raise ValueError(f"{what}: values must share one Dv; got {listed}")
+    if (k_cmp.shape[1] != v_cmp.shape[1] or k_slc.shape[1] != v_slc.shape[1]
+            or k_swa.shape[1] != v_swa.shape[1]):
+        raise ValueError(f"{what}: keys and values of a branch need the same slots; got {listed}")
+    if gates.shape != (b, n, 3):
+        raise ValueError(f"{what}: gates must be [B, N, 3]={(b, n, 3)}, got {gates.shape}")
+    if seq_lens.shape != (b,) or not jnp.issubdtype(seq_lens.dtype, jnp.integer):
+        raise ValueError(f"{what}: seq_lens must be integer [B]={(b,)}, got "
+                         f"{seq_lens.shape} {seq_lens.dtype}")
+    s_swa = k_swa.shape[1]
+    if s_swa != k_slc.shape[1] and s_swa < window_size:
+        raise ValueError(f"{what}: a window ring of S'={s_swa} slots cannot hold w="
+                         f"{window_size} tokens (S' must be S={k_slc.shape[1]} or >= w)")
+
+
 def decode_attention(
     q: Float[Array, "B N H"],
     k_cmp: Float[Array, "B C K H"],
@@ -127,6 +163,8 @@ def decode_attention(
       ``(o, indices)``: ``o [B, N, Dv]`` in ``q.dtype`` and the selected blocks
       ``int32 [B, K, n]`` (``-1`` for unused slots).
     """
+    check_decode_args("decode_attention", q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates,
+                      seq_lens, window_size)
     b, n, dk = q.shape
     c, kh, dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[-1]
     g = n // kh

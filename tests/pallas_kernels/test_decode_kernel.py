@@ -295,6 +295,39 @@ def test_split_range_covers_each_key_once():
             assert all(s == int(lo[r]) or s % 16 == 0 for s in starts)
 
 
+@pytest.mark.parametrize("impl", ["reference", "kernel"])
+def test_decode_rejects_mismatched_arguments(impl):
+    """Shapes that do not fit together raise a ValueError naming them, on both paths."""
+    q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates = _inputs(0, 2, 8, 2, 16, 16, 64, 64,
+                                                                 jnp.float32)
+    lens = jnp.asarray([5, 64], jnp.int32)
+    fn = (ref.decode_attention if impl == "reference"
+          else lambda *a, **k: gpu.decode_attention(*a, **k, interpret=True))
+    good = [q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, lens]
+
+    def call(**swap):
+        args = list(good)
+        names = ["q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_swa", "v_swa", "gates", "lens"]
+        for name, val in swap.items():
+            args[names.index(name)] = val
+        return fn(*args, **GEOM)
+
+    with pytest.raises(ValueError, match=r"gates must be \[B, N, 3\]=\(2, 8, 3\), got \(2, 8, 2\)"):
+        call(gates=gates[..., :2])
+    with pytest.raises(ValueError, match=r"seq_lens must be integer \[B\]=\(2,\)"):
+        call(lens=lens[:1])
+    with pytest.raises(ValueError, match="keys must have Dk=16"):
+        call(k_slc=jnp.zeros((2, 64, 2, 32)))
+    with pytest.raises(ValueError, match="every cache must be"):
+        call(v_cmp=v_cmp[:1])
+    with pytest.raises(ValueError, match="N=8 query heads must be a multiple of K=3"):
+        call(**{n: jnp.zeros(x.shape[:2] + (3,) + x.shape[3:]) for n, x in
+                (("k_cmp", k_cmp), ("v_cmp", v_cmp), ("k_slc", k_slc), ("v_slc", v_slc),
+                 ("k_swa", k_swa), ("v_swa", v_swa))})
+    with pytest.raises(ValueError, match="ring of S'=8 slots cannot hold w=16"):
+        call(k_swa=k_swa[:, :8], v_swa=v_swa[:, :8])
+
+
 def test_unsupported_head_dim_raises_not_implemented():
     args = (*_inputs(0, 1, 4, 1, 24, 24, 64, 64, jnp.float32), jnp.asarray([10], jnp.int32))
     with pytest.raises(NotImplementedError, match="head dims"):
