@@ -146,7 +146,8 @@ class ModelConfig:
       dtype: compute dtype of activations and attention.
       param_dtype: storage dtype of parameters (f32 master weights by default).
       implementation: NSA backend name for ``nsa_attention`` (``None``: platform default).
-      remat: rematerialise each block in the backward pass (saves activation memory).
+      remat: rematerialise each block in the backward pass (saves activation memory); NSA
+        blocks keep their selected blocks (``ops.REMAT_POLICY``), so the top-n is not rerun.
     """
 
     vocab_size: int = 259

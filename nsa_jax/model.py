@@ -10,6 +10,7 @@ from jaxtyping import Array, Float, Int
 from nsa_jax.cache import NSACache
 from nsa_jax.config import ModelConfig
 from nsa_jax.layers import CausalSelfAttention, NativeSparseAttention, default_positions
+from nsa_jax.ops import REMAT_POLICY
 
 
 def _check_tokens(tokens, layout: str) -> None:
@@ -98,7 +99,8 @@ class NSATransformer(nnx.Module):
         x = self.embed(tokens)  # [B, T, D]
         for block in self.blocks:
             if self.config.remat:
-                x = nnx.remat(lambda blk, h, pos: blk(h, pos))(block, x, positions)
+                x = nnx.remat(lambda blk, h, pos: blk(h, pos),
+                              policy=REMAT_POLICY)(block, x, positions)
             else:
                 x = block(x, positions)
         x = self.final_norm(x)

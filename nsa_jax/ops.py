@@ -11,11 +11,17 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
 from nsa_jax import registry
 from nsa_jax.compression import compress, expected_param_shapes
 from nsa_jax.config import NSAConfig
+
+# The selected blocks' name for ``jax.checkpoint`` policies.
+SELECTION_NAME = "nsa_selection"
+# What a rematerialised block keeps: only the selection; every other activation is recomputed.
+REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(SELECTION_NAME)
 
 
 class NSAAux(NamedTuple):
@@ -176,7 +182,9 @@ def nsa_attention(
         cmp_block_size=cfg.cmp_block_size, cmp_stride=cfg.cmp_stride,
         slc_block_size=cfg.slc_block_size, top_n=cfg.slc_top_n, scale=scale,
     )
-    indices = jax.lax.stop_gradient(indices)
+    # Named so that a rematerialised block can keep the selection (a few int32 per query) and
+    # skip recomputing the top-n in the backward pass (``REMAT_POLICY``).
+    indices = checkpoint_name(jax.lax.stop_gradient(indices), SELECTION_NAME)
     o_slc, _ = registry.call_stage(
         chain, "selected_attention", q, k_slc, v_slc, indices,
         block_size=cfg.slc_block_size, scale=scale,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import nsa_jax.model as model_mod
 from nsa_jax import (
     ModelConfig,
     NativeSparseAttention,
@@ -122,6 +123,44 @@ def test_remat_and_bf16_compute():
     ref = np.asarray(apply(base, tokens))
     rel = np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref)
     assert rel < 5e-2, f"bf16 compute drifted {rel:.3e} from f32"
+
+
+def _count_primitive(jaxpr, name: str) -> int:
+    """Equations of primitive ``name`` in a jaxpr, nested jaxprs (remat, scan, jit) included."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == name
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (tuple, list)) else (p,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    count += _count_primitive(sub, name)
+    return count
+
+
+def test_remat_keeps_the_selection():
+    """A rematerialised NSA block saves its selected blocks: the backward pass reruns the
+    block's other computations but not the top-n (one ``top_k`` per layer, as without remat;
+    the checkpoint policy saving nothing would give two)."""
+    tokens = jax.random.randint(jax.random.key(5), (1, 40), 0, 259)
+
+    def top_ks(model, policy=None):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def grads(params, t):
+            return jax.grad(lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(t)))(params)
+
+        with pytest.MonkeyPatch.context() as mp:
+            if policy is not None:
+                mp.setattr(model_mod, "REMAT_POLICY", policy)
+            return _count_primitive(jax.make_jaxpr(grads)(params, tokens).jaxpr, "top_k")
+
+    layers = MODEL.num_layers
+    plain = NSATransformer(MODEL, rngs=nnx.Rngs(0))
+    remat = NSATransformer(MODEL.replace(remat=True), rngs=nnx.Rngs(0))
+    assert top_ks(plain) == layers
+    assert top_ks(remat) == layers
+    assert top_ks(remat, jax.checkpoint_policies.nothing_saveable) == 2 * layers
 
 
 def test_token_errors():
