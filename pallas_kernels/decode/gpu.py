@@ -1,29 +1,34 @@
 """NSA decode attention on GPU: Pallas kernels lowered to Triton, split flash-decoding style.
 
 One new query per sequence reads only what NSA needs: the compressed keys, the ``n`` selected
-blocks and the window. A decode step is a short chain:
+blocks and the window. A decode step is a chain of four kernels, each computing its own key
+ranges from the query position ``t``:
 
 1. ``nsa_decode_cmp`` (grid ``B x K x Mc``): program ``(b, k, j)`` attends the ``G`` query heads
    of KV group ``k`` over the ``j``-th share of sequence ``b``'s visible compressed tokens and
    writes a partial softmax (unnormalised output, running max, running sum) plus the scaled
    logits. Splitting the compressed tokens ``Mc`` ways is what fills the GPU at batch 1.
 2. ``nsa_decode_select`` (grid ``B x K x S``): program ``(b, k, s)`` merges the ``Mc`` partial
-   log-sum-exps (and, with at most ``select_merge_splits`` splits, its slice of the partial
-   outputs' columns into ``o_cmp``), turns the logits of its run of chunks into the branch's
-   probabilities, sums them over the group, maps them to selection-block scores with the
-   overlap weights and proposes its top-n (forced blocks first, then score descending, ties to
-   the lower index); a stable top-k in XLA merges the ``S`` proposals (none with ``S = 1``).
+   log-sum-exps, turns the logits of its run of chunks into the branch's probabilities, sums
+   them over the group, maps them to selection-block scores with the overlap weights and
+   proposes its top-n (forced blocks first, then score descending, ties to the lower index).
    With ``select_kernel=False`` XLA does this step with the twin's ``select_from_logits``.
-3. ``nsa_decode_sparse`` (grid ``B x K x (n/P + Mw)``): programs ``j < n/P`` attend the
-   selected blocks in slots ``jP ... jP + P - 1`` in one softmax (causal inside the current
-   block; ``-1`` slots do nothing; ``P = sparse_slots``, more at large batches), programs
-   ``j >= n/P`` a share of the window ``[t - w + 1, t]``. With ``fuse_sparse=False`` these are
-   two launches, ``nsa_decode_slc`` and ``nsa_decode_swa``.
-4. XLA: merge each branch's partials, gate and sum.
+3. ``nsa_decode_sparse`` (grid ``B x K x (ns + Mw)``, both counts powers of two): programs
+   ``j < ns`` merge the ``S`` proposals (by rank: score descending, then block index, as a
+   stable top-k over them; with more than ``MAX_SPARSE_CANDIDATES`` XLA's top-k merges them
+   first) and attend the blocks of slots ``jP ... jP + P - 1`` in one softmax (causal inside
+   the current block; ``-1`` slots and slots past ``n`` do nothing; ``P = sparse_slots``, more
+   at large batches); programs ``j >= ns`` a piece of the window ``[t - w + 1, t]``.
+4. ``nsa_decode_combine`` (grid ``B x K x Dv/Dvs``): merges every branch's partials over a
+   share of the columns, rounds each branch to the output dtype and applies the gates.
+
+With ``combine_kernel=False`` (or ``fuse_sparse=False``: the selected blocks and the window in
+two launches, ``nsa_decode_slc`` and ``nsa_decode_swa``) XLA computes the sparse kernels'
+ranges and does step 4, and the select kernel merges ``o_cmp`` when it can.
 
 Every attention program walks whole tiles of ``block_k`` keys aligned to multiples of
-``block_k`` inside an inclusive key range ``[lo, hi]`` computed per program in XLA, masking keys
-outside it, so no load starts at an unaligned or out-of-bounds slot.
+``block_k`` inside an inclusive key range ``[lo, hi]``, masking keys outside it, so no load
+starts at an unaligned or out-of-bounds slot.
 
 The select kernel walks the compressed tokens in chunks of ``select_chunk`` (``select_chunk /
 r'`` selection blocks, ``r' = l'/d``); program ``s`` takes a run of chunks (a power of two of
@@ -32,14 +37,18 @@ to block scores with a constant ``[chunk, chunk/r']`` weight table (the spec's E
 overlaps); the last ``r - 1`` tokens of a chunk feed the next chunk's first block through a
 carried scalar (a program recomputes it from the chunk before its run); the next chunk's
 logits are loaded before this chunk's arithmetic. The scores go to a ``[J']`` scratch output
-(``J'`` the run's blocks); after a barrier the program reads them back and takes its top-n by
-``n`` rounds of argmax (which returns the lowest index among equal maxima, as ``lax.top_k``
-orders them), so the slots come out in the twin's order whenever the scores are the twin's to
-the bit. They can differ in the last bit: the chunk's first block adds the carried term last,
-the twin sums in one fixed order, so blocks whose scores tie exactly in real arithmetic
-(uniform probabilities, say) may be separated by rounding and a higher index win, as in the
-training kernels. The kernel needs ``r'`` a power of two and ``J' <= MAX_SELECT_BLOCKS``;
-otherwise XLA selects.
+(``J'`` the run's blocks); after a barrier the program reads them back and takes its top-n:
+with ``J' <= RANK_TOPN_MAX`` by ranking every block at once, otherwise by ``n`` rounds of
+argmax (which returns the lowest index among equal maxima, as ``lax.top_k`` orders them); both
+give the slots in the twin's order whenever the scores are the twin's to the bit. They can
+differ in the last bit: the chunk's first block adds the carried term last, the twin sums in
+one fixed order, so blocks whose scores tie exactly in real arithmetic (uniform
+probabilities, say) may be separated by rounding and a higher index win, as in the training
+kernels. The kernel needs ``r'`` a power of two and ``J' <= MAX_SELECT_BLOCKS``; otherwise XLA
+selects.
+
+Sequences must fit the cache (``seq_lens <= S``). Past it the output is undefined, but the
+kernels clamp the current block and the selected keys to the cache, so no load leaves it.
 
 Layout: ``q [B, N, Dk]``, raw caches ``[B, S, K, D]`` (the window's may be a ring of
 ``S' >= w`` slots), compressed caches ``[B, C, K, D]``: the twin's. Limits (else
@@ -96,8 +105,9 @@ class BlockSizes:
       select_chunk: compressed tokens per step of the select kernel (a power of two >= 16;
         raised to ``l'/d`` if smaller). At 64k / batch 32 on the H200, 128 took the kernel
         from 23.2 to 20.0 us against 64 (commit a66f854).
-      select_merge_splits: the select kernel also merges the compressed branch's partial
-        outputs into ``o_cmp`` when that kernel used at most this many splits (``0``: never).
+      select_merge_splits: without the combine kernel, the select kernel also merges the
+        compressed branch's partial outputs into ``o_cmp`` when that kernel used at most this
+        many splits (``0``: never); the combine kernel merges them itself.
         With more splits (small batches) XLA merges them, since one program per KV group
         would read every split's ``[G, Dv]`` output alone.
       select_splits: most select programs per (sequence, KV group), each walking a run of
@@ -214,10 +224,8 @@ def _attend_range(q, k_ref, v_ref, lo, hi, *, scale, block_k, precision, s_ref=N
     return jax.lax.fori_loop(0, count, body, init)
 
 
-def _range_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *s_ref, **kw):
-    s_ref = s_ref[0] if s_ref else None  # the logits output, when asked for
-    o, m_i, l_i = _attend_range(q_ref[...], k_ref, v_ref, lo_ref[()], hi_ref[()], s_ref=s_ref,
-                                **kw)
+def _range_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, **kw):
+    o, m_i, l_i = _attend_range(q_ref[...], k_ref, v_ref, lo_ref[()], hi_ref[()], **kw)
     o_ref[...] = o
     m_ref[...] = m_i
     l_ref[...] = l_i
@@ -321,7 +329,8 @@ def _sparse_ranges_kernel(t_ref, ids_ref, vals_ref, q_ref, k_slc_ref, v_slc_ref,
         for blk in _merged_slots(ids_ref, vals_ref, j * slots, slots, top_n):
             lo = blk * lp
             lo, hi = (jnp.where(blk >= 0, lo, 0),
-                      jnp.where(blk >= 0, jnp.minimum(lo + lp - 1, t), -1))
+                      jnp.where(blk >= 0, jnp.minimum(jnp.minimum(lo + lp - 1, t),
+                                                      k_slc_ref.shape[0] - 1), -1))
             carry = _attend_range(q, k_slc_ref, v_slc_ref, lo, hi, init=carry, **kw)
         return carry
 
@@ -433,7 +442,7 @@ def _select_kernel(t_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, *refs, geom
     t = t_ref[()]
     n_vis = jnp.where(t + 1 >= geom.l, (t + 1 - geom.l) // geom.d + 1, 0)
     n_vis = jnp.minimum(n_vis, geom.num_cmp)
-    cur = t // geom.lp  # the current block
+    cur = jnp.minimum(t // geom.lp, geom.num_blocks - 1)  # the current block (in the cache)
     split = pl.program_id(2)
 
     # 1. Merge the compressed kernel's split softmaxes (merge_partials' expressions). With
@@ -577,19 +586,14 @@ def _seq_spec(s_len, d):
 
 
 def _range_call(lo, hi, qg, k, v, *, scale, block_k, precision, params, interpret, name,
-                logits_len=0, ring=False):
-    """Split attention over key ranges; with ``logits_len > 0`` also the logits
-    ``[B, K, Gp, logits_len]`` (``logits_len >= S``; only visited tiles are written)."""
+                ring=False):
+    """Split attention over the key ranges ``lo, hi [B, K, M]`` (the unfused sparse launches)."""
     b, kh, m = lo.shape
     gp, dk = qg.shape[2:]
     s_len, dv = k.shape[1], v.shape[-1]
     kernel = functools.partial(_range_kernel, scale=scale, block_k=block_k, precision=precision,
                                ring=ring)
     out_specs, out_shape = _partial_specs(gp, dv), _partial_shapes(b, kh, m, gp, dv)
-    if logits_len:
-        out_specs.append(pl.BlockSpec((None, None, gp, logits_len),
-                                      lambda b, k, j: (b, k, 0, 0)))
-        out_shape.append(jax.ShapeDtypeStruct((b, kh, gp, logits_len), jnp.float32))
     return pl.pallas_call(
         kernel,
         grid=(b, kh, m),
@@ -1117,7 +1121,7 @@ def decode_stages(
     if o_cmp is None:
         o_cmp = merge_cmp()[0]
     lo_s = indices * slc_block_size
-    hi_s = jnp.minimum(lo_s + slc_block_size - 1, t[:, None, None])
+    hi_s = jnp.minimum(jnp.minimum(lo_s + slc_block_size - 1, t[:, None, None]), s_slc - 1)
     lo_s, hi_s = jnp.where(indices >= 0, lo_s, 0), jnp.where(indices >= 0, hi_s, -1)
     lo_w = jnp.broadcast_to(jnp.maximum(t - window_size + 1, 0)[:, None], (b, kh))
     lo_w, hi_w = split_range(lo_w, jnp.broadcast_to(t[:, None], (b, kh)), mw, block_k)

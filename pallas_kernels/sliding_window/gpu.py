@@ -411,6 +411,7 @@ def _bwd(q, k, v, o, lse, do, cfg: BandConfig):
     n_split = max(nq // per_program, -(-DKV_TARGET_PROGRAMS // busy_per_split))
     n_split = 1 if cfg.window is not None else max(1, min(MAX_DKV_SPLITS, nq, n_split))
     split_size = -(-nq // n_split)
+    n_split = -(-nq // split_size)  # no split left without query blocks
 
     def kv_map(j, bk, sp_):
         return (sp_ * b + bk // kh, j, bk % kh, 0)

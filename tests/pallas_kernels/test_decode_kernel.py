@@ -328,6 +328,18 @@ def test_decode_rejects_mismatched_arguments(impl):
         call(k_swa=k_swa[:, :8], v_swa=v_swa[:, :8])
 
 
+def test_lengths_past_the_cache_stay_inside_it():
+    """``seq_lens > S`` breaks the contract (the output is undefined) but no block past the
+    cache may be chosen: the kernels would read outside the raw keys on the GPU."""
+    seq_lens = jnp.asarray([64, 100], jnp.int32)  # a full cache of 64 slots, then 36 past it
+    args = (*_inputs(2, 2, 8, 2, 16, 16, 64, 64, jnp.float32), seq_lens)
+    for sizes in (gpu.BlockSizes(block_k=16), gpu.BlockSizes(block_k=16, combine_kernel=False)):
+        o, idx = gpu.decode_attention(*args, **GEOM, block_sizes=sizes, interpret=True)
+        idx = np.asarray(idx)
+        assert ((idx >= -1) & (idx < 64 // GEOM["slc_block_size"])).all(), idx
+        assert np.isfinite(np.asarray(o)).all()
+
+
 def test_unsupported_head_dim_raises_not_implemented():
     args = (*_inputs(0, 1, 4, 1, 24, 24, 64, 64, jnp.float32), jnp.asarray([10], jnp.int32))
     with pytest.raises(NotImplementedError, match="head dims"):
