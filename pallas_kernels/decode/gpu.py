@@ -22,9 +22,9 @@ ranges from the query position ``t``:
 4. ``nsa_decode_combine`` (grid ``B x K x Dv/Dvs``): merges every branch's partials over a
    share of the columns, rounds each branch to the output dtype and applies the gates.
 
-With ``combine_kernel=False`` (or ``fuse_sparse=False``: the selected blocks and the window in
-two launches, ``nsa_decode_slc`` and ``nsa_decode_swa``) XLA computes the sparse kernels'
-ranges and does step 4, and the select kernel merges ``o_cmp`` when it can.
+With ``combine_kernel=False`` XLA does step 4 (and the select kernel merges ``o_cmp`` when it
+can); with ``fuse_sparse=False`` the selected blocks and the window are two launches,
+``nsa_decode_slc`` and ``nsa_decode_swa``, over key ranges computed in XLA, and XLA does step 4.
 
 Every attention program walks whole tiles of ``block_k`` keys aligned to multiples of
 ``block_k`` inside an inclusive key range ``[lo, hi]``, masking keys outside it, so no load
@@ -124,9 +124,8 @@ class BlockSizes:
         (``0``: as many as leave about ``target_programs`` programs).
       select_programs: programs the select kernel aims for (``0``: ``target_programs``); each
         of the ``S`` programs of a (sequence, KV group) walks ``1/S`` of the chunks.
-      combine_kernel: with ``fuse_sparse``, the sparse kernel reads the selected blocks and its
-        ranges itself and one ``nsa_decode_combine`` kernel merges every branch's partials
-        and applies the gates; ``False`` leaves the ranges and the merges to XLA.
+      combine_kernel: with ``fuse_sparse``, one ``nsa_decode_combine`` kernel merges every
+        branch's partials and applies the gates; ``False`` leaves that to XLA.
     """
 
     block_k: int = 64
@@ -226,29 +225,6 @@ def _attend_range(q, k_ref, v_ref, lo, hi, *, scale, block_k, precision, s_ref=N
 
 def _range_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, **kw):
     o, m_i, l_i = _attend_range(q_ref[...], k_ref, v_ref, lo_ref[()], hi_ref[()], **kw)
-    o_ref[...] = o
-    m_ref[...] = m_i
-    l_ref[...] = l_i
-
-
-def _sparse_kernel(lo_ref, hi_ref, q_ref, k_slc_ref, v_slc_ref, k_swa_ref, v_swa_ref,
-                   o_ref, m_ref, l_ref, *, num_slc, **kw):
-    """Programs ``j < num_slc`` attend the ``P`` selected blocks of their row of ``lo, hi
-    [P]`` in one softmax, the others their share of the window (column 0)."""
-    q = q_ref[...]
-
-    def selected():
-        carry = None
-        for s in range(lo_ref.shape[0]):  # a few slots, unrolled
-            carry = _attend_range(q, k_slc_ref, v_slc_ref, lo_ref[s], hi_ref[s], init=carry,
-                                  **kw)
-        return carry
-
-    o, m_i, l_i = jax.lax.cond(
-        pl.program_id(2) < num_slc,
-        selected,
-        lambda: _attend_range(q, k_swa_ref, v_swa_ref, lo_ref[0], hi_ref[0], ring=True, **kw),
-    )
     o_ref[...] = o
     m_ref[...] = m_i
     l_ref[...] = l_i
@@ -606,31 +582,6 @@ def _range_call(lo, hi, qg, k, v, *, scale, block_k, precision, params, interpre
         interpret=interpret,
         name=name,
     )(lo, hi, qg, k, v)
-
-
-def _sparse_call(lo, hi, qg, k_slc, v_slc, k_swa, v_swa, *, num_slc, scale, block_k,
-                 precision, params, interpret):
-    """``lo, hi [B, K, M, P]``: rows ``< num_slc`` hold ``P`` selected blocks each, the others
-    a window share in column 0."""
-    b, kh, m, slots = lo.shape
-    gp, dk = qg.shape[2:]
-    dv = v_slc.shape[-1]
-    kernel = functools.partial(_sparse_kernel, num_slc=num_slc, scale=scale, block_k=block_k,
-                               precision=precision)
-    slot_spec = pl.BlockSpec((None, None, None, slots), lambda b, k, j: (b, k, j, 0))
-    return pl.pallas_call(
-        kernel,
-        grid=(b, kh, m),
-        in_specs=[slot_spec, slot_spec,
-                  pl.BlockSpec((None, None, gp, dk), lambda b, k, j: (b, k, 0, 0)),
-                  _seq_spec(k_slc.shape[1], dk), _seq_spec(v_slc.shape[1], dv),
-                  _seq_spec(k_swa.shape[1], dk), _seq_spec(v_swa.shape[1], dv)],
-        out_specs=_partial_specs(gp, dv),
-        out_shape=_partial_shapes(b, kh, m, gp, dv),
-        compiler_params=params,
-        interpret=interpret,
-        name="nsa_decode_sparse",
-    )(lo, hi, qg, k_slc, v_slc, k_swa, v_swa)
 
 
 def _t_spec():
@@ -1099,50 +1050,40 @@ def decode_stages(
     slots = bs.sparse_slots or max(1, min(_next_pow2(top_n),
                                           _prev_pow2(top_n * per_row // bs.target_programs)))
     ns = -(-top_n // slots)  # programs for the selected blocks
-    if combine:
-        # The sparse programs merge the select programs' candidates themselves; both groups
-        # of programs are rounded up to powers of two (the extra ones attend nothing), so the
-        # combine kernel merges each group in whole tiles. 4. It merges every branch over a
-        # share of the columns and gates them.
+    if bs.fuse_sparse:
+        # The sparse programs merge the select programs' candidates and compute their ranges
+        # themselves; both groups of programs are rounded up to powers of two (the extra ones
+        # attend nothing), so the combine kernel merges each group in whole tiles.
         ns_p, mw_p = _next_pow2(ns), _next_pow2(mw)
         parts = _sparse_ranges_call(
             t, cand_ids, cand_vals, qg, k_slc, v_slc, k_swa, v_swa, num_slc=ns_p,
             num_swa=mw_p, slots=slots, top_n=top_n, lp=slc_block_size, window=window_size,
             block_k=block_k, **common)
-        gates_g = gates.reshape(b, kh, g, 3)
-        if gp > g:
-            gates_g = jnp.pad(gates_g, [(0, 0), (0, 0), (0, gp - g), (0, 0)])
-        col_splits = max(1, min(dv // 16, _next_pow2(-(-bs.target_programs // per_row))))
-        o = _combine_call(cmp_parts, parts, gates_g, num_slc=ns_p, num_swa=mw_p,
-                          col_splits=col_splits, dtype=q.dtype, params=params,
-                          interpret=interpret)
-        return {"o": o[:, :, :g].reshape(b, n, dv), "indices": indices}
-
-    if o_cmp is None:
-        o_cmp = merge_cmp()[0]
-    lo_s = indices * slc_block_size
-    hi_s = jnp.minimum(jnp.minimum(lo_s + slc_block_size - 1, t[:, None, None]), s_slc - 1)
-    lo_s, hi_s = jnp.where(indices >= 0, lo_s, 0), jnp.where(indices >= 0, hi_s, -1)
-    lo_w = jnp.broadcast_to(jnp.maximum(t - window_size + 1, 0)[:, None], (b, kh))
-    lo_w, hi_w = split_range(lo_w, jnp.broadcast_to(t[:, None], (b, kh)), mw, block_k)
-    if bs.fuse_sparse:
-        # [B, K, ns, P] selected rows (empty slots (0, -1)), then [B, K, Mw, P] window rows
-        # with their range in column 0.
-        lo_sr, hi_sr = (jnp.pad(x, [(0, 0), (0, 0), (0, ns * slots - top_n)],
-                                constant_values=c).reshape(b, kh, ns, slots)
-                        for x, c in ((lo_s, 0), (hi_s, -1)))
-        lo_wr, hi_wr = (jnp.pad(x[..., None], [(0, 0)] * 3 + [(0, slots - 1)],
-                                constant_values=c) for x, c in ((lo_w, 0), (hi_w, -1)))
-        o_p, m_p, l_p = _sparse_call(
-            jnp.concatenate([lo_sr, lo_wr], axis=2), jnp.concatenate([hi_sr, hi_wr], axis=2),
-            qg, k_slc, v_slc, k_swa, v_swa, num_slc=ns, block_k=block_k, **common)
-        parts_slc = (o_p[:, :, :ns], m_p[:, :, :ns], l_p[:, :, :ns])
-        parts_swa = (o_p[:, :, ns:], m_p[:, :, ns:], l_p[:, :, ns:])
+        if combine:
+            # 4. One kernel merges every branch over a share of the columns and gates them.
+            gates_g = gates.reshape(b, kh, g, 3)
+            if gp > g:
+                gates_g = jnp.pad(gates_g, [(0, 0), (0, 0), (0, gp - g), (0, 0)])
+            col_splits = max(1, min(dv // 16, _next_pow2(-(-bs.target_programs // per_row))))
+            o = _combine_call(cmp_parts, parts, gates_g, num_slc=ns_p, num_swa=mw_p,
+                              col_splits=col_splits, dtype=q.dtype, params=params,
+                              interpret=interpret)
+            return {"o": o[:, :, :g].reshape(b, n, dv), "indices": indices}
+        parts_slc = tuple(x[:, :, :ns_p] for x in parts)
+        parts_swa = tuple(x[:, :, ns_p:] for x in parts)
     else:
+        # Two launches over key ranges computed in XLA.
+        lo_s = indices * slc_block_size
+        hi_s = jnp.minimum(jnp.minimum(lo_s + slc_block_size - 1, t[:, None, None]), s_slc - 1)
+        lo_s, hi_s = jnp.where(indices >= 0, lo_s, 0), jnp.where(indices >= 0, hi_s, -1)
+        lo_w = jnp.broadcast_to(jnp.maximum(t - window_size + 1, 0)[:, None], (b, kh))
+        lo_w, hi_w = split_range(lo_w, jnp.broadcast_to(t[:, None], (b, kh)), mw, block_k)
         kw = dict(block_k=block_k, **common)
         parts_slc = _range_call(lo_s, hi_s, qg, k_slc, v_slc, name="nsa_decode_slc", **kw)
         parts_swa = _range_call(lo_w, hi_w, qg, k_swa, v_swa, name="nsa_decode_swa", ring=True,
                                 **kw)
+    if o_cmp is None:
+        o_cmp = merge_cmp()[0]
     o_slc, _ = merge_partials(*(x[:, :, :, :g] for x in parts_slc))
     o_swa, _ = merge_partials(*(x[:, :, :, :g] for x in parts_swa))
 
