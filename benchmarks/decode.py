@@ -170,17 +170,23 @@ def dense_fn(q, k, v, *, implementation):
     return o[:, 0]
 
 
-def time_op(fn, sets, *, reps: int, runs: int) -> dict:
-    """Median/min/max ms per call of ``fn(*set)`` over dependent calls cycling through ``sets``."""
+def dependent_loop(fn, steps: int):
+    """``jit(loop)(sets)``: ``steps`` rounds of ``fn(q, *set[1:])`` over every set, each query
+    depending on the previous output (as decode steps do)."""
     def loop(sets):
         def body(_, acc):
             for s in sets:
                 q = (s[0].astype(jnp.float32) + 1e-3 * acc).astype(s[0].dtype)
                 acc = fn(q, *s[1:]).astype(jnp.float32)
             return acc
-        return jax.lax.fori_loop(0, reps, body, jnp.zeros(sets[0][0].shape, jnp.float32))
+        return jax.lax.fori_loop(0, steps, body, jnp.zeros(sets[0][0].shape, jnp.float32))
 
-    loop = jax.jit(loop)
+    return jax.jit(loop)
+
+
+def time_op(fn, sets, *, reps: int, runs: int) -> dict:
+    """Median/min/max ms per call of ``fn(*set)`` over dependent calls cycling through ``sets``."""
+    loop = dependent_loop(fn, reps)
     jax.block_until_ready(loop(sets))  # compile and warm up
     times = []
     for _ in range(runs):

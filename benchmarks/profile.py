@@ -37,7 +37,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore", message=".*[Tt]riton.*", category=DeprecationWarning)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import decode as dec  # noqa: E402
 from pallas_kernels.decode import gpu  # noqa: E402
@@ -117,16 +116,7 @@ def decode_target(ctx: int, b: int, variant: str | None, steps: int):
         sizes = DECODE_VARIANTS.get(variant) or dec.SWEEP[variant]
     sets = tuple(dec.make_nsa_set(jax.random.fold_in(jax.random.key(0), 100 + i), b, ctx)
                  for i in range(dec.num_sets(b, ctx)))
-    fn = functools.partial(dec.nsa_kernel_fn, block_sizes=sizes)
-
-    @jax.jit
-    def loop(sets):  # decode.time_op's loop: dependent steps over the sets
-        def body(_, acc):
-            for s in sets:
-                q = (s[0].astype(jnp.float32) + 1e-3 * acc).astype(s[0].dtype)
-                acc = fn(q, *s[1:]).astype(jnp.float32)
-            return acc
-        return jax.lax.fori_loop(0, steps, body, jnp.zeros(sets[0][0].shape, jnp.float32))
+    loop = dec.dependent_loop(functools.partial(dec.nsa_kernel_fn, block_sizes=sizes), steps)
 
     if variant == "rounds_topn":  # compiled now, with the ranking switched off
         saved, gpu.RANK_TOPN_MAX = gpu.RANK_TOPN_MAX, 0
@@ -140,17 +130,7 @@ def decode_target(ctx: int, b: int, variant: str | None, steps: int):
 def dense_target(ctx: int, b: int, impl: str, steps: int):
     sets = tuple(dec.make_dense_set(jax.random.fold_in(jax.random.key(0), i), b, ctx)
                  for i in range(dec.num_sets(b, ctx)))
-    fn = functools.partial(dec.dense_fn, implementation=impl)
-
-    @jax.jit
-    def loop(sets):
-        def body(_, acc):
-            for s in sets:
-                q = (s[0].astype(jnp.float32) + 1e-3 * acc).astype(s[0].dtype)
-                acc = fn(q, *s[1:]).astype(jnp.float32)
-            return acc
-        return jax.lax.fori_loop(0, steps, body, jnp.zeros(sets[0][0].shape, jnp.float32))
-
+    loop = dec.dependent_loop(functools.partial(dec.dense_fn, implementation=impl), steps)
     return loop, (sets,), steps * len(sets)
 
 
