@@ -82,6 +82,10 @@ SWEEP = {
     "xla_combine": gpu.BlockSizes(combine_kernel=False),
     "sel_programs528": gpu.BlockSizes(select_programs=528),
     "sel_programs1056": gpu.BlockSizes(select_programs=1056),
+    # The select kernel as its own launch, or folded into the sparse one up to 256 blocks.
+    "no_fused_select": gpu.BlockSizes(fused_select_blocks=0),
+    "fused_select256": gpu.BlockSizes(fused_select_blocks=256),
+    "fused_select512": gpu.BlockSizes(fused_select_blocks=512),
 }
 # --stages: (record name, decode_stages(upto=...), BlockSizes overrides).
 STAGE_VARIANTS = (
@@ -201,7 +205,8 @@ def rel_err(out, ref) -> float:
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
-CHECK_TILINGS = (dict(), dict(fuse_sparse=False), dict(select_kernel=False),
+CHECK_TILINGS = (dict(), dict(fused_select_blocks=0), dict(fuse_sparse=False),
+                 dict(select_kernel=False),
                  dict(sparse_slots=4, select_splits=1), dict(sparse_slots=16, select_splits=4),
                  dict(combine_kernel=False), dict(select_programs=1024))
 # At 4x the check context: 32 compressed splits, which the combine kernel merges in tiles.
@@ -334,6 +339,8 @@ def main(argv=None) -> int:
                         help="contexts at which the XLA decode path is timed too ('' for none)")
     parser.add_argument("--sweep", default="65536:32",
                         help="context:batch pairs at which kernel tilings are compared")
+    parser.add_argument("--sweep-variants", default="",
+                        help="comma-separated SWEEP names to compare ('' for all)")
     parser.add_argument("--stages", default="65536:1,65536:32,8192:1",
                         help="context:batch pairs at which the chain's prefixes are timed "
                              "('' for none)")
@@ -348,6 +355,9 @@ def main(argv=None) -> int:
     batches = [int(x) for x in args.batches.split(",")]
     xla_contexts = {int(x) for x in args.xla_nsa_contexts.split(",") if x}
     sweep = {tuple(int(v) for v in x.split(":")) for x in args.sweep.split(",") if x}
+    sweep_names = {x for x in args.sweep_variants.split(",") if x}
+    if unknown := sweep_names - set(SWEEP):
+        parser.error(f"unknown --sweep-variants {sorted(unknown)}; known: {sorted(SWEEP)}")
     stages = [tuple(int(v) for v in x.split(":")) for x in args.stages.split(",") if x]
     dev = jax.devices()[0]
     print(f"device {dev.device_kind}, jax {jax.__version__}", flush=True)
@@ -410,6 +420,8 @@ def main(argv=None) -> int:
                     row["xla"] = t["ms"]
                 if (ctx, b) in sweep:
                     for name, sizes in SWEEP.items():
+                        if sweep_names and name not in sweep_names:
+                            continue
                         if time.time() - start > args.budget_s:
                             break
                         fn = functools.partial(nsa_kernel_fn, block_sizes=sizes)

@@ -126,6 +126,10 @@ class BlockSizes:
         of the ``S`` programs of a (sequence, KV group) walks ``1/S`` of the chunks.
       combine_kernel: with ``fuse_sparse``, one ``nsa_decode_combine`` kernel merges every
         branch's partials and applies the gates; ``False`` leaves that to XLA.
+      fused_select_blocks: with ``fuse_sparse``, ``combine_kernel`` and the select kernel, a
+        cache of at most this many selection blocks skips ``nsa_decode_select``: each
+        selected-block program of ``nsa_decode_select_sparse`` scores and ranks every block
+        itself and attends its slots (``0``: never). Saves a launch where launches dominate.
     """
 
     block_k: int = 64
@@ -144,6 +148,7 @@ class BlockSizes:
     cmp_splits: int = 0
     select_programs: int = 0
     combine_kernel: bool = True
+    fused_select_blocks: int = 128
 
     def __post_init__(self):
         if self.block_k < 16 or self.block_k & (self.block_k - 1):
@@ -163,7 +168,8 @@ class BlockSizes:
         if 0 < self.cmp_block_k < 16:
             raise ValueError(f"cmp_block_k must be 0 or a power of two >= 16, got "
                              f"{self.cmp_block_k}")
-        for name in ("cmp_num_warps", "cmp_num_stages", "select_programs"):
+        for name in ("cmp_num_warps", "cmp_num_stages", "select_programs",
+                     "fused_select_blocks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -408,35 +414,25 @@ class _SelectGeom:
         return self.num_chunks * self.chunk
 
 
-def _select_kernel(t_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, *refs, geom: _SelectGeom,
-                   merge_o: bool):
-    if merge_o:
-        o_ref, idx_ref, val_ref, score_ref, lse_ref, oc_ref = refs
-    else:
-        idx_ref, val_ref, score_ref, lse_ref = refs
-    bc, nbc = geom.chunk, geom.blocks_per_chunk
-    t = t_ref[()]
-    n_vis = jnp.where(t + 1 >= geom.l, (t + 1 - geom.l) // geom.d + 1, 0)
-    n_vis = jnp.minimum(n_vis, geom.num_cmp)
-    cur = jnp.minimum(t // geom.lp, geom.num_blocks - 1)  # the current block (in the cache)
-    split = pl.program_id(2)
-
-    # 1. Merge the compressed kernel's split softmaxes (merge_partials' expressions). With
-    # merge_o, program ``split`` merges its own slice of the output's columns.
-    m_max = m_ref[...].max(axis=0)  # [Gg]
-    l_tot = (jnp.exp(m_ref[...] - m_max[None, :]) * l_ref[...]).sum(axis=0)  # [Gg]
+def _cmp_lse(m_ref, l_ref):
+    """Merges the compressed kernel's split softmaxes (``merge_partials``' expressions) from
+    ``m, l [Mc, Gg]``: ``(m_max, safe, has, lse)`` per row, ``safe`` the summed weights (1
+    where a row saw nothing, ``has`` false there)."""
+    m = m_ref[...]
+    m_max = m.max(axis=0)  # [Gg]
+    l_tot = (jnp.exp(m - m_max[None, :]) * l_ref[...]).sum(axis=0)  # [Gg]
     has = l_tot > 0
     safe = jnp.where(has, l_tot, 1.0)
-    lse = m_max + jnp.log(safe)
-    lse_ref[...] = jnp.where(has, lse, -jnp.inf)
-    if merge_o:
-        o = jnp.zeros(oc_ref.shape, jnp.float32)
-        for j in range(o_ref.shape[0]):  # a few splits, unrolled so the loads issue together
-            o = o + jnp.exp(m_ref[j, :] - m_max)[:, None] * o_ref[j]  # [Gg, Dv / splits]
-        oc_ref[...] = o / safe[:, None]
-    shift = jnp.where(has, lse, 0.0)[:, None]  # [Gg, 1]: the twin's finite lse
+    return m_max, safe, has, m_max + jnp.log(safe)
 
-    # 2. Block scores chunk by chunk, into the program's scratch row.
+
+def _score_run(t, cur, s_ref, w_in_ref, w_next_ref, score_ref, shift, c0, run,
+               geom: _SelectGeom):
+    """Block scores of chunks ``c0 .. c0 + run - 1`` (cut at the current block's chunk) into
+    ``score_ref[(c - c0) nbc ...]``; chunk ``c0``'s first block also gets the carried term of
+    chunk ``c0 - 1``. ``run`` may be traced (0: nothing is written)."""
+    bc, nbc = geom.chunk, geom.blocks_per_chunk
+    n_vis = _num_visible(t, geom.l, geom.d, geom.num_cmp)
     rows = jnp.arange(s_ref.shape[0], dtype=jnp.int32)[:, None] < geom.g  # [Gg, 1]
     tok = jnp.arange(bc, dtype=jnp.int32)
     w_in = w_in_ref[...]  # [bc, nbc]: the spec's overlap weights (selection/reference.py)
@@ -444,8 +440,7 @@ def _select_kernel(t_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, *refs, geom
     first = jnp.arange(nbc, dtype=jnp.int32) == 0
     # A sequence longer than the cache (a broken contract) must not read past the logits.
     n_chunks = jnp.minimum(cur // nbc + 1, geom.num_chunks)
-    c0 = split * geom.chunks_per_split  # this program's chunks: [c0, c1)
-    c1 = jnp.minimum(c0 + geom.chunks_per_split, n_chunks)
+    c1 = jnp.minimum(c0 + run, n_chunks)
 
     def load(c):
         start = c * bc if isinstance(c, int) else pl.multiple_of(c * bc, bc)
@@ -471,6 +466,61 @@ def _select_kernel(t_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, *refs, geom
     pending = jnp.where(c0 > 0, (group_probs(prev, load(prev)) * w_next).sum(), 0.0)
     jax.lax.fori_loop(c0, c1, chunk_body, (load(jnp.minimum(c0, n_chunks - 1)), pending))
 
+
+def _priority(j, score, cur):
+    """The slot order's key of block ``j``: forced blocks first, blocks past ``cur`` never."""
+    forced = (j == 0) | (j == cur) | (j == cur - 1)
+    return jnp.where(j <= cur, jnp.where(forced, jnp.inf, score), -jnp.inf)
+
+
+def _block_ranks(score_ref, j0, cur, tiles):
+    """Every block's rank in the slot order among the ``J'`` blocks of ``score_ref``
+    (``j0 + i`` the block of entry ``i``): the blocks before it are those with a higher
+    priority and the lower-indexed ones with an equal priority, so valid blocks (priority
+    ``> -inf``) hold ranks ``0 .. valid - 1``. Tiles of ``RANK_TILE`` blocks are compared at a
+    time, ``tiles`` of them (traced: 0 leaves every rank 0). Returns ``(rank, pri)``."""
+    jp = score_ref.shape[0]
+    jl = jnp.arange(jp, dtype=jnp.int32)  # local block index
+    pri = _priority(j0 + jl, score_ref[...], cur)  # [J']
+    tile = min(jp, RANK_TILE)
+
+    def rank_tile(it, rank):
+        il = it * tile + jnp.arange(tile, dtype=jnp.int32)
+        pri_i = _priority(j0 + il, score_ref[pl.ds(pl.multiple_of(it * tile, tile), tile)], cur)
+        ahead = ((pri_i[None, :] > pri[:, None])
+                 | ((pri_i[None, :] == pri[:, None]) & (il[None, :] < jl[:, None])))
+        return rank + ahead.astype(jnp.int32).sum(axis=1)
+
+    return jax.lax.fori_loop(0, tiles, rank_tile, jnp.zeros((jp,), jnp.int32)), pri
+
+
+def _select_kernel(t_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, *refs, geom: _SelectGeom,
+                   merge_o: bool):
+    if merge_o:
+        o_ref, idx_ref, val_ref, score_ref, lse_ref, oc_ref = refs
+    else:
+        idx_ref, val_ref, score_ref, lse_ref = refs
+    nbc = geom.blocks_per_chunk
+    t = t_ref[()]
+    cur = jnp.minimum(t // geom.lp, geom.num_blocks - 1)  # the current block (in the cache)
+    split = pl.program_id(2)
+
+    # 1. Merge the compressed kernel's split softmaxes. With merge_o, program ``split`` merges
+    # its own slice of the output's columns.
+    m_max, safe, has, lse = _cmp_lse(m_ref, l_ref)
+    lse_ref[...] = jnp.where(has, lse, -jnp.inf)
+    if merge_o:
+        o = jnp.zeros(oc_ref.shape, jnp.float32)
+        for j in range(o_ref.shape[0]):  # a few splits, unrolled so the loads issue together
+            o = o + jnp.exp(m_ref[j, :] - m_max)[:, None] * o_ref[j]  # [Gg, Dv / splits]
+        oc_ref[...] = o / safe[:, None]
+    shift = jnp.where(has, lse, 0.0)[:, None]  # [Gg, 1]: the twin's finite lse
+
+    # 2. Block scores of this program's run of chunks, into its scratch row.
+    c0 = split * geom.chunks_per_split
+    _score_run(t, cur, s_ref, w_in_ref, w_next_ref, score_ref, shift, c0,
+               geom.chunks_per_split, geom)
+
     # 3. This program's top-n candidates. Each thread reads scores other threads wrote: a CTA
     # barrier makes the global writes before it visible after it.
     if not geom.interpret:
@@ -480,27 +530,10 @@ def _select_kernel(t_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, *refs, geom
     slot = jnp.arange(idx_ref.shape[0], dtype=jnp.int32)
     # Blocks j0..cur are this program's valid ones; slots past them stay (-1, -inf).
     rounds = jnp.clip(cur + 1 - j0, 0, min(geom.top_n, jp))
-
-    def priority(j, score):
-        forced = (j == 0) | (j == cur) | (j == cur - 1)
-        return jnp.where(j <= cur, jnp.where(forced, jnp.inf, score), -jnp.inf)
-
-    jl = jnp.arange(jp, dtype=jnp.int32)  # local block index
-    pri = priority(j0 + jl, score_ref[...])  # [J']
+    jl = jnp.arange(jp, dtype=jnp.int32)
     if jp <= RANK_TOPN_MAX:
-        # Every block's rank in the slot order at once: the blocks before it are those with a
-        # higher priority and the lower-indexed ones with an equal priority. Slot r takes the
-        # block of rank r; valid blocks (priority > -inf) hold ranks 0 .. valid - 1.
-        tile = min(jp, RANK_TILE)
-
-        def rank_tile(it, rank):
-            il = it * tile + jnp.arange(tile, dtype=jnp.int32)
-            pri_i = priority(j0 + il, score_ref[pl.ds(pl.multiple_of(it * tile, tile), tile)])
-            ahead = ((pri_i[None, :] > pri[:, None])
-                     | ((pri_i[None, :] == pri[:, None]) & (il[None, :] < jl[:, None])))
-            return rank + ahead.astype(jnp.int32).sum(axis=1)
-
-        rank = jax.lax.fori_loop(0, jp // tile, rank_tile, jnp.zeros((jp,), jnp.int32))
+        # Every block's rank at once; slot r takes the block of rank r.
+        rank, pri = _block_ranks(score_ref, j0, cur, jp // min(jp, RANK_TILE))
         hit = rank[None, :] == slot[:, None]  # [n', J']: one block per slot
         used = slot < rounds
         ids = jnp.where(used, jnp.where(hit, j0 + jl[None, :], 0).sum(axis=1), -1)
@@ -516,10 +549,61 @@ def _select_kernel(t_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, *refs, geom
             return jnp.where(j == j0 + best, -jnp.inf, pri), ids, vals
 
         _, ids, vals = jax.lax.fori_loop(0, rounds, pick, (
-            pri, jnp.full(slot.shape, -1, jnp.int32),
+            _priority(j, score_ref[...], cur), jnp.full(slot.shape, -1, jnp.int32),
             jnp.full(slot.shape, -jnp.inf, jnp.float32)))
     idx_ref[...] = ids
     val_ref[...] = vals
+
+
+def _select_sparse_kernel(t_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, q_ref, k_slc_ref,
+                          v_slc_ref, k_swa_ref, v_swa_ref, o_ref, mo_ref, lo_ref, idx_ref,
+                          score_ref, *, geom: _SelectGeom, num_slc, num_swa, slots, window,
+                          **kw):
+    """``nsa_decode_select_sparse``, the select and sparse kernels in one launch for short
+    caches: program ``j < num_slc`` computes the whole cache's block scores itself (as the
+    select kernel's single program would), ranks every block, and attends the blocks of slots
+    ``jP .. jP + P - 1`` in one softmax, writing their indices; the others piece
+    ``j - num_slc`` of the window (their selection loops run zero times)."""
+    t = t_ref[()]
+    q = q_ref[...]
+    j = pl.program_id(2)
+    is_slc = j < num_slc
+    cur = jnp.minimum(t // geom.lp, geom.num_blocks - 1)
+
+    # 1. Selection (every selected-block program repeats it: J' is small).
+    _, _, has, lse = _cmp_lse(m_ref, l_ref)
+    shift = jnp.where(has, lse, 0.0)[:, None]
+    _score_run(t, cur, s_ref, w_in_ref, w_next_ref, score_ref, shift, 0,
+               is_slc.astype(jnp.int32) * geom.chunks_per_split, geom)
+    if not geom.interpret:
+        plgpu.debug_barrier()
+    jp = score_ref.shape[0]
+    rank, _ = _block_ranks(score_ref, 0, cur, is_slc.astype(jnp.int32) * (jp // min(jp, RANK_TILE)))
+    valid = jnp.minimum(cur + 1, geom.top_n)  # slots holding a block
+    jl = jnp.arange(jp, dtype=jnp.int32)
+
+    # 2. The selected blocks of this program's slots, then its window piece (each an empty
+    # range for the other kind of program), continuing one softmax.
+    carry = None
+    ids = jnp.full(idx_ref.shape, -1, jnp.int32)
+    for s in range(slots):
+        r = j * slots + s
+        blk = jnp.where(is_slc & (r < valid), jnp.where(rank == r, jl, 0).sum(), -1)
+        ids = jnp.where(jnp.arange(idx_ref.shape[0], dtype=jnp.int32) == s, blk, ids)
+        lo = blk * geom.lp
+        lo, hi = (jnp.where(blk >= 0, lo, 0),
+                  jnp.where(blk >= 0, jnp.minimum(jnp.minimum(lo + geom.lp - 1, t),
+                                                  k_slc_ref.shape[0] - 1), -1))
+        carry = _attend_range(q, k_slc_ref, v_slc_ref, lo, hi, init=carry, **kw)
+    lo_w, hi_w = _split_piece(jnp.maximum(t - window + 1, 0), t, num_swa, j - num_slc,
+                              kw["block_k"])
+    hi_w = jnp.where(is_slc, -1, hi_w)
+    o, m_i, l_i = _attend_range(q, k_swa_ref, v_swa_ref, lo_w, hi_w, ring=True, init=carry,
+                                **kw)
+    o_ref[...] = o
+    mo_ref[...] = m_i
+    lo_ref[...] = l_i
+    idx_ref[...] = ids
 
 
 def merge_candidates(ids: Int[Array, "B K S M"], vals: Float[Array, "B K S M"],
@@ -637,6 +721,51 @@ def _sparse_ranges_call(t, ids, vals, qg, k_slc, v_slc, k_swa, v_swa, *, num_slc
         interpret=interpret,
         name="nsa_decode_sparse",
     )(t, ids, vals, qg, k_slc, v_slc, k_swa, v_swa)
+
+
+def _select_sparse_call(t, m_p, l_p, s_cmp, qg, k_slc, v_slc, k_swa, v_swa, *,
+                        geom: _SelectGeom, num_slc, num_swa, slots, window, scale, block_k,
+                        precision, params, interpret):
+    """``nsa_decode_select_sparse`` over grid ``B x K x (num_slc + num_swa)``: split partials
+    ``[B, K, num_slc + num_swa, ...]`` and the indices ``[B, K, num_slc * slots]`` in slot
+    order (``-1`` unused)."""
+    b, kh, mc = m_p.shape[:3]
+    gg, cp = _next_pow2(geom.g), s_cmp.shape[-1]
+    gp, dk = qg.shape[2:]
+    dv = v_slc.shape[-1]
+    m = num_slc + num_swa
+    n_ids = max(16, _next_pow2(slots))
+    w_in, w_next = overlap_tables(geom.l, geom.d, geom.lp, geom.chunk)
+    kernel = functools.partial(_select_sparse_kernel, geom=geom, num_slc=num_slc,
+                               num_swa=num_swa, slots=slots, window=window, scale=scale,
+                               block_k=block_k, precision=precision)
+    out = pl.pallas_call(
+        kernel,
+        grid=(b, kh, m),
+        in_specs=[
+            _t_spec(),
+            pl.BlockSpec((None, None, mc, gg), lambda b, k, j: (b, k, 0, 0)),  # m
+            pl.BlockSpec((None, None, mc, gg), lambda b, k, j: (b, k, 0, 0)),  # l
+            pl.BlockSpec((None, None, gg, cp), lambda b, k, j: (b, k, 0, 0)),  # logits
+            pl.BlockSpec((geom.chunk, geom.blocks_per_chunk), lambda b, k, j: (0, 0)),  # w_in
+            pl.BlockSpec((geom.chunk,), lambda b, k, j: (0,)),  # w_next
+            pl.BlockSpec((None, None, gp, dk), lambda b, k, j: (b, k, 0, 0)),
+            _seq_spec(k_slc.shape[1], dk), _seq_spec(v_slc.shape[1], dv),
+            _seq_spec(k_swa.shape[1], dk), _seq_spec(v_swa.shape[1], dv)],
+        out_specs=_partial_specs(gp, dv) + [
+            pl.BlockSpec((None, None, None, n_ids), lambda b, k, j: (b, k, j, 0)),  # indices
+            pl.BlockSpec((None, None, None, geom.score_len),
+                         lambda b, k, j: (b, k, j, 0))],  # scratch
+        out_shape=_partial_shapes(b, kh, m, gp, dv) + [
+            jax.ShapeDtypeStruct((b, kh, m, n_ids), jnp.int32),
+            jax.ShapeDtypeStruct((b, kh, m, geom.score_len), jnp.float32)],
+        compiler_params=params,
+        interpret=interpret,
+        name="nsa_decode_select_sparse",
+    )(t, m_p, l_p, s_cmp, jnp.asarray(w_in), jnp.asarray(w_next[:, 0]), qg, k_slc, v_slc,
+      k_swa, v_swa)
+    ids = out[3][:, :, :num_slc, :slots].reshape(b, kh, num_slc * slots)
+    return tuple(out[:3]), ids
 
 
 def _combine_call(cmp_parts, sparse_parts, gates, *, num_slc, num_swa, col_splits, dtype,
@@ -989,6 +1118,13 @@ def decode_stages(
     if not bs.select_kernel or _select_unsupported(geom):
         geom = None  # XLA selects
     combine = bs.fuse_sparse and bs.combine_kernel
+    # A short cache: the sparse programs select for themselves (one launch fewer).
+    fused_geom = None
+    if (upto == "full" and combine and geom is not None
+            and num_blocks <= bs.fused_select_blocks):
+        fused_geom = dataclasses.replace(geom, max_splits=1)
+        if _select_unsupported(fused_geom):
+            fused_geom = None
 
     gp = max(16, _next_pow2(g))
     qg = jnp.pad(q.reshape(b, kh, g, dk), [(0, 0), (0, 0), (0, gp - g), (0, 0)])  # [B,K,Gp,Dk]
@@ -1012,6 +1148,34 @@ def decode_stages(
     if upto == "cmp":
         o_cmp, lse_cmp = merge_cmp()
         return {"o_cmp": o_cmp.reshape(b, n, dv), "lse_cmp": lse_cmp}
+
+    # Programs of the selected blocks and the window (step 3): ``mw`` window pieces and ``P``
+    # selected blocks a program, as few as keep about target_programs programs busy.
+    mw = max(1, min(-(-window_size // block_k) + 1, -(-bs.target_programs // per_row)))
+    slots = bs.sparse_slots or max(1, min(_next_pow2(top_n),
+                                          _prev_pow2(top_n * per_row // bs.target_programs)))
+    ns = -(-top_n // slots)  # programs for the selected blocks
+    # Fused, both groups are rounded up to powers of two (the extra programs attend nothing),
+    # so the combine kernel merges each group in whole tiles.
+    ns_p, mw_p = _next_pow2(ns), _next_pow2(mw)
+
+    def combine_call(parts):
+        gates_g = gates.reshape(b, kh, g, 3)
+        if gp > g:
+            gates_g = jnp.pad(gates_g, [(0, 0), (0, 0), (0, gp - g), (0, 0)])
+        col_splits = max(1, min(dv // 16, _next_pow2(-(-bs.target_programs // per_row))))
+        o = _combine_call(cmp_parts, parts, gates_g, num_slc=ns_p, num_swa=mw_p,
+                          col_splits=col_splits, dtype=q.dtype, params=params,
+                          interpret=interpret)
+        return o[:, :, :g].reshape(b, n, dv)
+
+    if fused_geom is not None:
+        # 2+3. One launch selects and attends the selected blocks and the window; 4. combine.
+        parts, ids = _select_sparse_call(
+            t, m_p, l_p, s_cmp, qg, k_slc, v_slc, k_swa, v_swa, geom=fused_geom,
+            num_slc=ns_p, num_swa=mw_p, slots=slots, window=window_size, block_k=block_k,
+            **common)
+        return {"o": combine_call(parts), "indices": ids[:, :, :top_n]}
 
     # 2. Selection from the branch's own probabilities. (With the combine kernel, that kernel
     # merges o_cmp; the selection stage alone merges it in XLA.)
@@ -1045,30 +1209,16 @@ def decode_stages(
         return {"o_cmp": o_cmp.reshape(b, n, dv), "indices": indices}
 
     # 3. Selected blocks and the window (one launch, or one each).
-    mw = max(1, min(-(-window_size // block_k) + 1, -(-bs.target_programs // per_row)))
-    # P selected blocks a program, as few as keep about target_programs programs busy.
-    slots = bs.sparse_slots or max(1, min(_next_pow2(top_n),
-                                          _prev_pow2(top_n * per_row // bs.target_programs)))
-    ns = -(-top_n // slots)  # programs for the selected blocks
     if bs.fuse_sparse:
         # The sparse programs merge the select programs' candidates and compute their ranges
-        # themselves; both groups of programs are rounded up to powers of two (the extra ones
-        # attend nothing), so the combine kernel merges each group in whole tiles.
-        ns_p, mw_p = _next_pow2(ns), _next_pow2(mw)
+        # themselves.
         parts = _sparse_ranges_call(
             t, cand_ids, cand_vals, qg, k_slc, v_slc, k_swa, v_swa, num_slc=ns_p,
             num_swa=mw_p, slots=slots, top_n=top_n, lp=slc_block_size, window=window_size,
             block_k=block_k, **common)
         if combine:
             # 4. One kernel merges every branch over a share of the columns and gates them.
-            gates_g = gates.reshape(b, kh, g, 3)
-            if gp > g:
-                gates_g = jnp.pad(gates_g, [(0, 0), (0, 0), (0, gp - g), (0, 0)])
-            col_splits = max(1, min(dv // 16, _next_pow2(-(-bs.target_programs // per_row))))
-            o = _combine_call(cmp_parts, parts, gates_g, num_slc=ns_p, num_swa=mw_p,
-                              col_splits=col_splits, dtype=q.dtype, params=params,
-                              interpret=interpret)
-            return {"o": o[:, :, :g].reshape(b, n, dv), "indices": indices}
+            return {"o": combine_call(parts), "indices": indices}
         parts_slc = tuple(x[:, :, :ns_p] for x in parts)
         parts_swa = tuple(x[:, :, ns_p:] for x in parts)
     else:

@@ -57,20 +57,21 @@ def _inputs(seed, b, n, kh, dk, dv, s_len, c, dtype):
         (16, 1, 32, 16, 16, True, dict(combine_kernel=False, sparse_slots=2), jnp.bfloat16),
     ],
 )
-def test_decode_kernel_matches_twin(n, kh, dk, dv, block_k, fuse, select, dtype):
+@pytest.mark.parametrize("fused_select", [0, 128], ids=["select_launch", "fused_select"])
+def test_decode_kernel_matches_twin(n, kh, dk, dv, block_k, fuse, select, dtype, fused_select):
     s_len = 256 if select.get("select_splits") else 64
     c = 64
     # Lengths: a single token (no compressed token yet), block-unaligned, and a full cache.
     seq_lens = jnp.asarray([1, 7, 30, 64] if s_len == 64 else [1, 30, 140, 256], jnp.int32)
     args = (*_inputs(n + dk, len(seq_lens), n, kh, dk, dv, s_len, c, dtype), seq_lens)
     sizes = gpu.BlockSizes(**{"block_k": block_k, "target_programs": 64, "fuse_sparse": fuse,
-                              **select})
+                              "fused_select_blocks": fused_select, **select})
     o_ref, idx_ref = ref.decode_attention(*args, **GEOM)
     o, idx = gpu.decode_attention(*args, **GEOM, block_sizes=sizes, interpret=True)
     assert o.dtype == o_ref.dtype and o.shape == o_ref.shape
     np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(idx_ref), -1))
     assert_close(o, o_ref, dtype, f"decode kernel G={n // kh} block_k={block_k} fuse={fuse} "
-                 f"{select}")
+                 f"{select} fused_select_blocks={fused_select}")
 
 
 def _select_inputs(seed, b, kh, g, gp, mc, c, seq_lens, geom, *, ties, dv=16):
@@ -227,7 +228,9 @@ def test_decode_stages_agree_with_the_whole_chain():
         gpu.decode_stages(*args, upto="slc", **kw)
 
 
-@pytest.mark.parametrize("select,max_cands", [({}, 64), ({}, 16), (dict(select_kernel=False), 64)])
+@pytest.mark.parametrize("select,max_cands", [
+    ({}, 64), ({}, 16), (dict(select_kernel=False), 64), (dict(fused_select_blocks=0), 64),
+    (dict(fused_select_blocks=0), 16)])
 def test_decode_kernel_with_odd_counts(select, max_cands, monkeypatch):
     """n = 5 blocks in slots of 2 (3 programs, rounded up to 4) and a 40-token window in
     16-token tiles (3 pieces, rounded up to 4): the rounded-up programs attend nothing. The
@@ -333,11 +336,33 @@ def test_lengths_past_the_cache_stay_inside_it():
     cache may be chosen: the kernels would read outside the raw keys on the GPU."""
     seq_lens = jnp.asarray([64, 100], jnp.int32)  # a full cache of 64 slots, then 36 past it
     args = (*_inputs(2, 2, 8, 2, 16, 16, 64, 64, jnp.float32), seq_lens)
-    for sizes in (gpu.BlockSizes(block_k=16), gpu.BlockSizes(block_k=16, combine_kernel=False)):
+    for sizes in (gpu.BlockSizes(block_k=16), gpu.BlockSizes(block_k=16, combine_kernel=False),
+                  gpu.BlockSizes(block_k=16, fused_select_blocks=0)):
         o, idx = gpu.decode_attention(*args, **GEOM, block_sizes=sizes, interpret=True)
         idx = np.asarray(idx)
         assert ((idx >= -1) & (idx < 64 // GEOM["slc_block_size"])).all(), idx
         assert np.isfinite(np.asarray(o)).all()
+
+
+@pytest.mark.parametrize("fused_select,s_len,launches", [
+    (128, 256, ["nsa_decode_cmp", "nsa_decode_select_sparse", "nsa_decode_combine"]),
+    # 16 blocks of 16 tokens exceed fused_select_blocks = 8: the select kernel launches.
+    (8, 256, ["nsa_decode_cmp", "nsa_decode_select", "nsa_decode_sparse", "nsa_decode_combine"]),
+    (0, 64, ["nsa_decode_cmp", "nsa_decode_select", "nsa_decode_sparse", "nsa_decode_combine"]),
+])
+def test_fused_select_launches_one_kernel_fewer(fused_select, s_len, launches):
+    """Caches of at most ``fused_select_blocks`` blocks run three kernels, longer ones four."""
+    from tests.pallas_kernels.lowering import pallas_eqns
+    seq_lens = jnp.asarray([3, s_len], jnp.int32)
+    args = (*_inputs(4, 2, 8, 2, 16, 16, s_len, 64, jnp.float32), seq_lens)
+    sizes = gpu.BlockSizes(block_k=16, fused_select_blocks=fused_select)
+    fn = jax.jit(lambda *a: gpu.decode_attention(*a, **GEOM, block_sizes=sizes,
+                                                 interpret=True))
+    assert [e.params["name"] for e in pallas_eqns(fn.trace(*args).jaxpr.jaxpr)] == launches
+    o_ref, idx_ref = ref.decode_attention(*args, **GEOM)
+    o, idx = fn(*args)
+    np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(idx_ref), -1))
+    assert_close(o, o_ref, jnp.float32, f"fused_select_blocks={fused_select}, S={s_len}")
 
 
 def test_unsupported_head_dim_raises_not_implemented():

@@ -98,7 +98,7 @@ def test_selection_kernel_options_lower_for_h200(sizes):
     assert text.count(TRITON_CALL) == 1
 
 
-@pytest.mark.parametrize("batch,context", [(1, 65536), (32, 8192)])
+@pytest.mark.parametrize("batch,context", [(1, 65536), (32, 8192), (1, 8192)])
 def test_decode_kernels_lower_for_h200(batch, context):
     c = context // D_CMP  # the cache holds compressed slots in multiples of 16
     d = 128
