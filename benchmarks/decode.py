@@ -85,7 +85,7 @@ SWEEP = {
     # The select kernel as its own launch, or folded into the sparse one up to 256 blocks.
     "no_fused_select": gpu.BlockSizes(fused_select_blocks=0),
     "fused_select256": gpu.BlockSizes(fused_select_blocks=256),
-    "fused_select512": gpu.BlockSizes(fused_select_blocks=512),
+    "fused_select256_slots2": gpu.BlockSizes(fused_select_blocks=256, sparse_slots=2),
 }
 # --stages: (record name, decode_stages(upto=...), BlockSizes overrides).
 STAGE_VARIANTS = (

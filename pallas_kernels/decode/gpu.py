@@ -88,6 +88,9 @@ RANK_TILE = 32
 # with more, XLA's top-k merges them first. On the H200 (commit acc1582) ranking 256 of them
 # took the sparse kernel from 3.2 to 12 us at 64k / batch 1; 64 cost about 0.9 us at 8k.
 MAX_SPARSE_CANDIDATES = 64
+# nsa_decode_select_sparse holds this many chunks of logits (and their scores) in registers at
+# most; longer caches launch the select kernel.
+MAX_FUSED_SELECT_CHUNKS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -555,51 +558,80 @@ def _select_kernel(t_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, *refs, geom
     val_ref[...] = vals
 
 
+def _ranks_in_registers(t, cur, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, geom: _SelectGeom):
+    """The whole cache's block ranks in the slot order, held in registers: the select kernel's
+    scores (the same expressions, chunk by chunk) for every one of the ``geom.num_chunks``
+    chunks, whose logits are all loaded at once, then every block compared with every other,
+    ``[nbc, nbc]`` at a time. Returns one ``[nbc]`` rank vector per chunk (blocks past ``cur``
+    rank after every valid one)."""
+    bc, nbc = geom.chunk, geom.blocks_per_chunk
+    _, _, has, lse = _cmp_lse(m_ref, l_ref)
+    shift = jnp.where(has, lse, 0.0)[:, None]  # [Gg, 1]: the twin's finite lse
+    n_vis = _num_visible(t, geom.l, geom.d, geom.num_cmp)
+    rows = jnp.arange(s_ref.shape[0], dtype=jnp.int32)[:, None] < geom.g  # [Gg, 1]
+    tok = jnp.arange(bc, dtype=jnp.int32)
+    local = jnp.arange(nbc, dtype=jnp.int32)
+    w_in, w_next = w_in_ref[...], w_next_ref[...]
+    logits = [s_ref[:, pl.ds(c * bc, bc)] for c in range(geom.num_chunks)]  # [Gg, bc] each
+    pri, pending = [], 0.0
+    for c, s in enumerate(logits):
+        vis = rows & ((c * bc + tok) < n_vis)[None, :]
+        p_sum = jnp.where(vis, jnp.exp(jnp.minimum(s - shift, 0.0)), 0.0).sum(axis=0)  # [bc]
+        score = (p_sum[:, None] * w_in).sum(axis=0) + jnp.where(local == 0, pending, 0.0)
+        pending = (p_sum * w_next).sum()
+        pri.append(_priority(c * nbc + local, score, cur))
+    ranks = []
+    for a, pa in enumerate(pri):
+        rank = jnp.zeros((nbc,), jnp.int32)
+        for b, pb in enumerate(pri):
+            ahead = pb[None, :] > pa[:, None]
+            if b < a:  # lower-indexed blocks go first among equals
+                ahead = ahead | (pb[None, :] == pa[:, None])
+            elif b == a:
+                ahead = ahead | ((pb[None, :] == pa[:, None]) & (local[None, :] < local[:, None]))
+            rank = rank + ahead.astype(jnp.int32).sum(axis=1)
+        ranks.append(rank)
+    return ranks
+
+
 def _select_sparse_kernel(t_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, q_ref, k_slc_ref,
-                          v_slc_ref, k_swa_ref, v_swa_ref, o_ref, mo_ref, lo_ref, idx_ref,
-                          score_ref, *, geom: _SelectGeom, num_slc, num_swa, slots, window,
-                          **kw):
+                          v_slc_ref, k_swa_ref, v_swa_ref, o_ref, mo_ref, lo_ref, idx_ref, *,
+                          geom: _SelectGeom, num_slc, num_swa, slots, window, **kw):
     """``nsa_decode_select_sparse``, the select and sparse kernels in one launch for short
-    caches: program ``j < num_slc`` computes the whole cache's block scores itself (as the
-    select kernel's single program would), ranks every block, and attends the blocks of slots
-    ``jP .. jP + P - 1`` in one softmax, writing their indices; the others piece
-    ``j - num_slc`` of the window (their selection loops run zero times)."""
+    caches: program ``j < num_slc`` ranks every block of the cache itself
+    (``_ranks_in_registers``) and attends the blocks of slots ``jP .. jP + P - 1`` in one
+    softmax, writing their indices; the others piece ``j - num_slc`` of the window."""
     t = t_ref[()]
     q = q_ref[...]
-    j = pl.program_id(2)
-    is_slc = j < num_slc
+    j = pl.program_id(2)  # read outside the branches (the interpreter cannot inside)
     cur = jnp.minimum(t // geom.lp, geom.num_blocks - 1)
+    n_ids = idx_ref.shape[0]
 
-    # 1. Selection (every selected-block program repeats it: J' is small).
-    _, _, has, lse = _cmp_lse(m_ref, l_ref)
-    shift = jnp.where(has, lse, 0.0)[:, None]
-    _score_run(t, cur, s_ref, w_in_ref, w_next_ref, score_ref, shift, 0,
-               is_slc.astype(jnp.int32) * geom.chunks_per_split, geom)
-    if not geom.interpret:
-        plgpu.debug_barrier()
-    jp = score_ref.shape[0]
-    rank, _ = _block_ranks(score_ref, 0, cur, is_slc.astype(jnp.int32) * (jp // min(jp, RANK_TILE)))
-    valid = jnp.minimum(cur + 1, geom.top_n)  # slots holding a block
-    jl = jnp.arange(jp, dtype=jnp.int32)
+    def selected():
+        ranks = _ranks_in_registers(t, cur, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, geom)
+        valid = jnp.minimum(cur + 1, geom.top_n)  # slots holding a block
+        local = jnp.arange(geom.blocks_per_chunk, dtype=jnp.int32)
+        carry, ids = None, jnp.full((n_ids,), -1, jnp.int32)
+        for s in range(slots):
+            r = j * slots + s
+            blk = sum(jnp.where(rank == r, c * geom.blocks_per_chunk + local, 0).sum()
+                      for c, rank in enumerate(ranks))
+            blk = jnp.where(r < valid, blk, -1)
+            ids = jnp.where(jnp.arange(n_ids, dtype=jnp.int32) == s, blk, ids)
+            lo = blk * geom.lp
+            lo, hi = (jnp.where(blk >= 0, lo, 0),
+                      jnp.where(blk >= 0, jnp.minimum(jnp.minimum(lo + geom.lp - 1, t),
+                                                      k_slc_ref.shape[0] - 1), -1))
+            carry = _attend_range(q, k_slc_ref, v_slc_ref, lo, hi, init=carry, **kw)
+        return (*carry, ids)
 
-    # 2. The selected blocks of this program's slots, then its window piece (each an empty
-    # range for the other kind of program), continuing one softmax.
-    carry = None
-    ids = jnp.full(idx_ref.shape, -1, jnp.int32)
-    for s in range(slots):
-        r = j * slots + s
-        blk = jnp.where(is_slc & (r < valid), jnp.where(rank == r, jl, 0).sum(), -1)
-        ids = jnp.where(jnp.arange(idx_ref.shape[0], dtype=jnp.int32) == s, blk, ids)
-        lo = blk * geom.lp
-        lo, hi = (jnp.where(blk >= 0, lo, 0),
-                  jnp.where(blk >= 0, jnp.minimum(jnp.minimum(lo + geom.lp - 1, t),
-                                                  k_slc_ref.shape[0] - 1), -1))
-        carry = _attend_range(q, k_slc_ref, v_slc_ref, lo, hi, init=carry, **kw)
-    lo_w, hi_w = _split_piece(jnp.maximum(t - window + 1, 0), t, num_swa, j - num_slc,
+    def window_piece():
+        lo, hi = _split_piece(jnp.maximum(t - window + 1, 0), t, num_swa, j - num_slc,
                               kw["block_k"])
-    hi_w = jnp.where(is_slc, -1, hi_w)
-    o, m_i, l_i = _attend_range(q, k_swa_ref, v_swa_ref, lo_w, hi_w, ring=True, init=carry,
-                                **kw)
+        return (*_attend_range(q, k_swa_ref, v_swa_ref, lo, hi, ring=True, **kw),
+                jnp.full((n_ids,), -1, jnp.int32))
+
+    o, m_i, l_i, ids = jax.lax.cond(j < num_slc, selected, window_piece)
     o_ref[...] = o
     mo_ref[...] = m_i
     lo_ref[...] = l_i
@@ -753,12 +785,9 @@ def _select_sparse_call(t, m_p, l_p, s_cmp, qg, k_slc, v_slc, k_swa, v_swa, *,
             _seq_spec(k_slc.shape[1], dk), _seq_spec(v_slc.shape[1], dv),
             _seq_spec(k_swa.shape[1], dk), _seq_spec(v_swa.shape[1], dv)],
         out_specs=_partial_specs(gp, dv) + [
-            pl.BlockSpec((None, None, None, n_ids), lambda b, k, j: (b, k, j, 0)),  # indices
-            pl.BlockSpec((None, None, None, geom.score_len),
-                         lambda b, k, j: (b, k, j, 0))],  # scratch
+            pl.BlockSpec((None, None, None, n_ids), lambda b, k, j: (b, k, j, 0))],  # indices
         out_shape=_partial_shapes(b, kh, m, gp, dv) + [
-            jax.ShapeDtypeStruct((b, kh, m, n_ids), jnp.int32),
-            jax.ShapeDtypeStruct((b, kh, m, geom.score_len), jnp.float32)],
+            jax.ShapeDtypeStruct((b, kh, m, n_ids), jnp.int32)],
         compiler_params=params,
         interpret=interpret,
         name="nsa_decode_select_sparse",
@@ -1123,7 +1152,7 @@ def decode_stages(
     if (upto == "full" and combine and geom is not None
             and num_blocks <= bs.fused_select_blocks):
         fused_geom = dataclasses.replace(geom, max_splits=1)
-        if _select_unsupported(fused_geom):
+        if fused_geom.num_chunks > MAX_FUSED_SELECT_CHUNKS:
             fused_geom = None
 
     gp = max(16, _next_pow2(g))
