@@ -83,9 +83,14 @@ SWEEP = {
     "sel_programs528": gpu.BlockSizes(select_programs=528),
     "sel_programs1056": gpu.BlockSizes(select_programs=1056),
     # The select kernel as its own launch, or folded into the sparse one up to 256 blocks.
-    "no_fused_select": gpu.BlockSizes(fused_select_blocks=0),
+    "fused_select128": gpu.BlockSizes(fused_select_blocks=128),
     "fused_select256": gpu.BlockSizes(fused_select_blocks=256),
-    "fused_select256_slots2": gpu.BlockSizes(fused_select_blocks=256, sparse_slots=2),
+    "sel_splits2": gpu.BlockSizes(select_splits=2),
+    "slots4": gpu.BlockSizes(sparse_slots=4),
+    "cmp_splits4": gpu.BlockSizes(cmp_splits=4),
+    "cmp_splits16": gpu.BlockSizes(cmp_splits=16),
+    "programs64": gpu.BlockSizes(target_programs=64),
+    "sel_chunk256": gpu.BlockSizes(select_chunk=256),
 }
 # --stages: (record name, decode_stages(upto=...), BlockSizes overrides).
 STAGE_VARIANTS = (
@@ -205,7 +210,7 @@ def rel_err(out, ref) -> float:
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
-CHECK_TILINGS = (dict(), dict(fused_select_blocks=0), dict(fuse_sparse=False),
+CHECK_TILINGS = (dict(), dict(fused_select_blocks=128), dict(fuse_sparse=False),
                  dict(select_kernel=False),
                  dict(sparse_slots=4, select_splits=1), dict(sparse_slots=16, select_splits=4),
                  dict(combine_kernel=False), dict(select_programs=1024))

@@ -2,7 +2,7 @@
 
 One new query per sequence reads only what NSA needs: the compressed keys, the ``n`` selected
 blocks and the window. A decode step is a chain of four kernels, each computing its own key
-ranges from the query position ``t``:
+ranges from the query position ``t`` (the sequence's length less one, read in the kernel):
 
 1. ``nsa_decode_cmp`` (grid ``B x K x Mc``): program ``(b, k, j)`` attends the ``G`` query heads
    of KV group ``k`` over the ``j``-th share of sequence ``b``'s visible compressed tokens and
@@ -132,7 +132,10 @@ class BlockSizes:
       fused_select_blocks: with ``fuse_sparse``, ``combine_kernel`` and the select kernel, a
         cache of at most this many selection blocks skips ``nsa_decode_select``: each
         selected-block program of ``nsa_decode_select_sparse`` scores and ranks every block
-        itself and attends its slots (``0``: never). Saves a launch where launches dominate.
+        itself and attends its slots (``0``: never). It saves a launch but every program
+        repeats the selection: on the H200 (commit 9bc2907) 8k / batch 1 went from 16.7 to
+        17.6 us a step, batch 8 from 34.7 to 39.9 us, 16k / batch 1 (256 blocks) from 22.4 to
+        27.4 us, so it is off by default.
     """
 
     block_k: int = 64
@@ -151,7 +154,7 @@ class BlockSizes:
     cmp_splits: int = 0
     select_programs: int = 0
     combine_kernel: bool = True
-    fused_select_blocks: int = 128
+    fused_select_blocks: int = 0
 
     def __post_init__(self):
         if self.block_k < 16 or self.block_k & (self.block_k - 1):
@@ -259,10 +262,10 @@ def _num_visible(t, l, d, num_cmp):  # noqa: E741  (the paper's symbol)
     return jnp.minimum(n, num_cmp)
 
 
-def _cmp_kernel(t_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, s_ref, *, l, d, splits, **kw):  # noqa: E741
+def _cmp_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, s_ref, *, l, d, splits, **kw):  # noqa: E741
     """``nsa_decode_cmp``: program ``j`` attends its share of the visible compressed tokens
     (``split_range`` of ``[0, n_vis - 1]``) and writes their logits."""
-    hi = _num_visible(t_ref[()], l, d, k_ref.shape[0]) - 1
+    hi = _num_visible(len_ref[()] - 1, l, d, k_ref.shape[0]) - 1
     lo, hi = _split_piece(0, hi, splits, pl.program_id(2), kw["block_k"])
     o, m_i, l_i = _attend_range(q_ref[...], k_ref, v_ref, lo, hi, s_ref=s_ref, **kw)
     o_ref[...] = o
@@ -298,14 +301,14 @@ def _merged_slots(ids_ref, vals_ref, first, count: int, top_n: int):
     return out
 
 
-def _sparse_ranges_kernel(t_ref, ids_ref, vals_ref, q_ref, k_slc_ref, v_slc_ref, k_swa_ref,
+def _sparse_ranges_kernel(len_ref, ids_ref, vals_ref, q_ref, k_slc_ref, v_slc_ref, k_swa_ref,
                           v_swa_ref, o_ref, m_ref, l_ref, *, num_slc, num_swa, slots, top_n, lp,
                           window, **kw):
     """``nsa_decode_sparse`` with its blocks and ranges found here: program ``j < num_slc``
     merges the select programs' candidates ``ids, vals [M]`` and attends the blocks of slots
     ``jP .. jP + P - 1`` (``-1``: nothing), each cut at the query ``t``, in one softmax; the
     others piece ``j - num_slc`` of the window ``[t - w + 1, t]``."""
-    t = t_ref[()]
+    t = len_ref[()] - 1  # the query's position
     q = q_ref[...]
     j = pl.program_id(2)  # read outside the branches (the interpreter cannot inside)
 
@@ -497,14 +500,14 @@ def _block_ranks(score_ref, j0, cur, tiles):
     return jax.lax.fori_loop(0, tiles, rank_tile, jnp.zeros((jp,), jnp.int32)), pri
 
 
-def _select_kernel(t_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, *refs, geom: _SelectGeom,
+def _select_kernel(len_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, *refs, geom: _SelectGeom,
                    merge_o: bool):
     if merge_o:
         o_ref, idx_ref, val_ref, score_ref, lse_ref, oc_ref = refs
     else:
         idx_ref, val_ref, score_ref, lse_ref = refs
     nbc = geom.blocks_per_chunk
-    t = t_ref[()]
+    t = len_ref[()] - 1  # the query's position
     cur = jnp.minimum(t // geom.lp, geom.num_blocks - 1)  # the current block (in the cache)
     split = pl.program_id(2)
 
@@ -594,14 +597,14 @@ def _ranks_in_registers(t, cur, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, geom:
     return ranks
 
 
-def _select_sparse_kernel(t_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, q_ref, k_slc_ref,
+def _select_sparse_kernel(len_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, q_ref, k_slc_ref,
                           v_slc_ref, k_swa_ref, v_swa_ref, o_ref, mo_ref, lo_ref, idx_ref, *,
                           geom: _SelectGeom, num_slc, num_swa, slots, window, **kw):
     """``nsa_decode_select_sparse``, the select and sparse kernels in one launch for short
     caches: program ``j < num_slc`` ranks every block of the cache itself
     (``_ranks_in_registers``) and attends the blocks of slots ``jP .. jP + P - 1`` in one
     softmax, writing their indices; the others piece ``j - num_slc`` of the window."""
-    t = t_ref[()]
+    t = len_ref[()] - 1  # the query's position
     q = q_ref[...]
     j = pl.program_id(2)  # read outside the branches (the interpreter cannot inside)
     cur = jnp.minimum(t // geom.lp, geom.num_blocks - 1)
@@ -704,7 +707,7 @@ def _t_spec():
     return pl.BlockSpec((None,), lambda b, k, j: (b,))
 
 
-def _cmp_call(t, qg, k, v, *, l, d, splits, scale, block_k, precision, params, interpret,  # noqa: E741
+def _cmp_call(lens, qg, k, v, *, l, d, splits, scale, block_k, precision, params, interpret,  # noqa: E741
               logits_len):
     """``nsa_decode_cmp`` over grid ``B x K x splits``: split partials and the logits
     ``[B, K, Gp, logits_len]`` (only visited tiles are written)."""
@@ -725,10 +728,10 @@ def _cmp_call(t, qg, k, v, *, l, d, splits, scale, block_k, precision, params, i
         compiler_params=params,
         interpret=interpret,
         name="nsa_decode_cmp",
-    )(t, qg, k, v)
+    )(lens, qg, k, v)
 
 
-def _sparse_ranges_call(t, ids, vals, qg, k_slc, v_slc, k_swa, v_swa, *, num_slc, num_swa,
+def _sparse_ranges_call(lens, ids, vals, qg, k_slc, v_slc, k_swa, v_swa, *, num_slc, num_swa,
                         slots, top_n, lp, window, scale, block_k, precision, params, interpret):
     """Candidates ``ids, vals [B, K, M]``: ``num_slc`` programs of ``slots`` selected blocks,
     then ``num_swa`` window pieces; split partials ``[B, K, num_slc + num_swa, ...]``."""
@@ -752,10 +755,10 @@ def _sparse_ranges_call(t, ids, vals, qg, k_slc, v_slc, k_swa, v_swa, *, num_slc
         compiler_params=params,
         interpret=interpret,
         name="nsa_decode_sparse",
-    )(t, ids, vals, qg, k_slc, v_slc, k_swa, v_swa)
+    )(lens, ids, vals, qg, k_slc, v_slc, k_swa, v_swa)
 
 
-def _select_sparse_call(t, m_p, l_p, s_cmp, qg, k_slc, v_slc, k_swa, v_swa, *,
+def _select_sparse_call(lens, m_p, l_p, s_cmp, qg, k_slc, v_slc, k_swa, v_swa, *,
                         geom: _SelectGeom, num_slc, num_swa, slots, window, scale, block_k,
                         precision, params, interpret):
     """``nsa_decode_select_sparse`` over grid ``B x K x (num_slc + num_swa)``: split partials
@@ -791,7 +794,7 @@ def _select_sparse_call(t, m_p, l_p, s_cmp, qg, k_slc, v_slc, k_swa, v_swa, *,
         compiler_params=params,
         interpret=interpret,
         name="nsa_decode_select_sparse",
-    )(t, m_p, l_p, s_cmp, jnp.asarray(w_in), jnp.asarray(w_next[:, 0]), qg, k_slc, v_slc,
+    )(lens, m_p, l_p, s_cmp, jnp.asarray(w_in), jnp.asarray(w_next[:, 0]), qg, k_slc, v_slc,
       k_swa, v_swa)
     ids = out[3][:, :, :num_slc, :slots].reshape(b, kh, num_slc * slots)
     return tuple(out[:3]), ids
@@ -824,7 +827,7 @@ def _combine_call(cmp_parts, sparse_parts, gates, *, num_slc, num_swa, col_split
     )(c_o, c_m, c_l, s_o, s_m, s_l, gates)
 
 
-def _select_call(t, m_p, l_p, s_cmp, o_p, *, geom: _SelectGeom, params):
+def _select_call(lens, m_p, l_p, s_cmp, o_p, *, geom: _SelectGeom, params):
     """``nsa_decode_select`` over grid ``B x K x S`` (``S = geom.splits``): per program the
     candidate indices and scores ``[B, K, S, n']`` (``merge_candidates`` takes the top-n of
     them), the block scores ``[B, K, S * J']``, the lse ``[B, K, Gg]`` and, when ``o_p`` is
@@ -836,7 +839,7 @@ def _select_call(t, m_p, l_p, s_cmp, o_p, *, geom: _SelectGeom, params):
     ns = geom.splits
     merge_o = o_p is not None
     in_specs = [
-        pl.BlockSpec((None,), lambda b, k, s: (b,)),  # t
+        pl.BlockSpec((None,), lambda b, k, s: (b,)),  # seq_lens
         pl.BlockSpec((None, None, mc, gg), lambda b, k, s: (b, k, 0, 0)),  # m
         pl.BlockSpec((None, None, mc, gg), lambda b, k, s: (b, k, 0, 0)),  # l
         pl.BlockSpec((None, None, gg, cp), lambda b, k, s: (b, k, 0, 0)),  # logits
@@ -854,7 +857,7 @@ def _select_call(t, m_p, l_p, s_cmp, o_p, *, geom: _SelectGeom, params):
                  jax.ShapeDtypeStruct((b, kh, ns, geom.score_len), jnp.float32),
                  jax.ShapeDtypeStruct((b, kh, gg), jnp.float32)]
     w_in, w_next = overlap_tables(geom.l, geom.d, geom.lp, geom.chunk)
-    args = [t, m_p, l_p, s_cmp, jnp.asarray(w_in), jnp.asarray(w_next[:, 0])]
+    args = [lens, m_p, l_p, s_cmp, jnp.asarray(w_in), jnp.asarray(w_next[:, 0])]
     if merge_o:
         dv = o_p.shape[-1]
         dvs = dv // ns  # each program's columns
@@ -1030,10 +1033,10 @@ def select_top_n(
     if rows or cols:
         s_cmp = jnp.pad(s_cmp, [(0, 0), (0, 0), (0, rows), (0, cols)])
     params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-    t = seq_lens.astype(jnp.int32) - 1
     ids, vals, scores, lse, o_cmp = _select_call(
-        t, m_p.astype(jnp.float32), l_p.astype(jnp.float32), s_cmp.astype(jnp.float32),
-        None if o_p is None else o_p.astype(jnp.float32), geom=geom, params=params)
+        seq_lens.astype(jnp.int32), m_p.astype(jnp.float32), l_p.astype(jnp.float32),
+        s_cmp.astype(jnp.float32), None if o_p is None else o_p.astype(jnp.float32),
+        geom=geom, params=params)
     g = group_size
     return Selection(merge_candidates(ids, vals, top_n), lse[:, :, :g],
                      None if o_cmp is None else o_cmp[:, :, :g], scores)
@@ -1157,7 +1160,10 @@ def decode_stages(
 
     gp = max(16, _next_pow2(g))
     qg = jnp.pad(q.reshape(b, kh, g, dk), [(0, 0), (0, 0), (0, gp - g), (0, 0)])  # [B,K,Gp,Dk]
-    t = seq_lens.astype(jnp.int32) - 1  # [B]
+    # The kernels take the lengths (the query at position t = length - 1) as they are: no XLA
+    # op per step computes t for them.
+    lens = seq_lens.astype(jnp.int32)  # [B]
+    t = lens - 1  # for the XLA glue of the unfused paths
 
     # 1. Compressed branch, split over the compressed tokens (a power of two of splits, so the
     # select kernel reads all their maxima and sums in one tile).
@@ -1167,7 +1173,7 @@ def decode_stages(
     cmp_params = plgpu.CompilerParams(num_warps=bs.cmp_num_warps or bs.num_warps,
                                       num_stages=bs.cmp_num_stages or bs.num_stages)
     o_p, m_p, l_p, s_cmp = _cmp_call(
-        t, qg, k_cmp, v_cmp, l=cmp_block_size, d=cmp_stride, splits=mc, block_k=block_kc,
+        lens, qg, k_cmp, v_cmp, l=cmp_block_size, d=cmp_stride, splits=mc, block_k=block_kc,
         logits_len=logits_len, **dict(common, params=cmp_params))
     cmp_parts = (o_p, m_p, l_p)
 
@@ -1201,7 +1207,7 @@ def decode_stages(
     if fused_geom is not None:
         # 2+3. One launch selects and attends the selected blocks and the window; 4. combine.
         parts, ids = _select_sparse_call(
-            t, m_p, l_p, s_cmp, qg, k_slc, v_slc, k_swa, v_swa, geom=fused_geom,
+            lens, m_p, l_p, s_cmp, qg, k_slc, v_slc, k_swa, v_swa, geom=fused_geom,
             num_slc=ns_p, num_swa=mw_p, slots=slots, window=window_size, block_k=block_k,
             **common)
         return {"o": combine_call(parts), "indices": ids[:, :, :top_n]}
@@ -1212,7 +1218,7 @@ def decode_stages(
         merge_o = (not combine and mc <= bs.select_merge_splits
                    and _can_merge_o(dv, geom.splits))
         cand_ids, cand_vals, _, _, o_cmp = _select_call(
-            t, m_p, l_p, s_cmp, o_p if merge_o else None, geom=geom, params=params)
+            lens, m_p, l_p, s_cmp, o_p if merge_o else None, geom=geom, params=params)
         indices = merge_candidates(cand_ids, cand_vals, top_n)  # [B, K, n]
         cand_ids, cand_vals = cand_ids.reshape(b, kh, -1), cand_vals.reshape(b, kh, -1)
         if cand_ids.shape[-1] > MAX_SPARSE_CANDIDATES:
@@ -1242,7 +1248,7 @@ def decode_stages(
         # The sparse programs merge the select programs' candidates and compute their ranges
         # themselves.
         parts = _sparse_ranges_call(
-            t, cand_ids, cand_vals, qg, k_slc, v_slc, k_swa, v_swa, num_slc=ns_p,
+            lens, cand_ids, cand_vals, qg, k_slc, v_slc, k_swa, v_swa, num_slc=ns_p,
             num_swa=mw_p, slots=slots, top_n=top_n, lp=slc_block_size, window=window_size,
             block_k=block_k, **common)
         if combine:

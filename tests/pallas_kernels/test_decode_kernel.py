@@ -229,8 +229,7 @@ def test_decode_stages_agree_with_the_whole_chain():
 
 
 @pytest.mark.parametrize("select,max_cands", [
-    ({}, 64), ({}, 16), (dict(select_kernel=False), 64), (dict(fused_select_blocks=0), 64),
-    (dict(fused_select_blocks=0), 16)])
+    ({}, 64), ({}, 16), (dict(select_kernel=False), 64), (dict(fused_select_blocks=128), 64)])
 def test_decode_kernel_with_odd_counts(select, max_cands, monkeypatch):
     """n = 5 blocks in slots of 2 (3 programs, rounded up to 4) and a 40-token window in
     16-token tiles (3 pieces, rounded up to 4): the rounded-up programs attend nothing. The
@@ -337,7 +336,7 @@ def test_lengths_past_the_cache_stay_inside_it():
     seq_lens = jnp.asarray([64, 100], jnp.int32)  # a full cache of 64 slots, then 36 past it
     args = (*_inputs(2, 2, 8, 2, 16, 16, 64, 64, jnp.float32), seq_lens)
     for sizes in (gpu.BlockSizes(block_k=16), gpu.BlockSizes(block_k=16, combine_kernel=False),
-                  gpu.BlockSizes(block_k=16, fused_select_blocks=0)):
+                  gpu.BlockSizes(block_k=16, fused_select_blocks=128)):
         o, idx = gpu.decode_attention(*args, **GEOM, block_sizes=sizes, interpret=True)
         idx = np.asarray(idx)
         assert ((idx >= -1) & (idx < 64 // GEOM["slc_block_size"])).all(), idx
