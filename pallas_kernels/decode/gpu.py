@@ -136,6 +136,11 @@ class BlockSizes:
         repeats the selection: on the H200 (commit 9bc2907) 8k / batch 1 went from 16.7 to
         17.6 us a step, batch 8 from 34.7 to 39.9 us, 16k / batch 1 (256 blocks) from 22.4 to
         27.4 us, so it is off by default.
+      cmp_select_max_cmp: with ``fuse_sparse``, ``combine_kernel`` and the select kernel, a
+        compressed cache of at most this many slots (a multiple of ``select_chunk``) runs
+        the compressed and select kernels as one launch, ``nsa_decode_cmp_select``: each
+        select program reads every visible compressed key for the softmax statistics, then
+        attends and scores its own chunks (``0``: never).
     """
 
     block_k: int = 64
@@ -155,6 +160,7 @@ class BlockSizes:
     select_programs: int = 0
     combine_kernel: bool = True
     fused_select_blocks: int = 0
+    cmp_select_max_cmp: int = 512
 
     def __post_init__(self):
         if self.block_k < 16 or self.block_k & (self.block_k - 1):
@@ -175,7 +181,7 @@ class BlockSizes:
             raise ValueError(f"cmp_block_k must be 0 or a power of two >= 16, got "
                              f"{self.cmp_block_k}")
         for name in ("cmp_num_warps", "cmp_num_stages", "select_programs",
-                     "fused_select_blocks"):
+                     "fused_select_blocks", "cmp_select_max_cmp"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -527,14 +533,20 @@ def _select_kernel(len_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, *refs, ge
     _score_run(t, cur, s_ref, w_in_ref, w_next_ref, score_ref, shift, c0,
                geom.chunks_per_split, geom)
 
-    # 3. This program's top-n candidates. Each thread reads scores other threads wrote: a CTA
-    # barrier makes the global writes before it visible after it.
+    # 3. This program's top-n candidates.
+    _top_candidates(score_ref, idx_ref, val_ref, c0 * nbc, cur, geom)
+
+
+def _top_candidates(score_ref, idx_ref, val_ref, j0, cur, geom: _SelectGeom):
+    """Writes the top-n of blocks ``j0 .. j0 + J' - 1`` (scores in ``score_ref [J']``, valid up
+    to ``cur``) to ``idx_ref, val_ref [n']`` in slot order: with ``J' <= RANK_TOPN_MAX`` by
+    ranking every block at once, otherwise by ``n`` rounds of argmax; slots past the valid
+    blocks stay ``(-1, -inf)``. Each thread reads scores other threads wrote: a CTA barrier
+    makes the global writes before it visible after it."""
     if not geom.interpret:
         plgpu.debug_barrier()
-    j0 = c0 * nbc
     jp = score_ref.shape[0]
     slot = jnp.arange(idx_ref.shape[0], dtype=jnp.int32)
-    # Blocks j0..cur are this program's valid ones; slots past them stay (-1, -inf).
     rounds = jnp.clip(cur + 1 - j0, 0, min(geom.top_n, jp))
     jl = jnp.arange(jp, dtype=jnp.int32)
     if jp <= RANK_TOPN_MAX:
@@ -559,6 +571,78 @@ def _select_kernel(len_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, *refs, ge
             jnp.full(slot.shape, -jnp.inf, jnp.float32)))
     idx_ref[...] = ids
     val_ref[...] = vals
+
+
+def _cmp_select_kernel(len_ref, q_ref, k_ref, v_ref, w_in_ref, w_next_ref, o_ref, m_ref, l_ref,
+                       idx_ref, val_ref, score_ref, *, geom: _SelectGeom, scale, precision):
+    """``nsa_decode_cmp_select``, the compressed and select kernels in one launch for short
+    compressed caches (tiles of one select chunk): every program first runs the softmax
+    statistics of all visible compressed tokens (their logits only, no values), then attends
+    the tokens of its own run of chunks against that final max, writing a partial the combine
+    kernel merges, scores their blocks with the probabilities ``exp(s - lse)`` and proposes
+    its top-n, as ``nsa_decode_select`` does."""
+    bc = geom.chunk
+    t = len_ref[()] - 1  # the query's position
+    cur = jnp.minimum(t // geom.lp, geom.num_blocks - 1)
+    n_vis = _num_visible(t, geom.l, geom.d, geom.num_cmp)
+    q = q_ref[...]
+    gp, dv = q.shape[0], v_ref.shape[-1]
+    last_tile = k_ref.shape[0] // bc - 1  # loads stay in the cache; masks use the real place
+    tok = jnp.arange(bc, dtype=jnp.int32)
+
+    def logits(c):
+        start = pl.multiple_of(jnp.minimum(c, last_tile) * bc, bc)
+        s = plgpu.dot(q, k_ref[pl.ds(start, bc), :], trans_b=True, precision=precision) * scale
+        valid = ((c * bc + tok) < n_vis)[None, :]  # [1, bc]
+        return jnp.where(valid, s, MASK_VALUE), valid, start
+
+    # 1. Softmax statistics over every visible compressed token.
+    def stats(c, carry):
+        m_i, l_i = carry
+        s, valid, _ = logits(c)
+        m_new = jnp.maximum(m_i, s.max(axis=1))
+        p = jnp.where(valid, jnp.exp(s - m_new[:, None]), 0.0)
+        return m_new, jnp.exp(m_i - m_new) * l_i + p.sum(axis=1)
+
+    m_i, l_i = jax.lax.fori_loop(0, (n_vis + bc - 1) // bc, stats, (
+        jnp.full((gp,), MASK_VALUE, jnp.float32), jnp.zeros((gp,), jnp.float32)))
+    has = l_i > 0
+    shift = jnp.where(has, m_i + jnp.log(jnp.where(has, l_i, 1.0)), 0.0)[:, None]
+    rows = jnp.arange(gp, dtype=jnp.int32)[:, None] < geom.g
+    w_in, w_next = w_in_ref[...], w_next_ref[...]
+    first = jnp.arange(geom.blocks_per_chunk, dtype=jnp.int32) == 0
+
+    def group_probs(s, valid):  # the select kernel's expression
+        return jnp.where(rows & valid, jnp.exp(jnp.minimum(s - shift, 0.0)), 0.0).sum(axis=0)
+
+    # 2. This program's chunks: attention against the final max, and block scores.
+    n_chunks = jnp.minimum(cur // geom.blocks_per_chunk + 1, geom.num_chunks)
+    c0 = pl.program_id(2) * geom.chunks_per_split
+    c1 = jnp.minimum(c0 + geom.chunks_per_split, n_chunks)
+
+    def chunk_body(c, carry):
+        o, l_own, pending = carry
+        s, valid, start = logits(c)
+        p = jnp.where(valid, jnp.exp(s - m_i[:, None]), 0.0)  # [Gp, bc]
+        v = v_ref[pl.ds(start, bc), :]
+        o = o + plgpu.dot(p.astype(v.dtype), v, precision=precision)
+        p_sum = group_probs(s, valid)
+        score = (p_sum[:, None] * w_in).sum(axis=0) + jnp.where(first, pending, 0.0)
+        score_ref[pl.ds(pl.multiple_of((c - c0) * geom.blocks_per_chunk,
+                                       geom.blocks_per_chunk), geom.blocks_per_chunk)] = score
+        return o, l_own + p.sum(axis=1), (p_sum * w_next).sum()
+
+    prev = jnp.maximum(c0 - 1, 0)
+    s_prev, valid_prev, _ = logits(prev)
+    pending = jnp.where(c0 > 0, (group_probs(s_prev, valid_prev) * w_next).sum(), 0.0)
+    o, l_own, _ = jax.lax.fori_loop(c0, c1, chunk_body, (
+        jnp.zeros((gp, dv), jnp.float32), jnp.zeros((gp,), jnp.float32), pending))
+    o_ref[...] = o
+    m_ref[...] = m_i
+    l_ref[...] = l_own
+
+    # 3. This program's top-n candidates.
+    _top_candidates(score_ref, idx_ref, val_ref, c0 * geom.blocks_per_chunk, cur, geom)
 
 
 def _ranks_in_registers(t, cur, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, geom: _SelectGeom):
@@ -798,6 +882,39 @@ def _select_sparse_call(lens, m_p, l_p, s_cmp, qg, k_slc, v_slc, k_swa, v_swa, *
       k_swa, v_swa)
     ids = out[3][:, :, :num_slc, :slots].reshape(b, kh, num_slc * slots)
     return tuple(out[:3]), ids
+
+
+def _cmp_select_call(lens, qg, k, v, *, geom: _SelectGeom, scale, precision, params,
+                     interpret):
+    """``nsa_decode_cmp_select`` over grid ``B x K x S`` (``S = geom.splits``): the compressed
+    branch's split partials ``[B, K, S, Gp, ...]`` and the candidates ``[B, K, S, n']`` of
+    ``_select_call``."""
+    b, kh = k.shape[0], k.shape[2]
+    gp, dk = qg.shape[2:]
+    c, dv = k.shape[1], v.shape[-1]
+    ns = geom.splits
+    n_slots = max(16, _next_pow2(geom.top_n))
+    w_in, w_next = overlap_tables(geom.l, geom.d, geom.lp, geom.chunk)
+    cand_spec = pl.BlockSpec((None, None, None, n_slots), lambda b, k, s: (b, k, s, 0))
+    out = pl.pallas_call(
+        functools.partial(_cmp_select_kernel, geom=geom, scale=scale, precision=precision),
+        grid=(b, kh, ns),
+        in_specs=[_t_spec(), pl.BlockSpec((None, None, gp, dk), lambda b, k, s: (b, k, 0, 0)),
+                  _seq_spec(c, dk), _seq_spec(c, dv),
+                  pl.BlockSpec((geom.chunk, geom.blocks_per_chunk), lambda b, k, s: (0, 0)),
+                  pl.BlockSpec((geom.chunk,), lambda b, k, s: (0,))],
+        out_specs=_partial_specs(gp, dv) + [
+            cand_spec, cand_spec,
+            pl.BlockSpec((None, None, None, geom.score_len), lambda b, k, s: (b, k, s, 0))],
+        out_shape=_partial_shapes(b, kh, ns, gp, dv) + [
+            jax.ShapeDtypeStruct((b, kh, ns, n_slots), jnp.int32),
+            jax.ShapeDtypeStruct((b, kh, ns, n_slots), jnp.float32),
+            jax.ShapeDtypeStruct((b, kh, ns, geom.score_len), jnp.float32)],
+        compiler_params=params,
+        interpret=interpret,
+        name="nsa_decode_cmp_select",
+    )(lens, qg, k, v, jnp.asarray(w_in), jnp.asarray(w_next[:, 0]))
+    return tuple(out[:3]), out[3], out[4]
 
 
 def _combine_call(cmp_parts, sparse_parts, gates, *, num_slc, num_swa, col_splits, dtype,
@@ -1157,6 +1274,9 @@ def decode_stages(
         fused_geom = dataclasses.replace(geom, max_splits=1)
         if fused_geom.num_chunks > MAX_FUSED_SELECT_CHUNKS:
             fused_geom = None
+    # A short compressed cache: the compressed and select kernels in one launch.
+    cmp_select = (upto == "full" and combine and geom is not None and fused_geom is None
+                  and c <= bs.cmp_select_max_cmp and c % geom.chunk == 0)
 
     gp = max(16, _next_pow2(g))
     qg = jnp.pad(q.reshape(b, kh, g, dk), [(0, 0), (0, 0), (0, gp - g), (0, 0)])  # [B,K,Gp,Dk]
@@ -1164,6 +1284,54 @@ def decode_stages(
     # op per step computes t for them.
     lens = seq_lens.astype(jnp.int32)  # [B]
     t = lens - 1  # for the XLA glue of the unfused paths
+
+    # Programs of the selected blocks and the window (step 3): ``mw`` window pieces and ``P``
+    # selected blocks a program, as few as keep about target_programs programs busy.
+    mw = max(1, min(-(-window_size // block_k) + 1, -(-bs.target_programs // per_row)))
+    slots = bs.sparse_slots or max(1, min(_next_pow2(top_n),
+                                          _prev_pow2(top_n * per_row // bs.target_programs)))
+    ns = -(-top_n // slots)  # programs for the selected blocks
+    # Fused, both groups are rounded up to powers of two (the extra programs attend nothing),
+    # so the combine kernel merges each group in whole tiles.
+    ns_p, mw_p = _next_pow2(ns), _next_pow2(mw)
+
+    def combine_call(cmp_parts, parts):
+        gates_g = gates.reshape(b, kh, g, 3)
+        if gp > g:
+            gates_g = jnp.pad(gates_g, [(0, 0), (0, 0), (0, gp - g), (0, 0)])
+        col_splits = max(1, min(dv // 16, _next_pow2(-(-bs.target_programs // per_row))))
+        o = _combine_call(cmp_parts, parts, gates_g, num_slc=ns_p, num_swa=mw_p,
+                          col_splits=col_splits, dtype=q.dtype, params=params,
+                          interpret=interpret)
+        return o[:, :, :g].reshape(b, n, dv)
+
+    def sparse_call(cand_ids, cand_vals, indices):
+        """Step 3 in one launch from the select programs' candidates ``[B, K, S, n']``, or from
+        the merged ``indices`` where there are none (XLA selected) or too many for the sparse
+        programs to merge."""
+        if cand_ids is not None:
+            cand_ids, cand_vals = cand_ids.reshape(b, kh, -1), cand_vals.reshape(b, kh, -1)
+        if cand_ids is None or cand_ids.shape[-1] > MAX_SPARSE_CANDIDATES:
+            # The merged indices as the candidates of one program: slot order by descending
+            # score (-slot), -1 unused.
+            n_pad = max(16, _next_pow2(top_n))
+            cand_ids = jnp.pad(indices, [(0, 0), (0, 0), (0, n_pad - top_n)],
+                               constant_values=-1)
+            cand_vals = jnp.where(cand_ids >= 0, -jnp.arange(n_pad, dtype=jnp.float32),
+                                  -jnp.inf)
+        # The sparse programs merge the candidates and compute their ranges themselves.
+        return _sparse_ranges_call(
+            lens, cand_ids, cand_vals, qg, k_slc, v_slc, k_swa, v_swa, num_slc=ns_p,
+            num_swa=mw_p, slots=slots, top_n=top_n, lp=slc_block_size, window=window_size,
+            block_k=block_k, **common)
+
+    if cmp_select:
+        # 1+2. One launch: the compressed branch in the select programs' shares, and selection.
+        cmp_parts, cand_ids, cand_vals = _cmp_select_call(lens, qg, k_cmp, v_cmp, geom=geom,
+                                                         **common)
+        indices = merge_candidates(cand_ids, cand_vals, top_n)  # [B, K, n]
+        parts = sparse_call(cand_ids, cand_vals, indices)
+        return {"o": combine_call(cmp_parts, parts), "indices": indices}
 
     # 1. Compressed branch, split over the compressed tokens (a power of two of splits, so the
     # select kernel reads all their maxima and sums in one tile).
@@ -1184,33 +1352,13 @@ def decode_stages(
         o_cmp, lse_cmp = merge_cmp()
         return {"o_cmp": o_cmp.reshape(b, n, dv), "lse_cmp": lse_cmp}
 
-    # Programs of the selected blocks and the window (step 3): ``mw`` window pieces and ``P``
-    # selected blocks a program, as few as keep about target_programs programs busy.
-    mw = max(1, min(-(-window_size // block_k) + 1, -(-bs.target_programs // per_row)))
-    slots = bs.sparse_slots or max(1, min(_next_pow2(top_n),
-                                          _prev_pow2(top_n * per_row // bs.target_programs)))
-    ns = -(-top_n // slots)  # programs for the selected blocks
-    # Fused, both groups are rounded up to powers of two (the extra programs attend nothing),
-    # so the combine kernel merges each group in whole tiles.
-    ns_p, mw_p = _next_pow2(ns), _next_pow2(mw)
-
-    def combine_call(parts):
-        gates_g = gates.reshape(b, kh, g, 3)
-        if gp > g:
-            gates_g = jnp.pad(gates_g, [(0, 0), (0, 0), (0, gp - g), (0, 0)])
-        col_splits = max(1, min(dv // 16, _next_pow2(-(-bs.target_programs // per_row))))
-        o = _combine_call(cmp_parts, parts, gates_g, num_slc=ns_p, num_swa=mw_p,
-                          col_splits=col_splits, dtype=q.dtype, params=params,
-                          interpret=interpret)
-        return o[:, :, :g].reshape(b, n, dv)
-
     if fused_geom is not None:
         # 2+3. One launch selects and attends the selected blocks and the window; 4. combine.
         parts, ids = _select_sparse_call(
             lens, m_p, l_p, s_cmp, qg, k_slc, v_slc, k_swa, v_swa, geom=fused_geom,
             num_slc=ns_p, num_swa=mw_p, slots=slots, window=window_size, block_k=block_k,
             **common)
-        return {"o": combine_call(parts), "indices": ids[:, :, :top_n]}
+        return {"o": combine_call(cmp_parts, parts), "indices": ids[:, :, :top_n]}
 
     # 2. Selection from the branch's own probabilities. (With the combine kernel, that kernel
     # merges o_cmp; the selection stage alone merges it in XLA.)
@@ -1220,9 +1368,6 @@ def decode_stages(
         cand_ids, cand_vals, _, _, o_cmp = _select_call(
             lens, m_p, l_p, s_cmp, o_p if merge_o else None, geom=geom, params=params)
         indices = merge_candidates(cand_ids, cand_vals, top_n)  # [B, K, n]
-        cand_ids, cand_vals = cand_ids.reshape(b, kh, -1), cand_vals.reshape(b, kh, -1)
-        if cand_ids.shape[-1] > MAX_SPARSE_CANDIDATES:
-            cand_ids, cand_vals = None, None  # the merged indices instead (below)
         o_cmp = o_cmp[:, :, :g] if merge_o else None
     else:
         o_cmp, lse_cmp = merge_cmp()
@@ -1232,12 +1377,6 @@ def decode_stages(
             slc_block_size=slc_block_size, top_n=top_n,
         )  # [B, K, n]
         cand_ids = cand_vals = None
-    if cand_ids is None:
-        # The merged indices as the candidates of one program: slot order by descending score
-        # (-slot), -1 unused.
-        n_pad = max(16, _next_pow2(top_n))
-        cand_ids = jnp.pad(indices, [(0, 0), (0, 0), (0, n_pad - top_n)], constant_values=-1)
-        cand_vals = jnp.where(cand_ids >= 0, -jnp.arange(n_pad, dtype=jnp.float32), -jnp.inf)
     if upto == "select":
         if o_cmp is None:
             o_cmp = merge_cmp()[0]
@@ -1245,15 +1384,10 @@ def decode_stages(
 
     # 3. Selected blocks and the window (one launch, or one each).
     if bs.fuse_sparse:
-        # The sparse programs merge the select programs' candidates and compute their ranges
-        # themselves.
-        parts = _sparse_ranges_call(
-            lens, cand_ids, cand_vals, qg, k_slc, v_slc, k_swa, v_swa, num_slc=ns_p,
-            num_swa=mw_p, slots=slots, top_n=top_n, lp=slc_block_size, window=window_size,
-            block_k=block_k, **common)
+        parts = sparse_call(cand_ids, cand_vals, indices)
         if combine:
             # 4. One kernel merges every branch over a share of the columns and gates them.
-            return {"o": combine_call(parts), "indices": indices}
+            return {"o": combine_call(cmp_parts, parts), "indices": indices}
         parts_slc = tuple(x[:, :, :ns_p] for x in parts)
         parts_swa = tuple(x[:, :, ns_p:] for x in parts)
     else:
