@@ -83,12 +83,6 @@ SWEEP = {
     "sel_programs528": gpu.BlockSizes(select_programs=528),
     "sel_programs1056": gpu.BlockSizes(select_programs=1056),
     # The select kernel as its own launch, or folded into the sparse one up to 256 blocks.
-    "fused_select128": gpu.BlockSizes(fused_select_blocks=128),
-    # The compressed and select kernels as two launches, or as one up to 1024 / 2048 slots.
-    "no_cmp_select": gpu.BlockSizes(cmp_select_max_cmp=0),
-    "cmp_select1024": gpu.BlockSizes(cmp_select_max_cmp=1024),
-    "cmp_select2048": gpu.BlockSizes(cmp_select_max_cmp=2048),
-    "fused_select256": gpu.BlockSizes(fused_select_blocks=256),
     "sel_splits2": gpu.BlockSizes(select_splits=2),
     "slots4": gpu.BlockSizes(sparse_slots=4),
     "cmp_splits4": gpu.BlockSizes(cmp_splits=4),
@@ -214,14 +208,11 @@ def rel_err(out, ref) -> float:
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
-CHECK_TILINGS = (dict(), dict(cmp_select_max_cmp=0), dict(fused_select_blocks=128),
-                 dict(fuse_sparse=False),
-                 dict(select_kernel=False),
+CHECK_TILINGS = (dict(), dict(fuse_sparse=False), dict(select_kernel=False),
                  dict(sparse_slots=4, select_splits=1), dict(sparse_slots=16, select_splits=4),
                  dict(combine_kernel=False), dict(select_programs=1024))
-# At 4x the check context: the default chain, and 32 compressed splits that the combine kernel
-# merges in tiles (two launches for the compressed and select steps).
-CHECK_TILINGS_LONG = (dict(), dict(cmp_block_k=16, cmp_splits=32, cmp_select_max_cmp=0))
+# At 4x the check context: 32 compressed splits, which the combine kernel merges in tiles.
+CHECK_TILINGS_LONG = (dict(cmp_block_k=16, cmp_splits=32),)
 
 
 def check_correctness(ctx: int) -> list[str]:

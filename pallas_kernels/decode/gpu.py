@@ -78,19 +78,16 @@ from pallas_kernels.decode.reference import (
 from pallas_kernels.selection.reference import check_geometry, overlap_tables
 
 MAX_SELECT_BLOCKS = 4096  # J' the select kernel keeps in registers (l' = 64: 256k tokens)
-# Up to this many blocks per program the select kernel ranks all of them at once (a [J', 32]
-# comparison a step); beyond, it takes the top-n by n rounds of argmax. On the H200 (commit
+# Up to this many blocks per program the select kernel ranks all of them at once (one [J', J']
+# comparison; in tiles of 32 blocks when these figures were taken); beyond, it takes the top-n
+# by n rounds of argmax. On the H200 (commit
 # 227c481) ranking took the select kernel from 7.4 to 5.5 us at 64k / batch 1 (J' = 64) but
 # from 23 to 44 us at 64k / batch 32 (J' = 256).
 RANK_TOPN_MAX = 64
-RANK_TILE = 32
 # The sparse kernel merges at most this many select candidates itself (S programs x n' each);
 # with more, XLA's top-k merges them first. On the H200 (commit acc1582) ranking 256 of them
 # took the sparse kernel from 3.2 to 12 us at 64k / batch 1; 64 cost about 0.9 us at 8k.
 MAX_SPARSE_CANDIDATES = 64
-# nsa_decode_select_sparse holds this many chunks of logits (and their scores) in registers at
-# most; longer caches launch the select kernel.
-MAX_FUSED_SELECT_CHUNKS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,18 +126,6 @@ class BlockSizes:
         of the ``S`` programs of a (sequence, KV group) walks ``1/S`` of the chunks.
       combine_kernel: with ``fuse_sparse``, one ``nsa_decode_combine`` kernel merges every
         branch's partials and applies the gates; ``False`` leaves that to XLA.
-      fused_select_blocks: with ``fuse_sparse``, ``combine_kernel`` and the select kernel, a
-        cache of at most this many selection blocks skips ``nsa_decode_select``: each
-        selected-block program of ``nsa_decode_select_sparse`` scores and ranks every block
-        itself and attends its slots (``0``: never). It saves a launch but every program
-        repeats the selection: on the H200 (commit 9bc2907) 8k / batch 1 went from 16.7 to
-        17.6 us a step, batch 8 from 34.7 to 39.9 us, 16k / batch 1 (256 blocks) from 22.4 to
-        27.4 us, so it is off by default.
-      cmp_select_max_cmp: with ``fuse_sparse``, ``combine_kernel`` and the select kernel, a
-        compressed cache of at most this many slots (a multiple of ``select_chunk``) runs
-        the compressed and select kernels as one launch, ``nsa_decode_cmp_select``: each
-        select program reads every visible compressed key for the softmax statistics, then
-        attends and scores its own chunks (``0``: never).
     """
 
     block_k: int = 64
@@ -159,8 +144,6 @@ class BlockSizes:
     cmp_splits: int = 0
     select_programs: int = 0
     combine_kernel: bool = True
-    fused_select_blocks: int = 0
-    cmp_select_max_cmp: int = 512
 
     def __post_init__(self):
         if self.block_k < 16 or self.block_k & (self.block_k - 1):
@@ -180,8 +163,7 @@ class BlockSizes:
         if 0 < self.cmp_block_k < 16:
             raise ValueError(f"cmp_block_k must be 0 or a power of two >= 16, got "
                              f"{self.cmp_block_k}")
-        for name in ("cmp_num_warps", "cmp_num_stages", "select_programs",
-                     "fused_select_blocks", "cmp_select_max_cmp"):
+        for name in ("cmp_num_warps", "cmp_num_stages", "select_programs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -279,25 +261,25 @@ def _cmp_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, s_ref, *, l, 
     l_ref[...] = l_i
 
 
+def _block_ranks(pri):
+    """Every entry's rank in the slot order among ``pri [M]`` (priorities, ``-inf``: invalid):
+    the entries before it are those with a higher priority and the earlier ones with an equal
+    priority, so valid entries hold ranks ``0 .. valid - 1``. One ``[M, M]`` comparison."""
+    m = pri.shape[0]
+    i = jnp.arange(m, dtype=jnp.int32)
+    ahead = ((pri[None, :] > pri[:, None])
+             | ((pri[None, :] == pri[:, None]) & (i[None, :] < i[:, None])))
+    return ahead.astype(jnp.int32).sum(axis=1)
+
+
 def _merged_slots(ids_ref, vals_ref, first, count: int, top_n: int):
     """Blocks of slots ``first .. first + count - 1`` of ``merge_candidates`` over the flat
     candidates ``ids, vals [M]`` (the select programs' lists one after another): each
     candidate's rank is the number of candidates before it, those with a higher score and the
     earlier ones with an equal score, so slot ``r`` holds the candidate of rank ``r``, ``-1``
     if its score is ``-inf`` or ``r >= n``."""
-    m = ids_ref.shape[0]
     vals = vals_ref[...]  # [M]
-    pos = jnp.arange(m, dtype=jnp.int32)
-    tile = min(m, RANK_TILE)
-
-    def rank_tile(it, rank):
-        pi = it * tile + jnp.arange(tile, dtype=jnp.int32)
-        vi = vals_ref[pl.ds(pl.multiple_of(it * tile, tile), tile)]
-        ahead = (vi[None, :] > vals[:, None]) | ((vi[None, :] == vals[:, None])
-                                                 & (pi[None, :] < pos[:, None]))
-        return rank + ahead.astype(jnp.int32).sum(axis=1)
-
-    rank = jax.lax.fori_loop(0, m // tile, rank_tile, jnp.zeros((m,), jnp.int32))
+    rank = _block_ranks(vals)
     picked = jnp.where(vals > -jnp.inf, ids_ref[...], -1)
     out = []
     for s in range(count):
@@ -442,7 +424,8 @@ def _score_run(t, cur, s_ref, w_in_ref, w_next_ref, score_ref, shift, c0, run,
                geom: _SelectGeom):
     """Block scores of chunks ``c0 .. c0 + run - 1`` (cut at the current block's chunk) into
     ``score_ref[(c - c0) nbc ...]``; chunk ``c0``'s first block also gets the carried term of
-    chunk ``c0 - 1``. ``run`` may be traced (0: nothing is written)."""
+    chunk ``c0 - 1``. ``run`` may be traced (0: nothing is written). Returns the last chunk's
+    scores ``[nbc]`` (zeros if none), which a one-chunk run can use without reading them back."""
     bc, nbc = geom.chunk, geom.blocks_per_chunk
     n_vis = _num_visible(t, geom.l, geom.d, geom.num_cmp)
     rows = jnp.arange(s_ref.shape[0], dtype=jnp.int32)[:, None] < geom.g  # [Gg, 1]
@@ -465,45 +448,25 @@ def _score_run(t, cur, s_ref, w_in_ref, w_next_ref, score_ref, shift, c0, run,
         return p.sum(axis=0)  # [bc]: the group's sum first, as the twin does
 
     def chunk_body(c, carry):
-        s, pending = carry
+        s, pending, _ = carry
         s_next = load(jnp.minimum(c + 1, n_chunks - 1))  # in flight during this chunk's maths
         p_sum = group_probs(c, s)
         score = (p_sum[:, None] * w_in).sum(axis=0) + jnp.where(first, pending, 0.0)  # [nbc]
         score_ref[pl.ds(pl.multiple_of((c - c0) * nbc, nbc), nbc)] = score
-        return s_next, (p_sum * w_next).sum()
+        return s_next, (p_sum * w_next).sum(), score
 
     # The carried term into chunk c0 comes from chunk c0 - 1, another program's last chunk.
     # (Clamped into the row: a run past the last chunk has no chunk to carry into.)
     prev = jnp.clip(c0 - 1, 0, n_chunks - 1)
     pending = jnp.where(c0 > 0, (group_probs(prev, load(prev)) * w_next).sum(), 0.0)
-    jax.lax.fori_loop(c0, c1, chunk_body, (load(jnp.minimum(c0, n_chunks - 1)), pending))
+    return jax.lax.fori_loop(c0, c1, chunk_body, (load(jnp.minimum(c0, n_chunks - 1)), pending,
+                                                  jnp.zeros((nbc,), jnp.float32)))[2]
 
 
 def _priority(j, score, cur):
     """The slot order's key of block ``j``: forced blocks first, blocks past ``cur`` never."""
     forced = (j == 0) | (j == cur) | (j == cur - 1)
     return jnp.where(j <= cur, jnp.where(forced, jnp.inf, score), -jnp.inf)
-
-
-def _block_ranks(score_ref, j0, cur, tiles):
-    """Every block's rank in the slot order among the ``J'`` blocks of ``score_ref``
-    (``j0 + i`` the block of entry ``i``): the blocks before it are those with a higher
-    priority and the lower-indexed ones with an equal priority, so valid blocks (priority
-    ``> -inf``) hold ranks ``0 .. valid - 1``. Tiles of ``RANK_TILE`` blocks are compared at a
-    time, ``tiles`` of them (traced: 0 leaves every rank 0). Returns ``(rank, pri)``."""
-    jp = score_ref.shape[0]
-    jl = jnp.arange(jp, dtype=jnp.int32)  # local block index
-    pri = _priority(j0 + jl, score_ref[...], cur)  # [J']
-    tile = min(jp, RANK_TILE)
-
-    def rank_tile(it, rank):
-        il = it * tile + jnp.arange(tile, dtype=jnp.int32)
-        pri_i = _priority(j0 + il, score_ref[pl.ds(pl.multiple_of(it * tile, tile), tile)], cur)
-        ahead = ((pri_i[None, :] > pri[:, None])
-                 | ((pri_i[None, :] == pri[:, None]) & (il[None, :] < jl[:, None])))
-        return rank + ahead.astype(jnp.int32).sum(axis=1)
-
-    return jax.lax.fori_loop(0, tiles, rank_tile, jnp.zeros((jp,), jnp.int32)), pri
 
 
 def _select_kernel(len_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, *refs, geom: _SelectGeom,
@@ -530,28 +493,33 @@ def _select_kernel(len_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, *refs, ge
 
     # 2. Block scores of this program's run of chunks, into its scratch row.
     c0 = split * geom.chunks_per_split
-    _score_run(t, cur, s_ref, w_in_ref, w_next_ref, score_ref, shift, c0,
-               geom.chunks_per_split, geom)
+    last = _score_run(t, cur, s_ref, w_in_ref, w_next_ref, score_ref, shift, c0,
+                      geom.chunks_per_split, geom)
 
-    # 3. This program's top-n candidates.
-    _top_candidates(score_ref, idx_ref, val_ref, c0 * nbc, cur, geom)
+    # 3. This program's top-n candidates (a one-chunk run ranks its scores in registers).
+    _top_candidates(score_ref, idx_ref, val_ref, c0 * nbc, cur, geom,
+                    scores=last if geom.chunks_per_split == 1 else None)
 
 
-def _top_candidates(score_ref, idx_ref, val_ref, j0, cur, geom: _SelectGeom):
-    """Writes the top-n of blocks ``j0 .. j0 + J' - 1`` (scores in ``score_ref [J']``, valid up
-    to ``cur``) to ``idx_ref, val_ref [n']`` in slot order: with ``J' <= RANK_TOPN_MAX`` by
-    ranking every block at once, otherwise by ``n`` rounds of argmax; slots past the valid
-    blocks stay ``(-1, -inf)``. Each thread reads scores other threads wrote: a CTA barrier
-    makes the global writes before it visible after it."""
-    if not geom.interpret:
-        plgpu.debug_barrier()
+def _top_candidates(score_ref, idx_ref, val_ref, j0, cur, geom: _SelectGeom, scores=None):
+    """Writes the top-n of blocks ``j0 .. j0 + J' - 1`` (scores in ``score_ref [J']``, or the
+    same values in registers as ``scores``; valid up to ``cur``) to ``idx_ref, val_ref [n']`` in
+    slot order: with ``J' <= RANK_TOPN_MAX`` by ranking every block at once, otherwise by ``n``
+    rounds of argmax; slots past the valid blocks stay ``(-1, -inf)``."""
+    if scores is None:
+        # Each thread reads scores other threads wrote: a CTA barrier makes the global writes
+        # before it visible after it.
+        if not geom.interpret:
+            plgpu.debug_barrier()
+        scores = score_ref[...]
     jp = score_ref.shape[0]
     slot = jnp.arange(idx_ref.shape[0], dtype=jnp.int32)
     rounds = jnp.clip(cur + 1 - j0, 0, min(geom.top_n, jp))
     jl = jnp.arange(jp, dtype=jnp.int32)
     if jp <= RANK_TOPN_MAX:
         # Every block's rank at once; slot r takes the block of rank r.
-        rank, pri = _block_ranks(score_ref, j0, cur, jp // min(jp, RANK_TILE))
+        pri = _priority(j0 + jl, scores, cur)  # [J']
+        rank = _block_ranks(pri)
         hit = rank[None, :] == slot[:, None]  # [n', J']: one block per slot
         used = slot < rounds
         ids = jnp.where(used, jnp.where(hit, j0 + jl[None, :], 0).sum(axis=1), -1)
@@ -567,162 +535,10 @@ def _top_candidates(score_ref, idx_ref, val_ref, j0, cur, geom: _SelectGeom):
             return jnp.where(j == j0 + best, -jnp.inf, pri), ids, vals
 
         _, ids, vals = jax.lax.fori_loop(0, rounds, pick, (
-            _priority(j, score_ref[...], cur), jnp.full(slot.shape, -1, jnp.int32),
+            _priority(j, scores, cur), jnp.full(slot.shape, -1, jnp.int32),
             jnp.full(slot.shape, -jnp.inf, jnp.float32)))
     idx_ref[...] = ids
     val_ref[...] = vals
-
-
-def _cmp_select_kernel(len_ref, q_ref, k_ref, v_ref, w_in_ref, w_next_ref, o_ref, m_ref, l_ref,
-                       idx_ref, val_ref, score_ref, *, geom: _SelectGeom, scale, precision):
-    """``nsa_decode_cmp_select``, the compressed and select kernels in one launch for short
-    compressed caches (tiles of one select chunk): every program first runs the softmax
-    statistics of all visible compressed tokens (their logits only, no values), then attends
-    the tokens of its own run of chunks against that final max, writing a partial the combine
-    kernel merges, scores their blocks with the probabilities ``exp(s - lse)`` and proposes
-    its top-n, as ``nsa_decode_select`` does."""
-    bc = geom.chunk
-    t = len_ref[()] - 1  # the query's position
-    cur = jnp.minimum(t // geom.lp, geom.num_blocks - 1)
-    n_vis = _num_visible(t, geom.l, geom.d, geom.num_cmp)
-    q = q_ref[...]
-    gp, dv = q.shape[0], v_ref.shape[-1]
-    last_tile = k_ref.shape[0] // bc - 1  # loads stay in the cache; masks use the real place
-    tok = jnp.arange(bc, dtype=jnp.int32)
-
-    def logits(c):
-        start = pl.multiple_of(jnp.minimum(c, last_tile) * bc, bc)
-        s = plgpu.dot(q, k_ref[pl.ds(start, bc), :], trans_b=True, precision=precision) * scale
-        valid = ((c * bc + tok) < n_vis)[None, :]  # [1, bc]
-        return jnp.where(valid, s, MASK_VALUE), valid, start
-
-    # 1. Softmax statistics over every visible compressed token.
-    def stats(c, carry):
-        m_i, l_i = carry
-        s, valid, _ = logits(c)
-        m_new = jnp.maximum(m_i, s.max(axis=1))
-        p = jnp.where(valid, jnp.exp(s - m_new[:, None]), 0.0)
-        return m_new, jnp.exp(m_i - m_new) * l_i + p.sum(axis=1)
-
-    m_i, l_i = jax.lax.fori_loop(0, (n_vis + bc - 1) // bc, stats, (
-        jnp.full((gp,), MASK_VALUE, jnp.float32), jnp.zeros((gp,), jnp.float32)))
-    has = l_i > 0
-    shift = jnp.where(has, m_i + jnp.log(jnp.where(has, l_i, 1.0)), 0.0)[:, None]
-    rows = jnp.arange(gp, dtype=jnp.int32)[:, None] < geom.g
-    w_in, w_next = w_in_ref[...], w_next_ref[...]
-    first = jnp.arange(geom.blocks_per_chunk, dtype=jnp.int32) == 0
-
-    def group_probs(s, valid):  # the select kernel's expression
-        return jnp.where(rows & valid, jnp.exp(jnp.minimum(s - shift, 0.0)), 0.0).sum(axis=0)
-
-    # 2. This program's chunks: attention against the final max, and block scores.
-    n_chunks = jnp.minimum(cur // geom.blocks_per_chunk + 1, geom.num_chunks)
-    c0 = pl.program_id(2) * geom.chunks_per_split
-    c1 = jnp.minimum(c0 + geom.chunks_per_split, n_chunks)
-
-    def chunk_body(c, carry):
-        o, l_own, pending = carry
-        s, valid, start = logits(c)
-        p = jnp.where(valid, jnp.exp(s - m_i[:, None]), 0.0)  # [Gp, bc]
-        v = v_ref[pl.ds(start, bc), :]
-        o = o + plgpu.dot(p.astype(v.dtype), v, precision=precision)
-        p_sum = group_probs(s, valid)
-        score = (p_sum[:, None] * w_in).sum(axis=0) + jnp.where(first, pending, 0.0)
-        score_ref[pl.ds(pl.multiple_of((c - c0) * geom.blocks_per_chunk,
-                                       geom.blocks_per_chunk), geom.blocks_per_chunk)] = score
-        return o, l_own + p.sum(axis=1), (p_sum * w_next).sum()
-
-    prev = jnp.maximum(c0 - 1, 0)
-    s_prev, valid_prev, _ = logits(prev)
-    pending = jnp.where(c0 > 0, (group_probs(s_prev, valid_prev) * w_next).sum(), 0.0)
-    o, l_own, _ = jax.lax.fori_loop(c0, c1, chunk_body, (
-        jnp.zeros((gp, dv), jnp.float32), jnp.zeros((gp,), jnp.float32), pending))
-    o_ref[...] = o
-    m_ref[...] = m_i
-    l_ref[...] = l_own
-
-    # 3. This program's top-n candidates.
-    _top_candidates(score_ref, idx_ref, val_ref, c0 * geom.blocks_per_chunk, cur, geom)
-
-
-def _ranks_in_registers(t, cur, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, geom: _SelectGeom):
-    """The whole cache's block ranks in the slot order, held in registers: the select kernel's
-    scores (the same expressions, chunk by chunk) for every one of the ``geom.num_chunks``
-    chunks, whose logits are all loaded at once, then every block compared with every other,
-    ``[nbc, nbc]`` at a time. Returns one ``[nbc]`` rank vector per chunk (blocks past ``cur``
-    rank after every valid one)."""
-    bc, nbc = geom.chunk, geom.blocks_per_chunk
-    _, _, has, lse = _cmp_lse(m_ref, l_ref)
-    shift = jnp.where(has, lse, 0.0)[:, None]  # [Gg, 1]: the twin's finite lse
-    n_vis = _num_visible(t, geom.l, geom.d, geom.num_cmp)
-    rows = jnp.arange(s_ref.shape[0], dtype=jnp.int32)[:, None] < geom.g  # [Gg, 1]
-    tok = jnp.arange(bc, dtype=jnp.int32)
-    local = jnp.arange(nbc, dtype=jnp.int32)
-    w_in, w_next = w_in_ref[...], w_next_ref[...]
-    logits = [s_ref[:, pl.ds(c * bc, bc)] for c in range(geom.num_chunks)]  # [Gg, bc] each
-    pri, pending = [], 0.0
-    for c, s in enumerate(logits):
-        vis = rows & ((c * bc + tok) < n_vis)[None, :]
-        p_sum = jnp.where(vis, jnp.exp(jnp.minimum(s - shift, 0.0)), 0.0).sum(axis=0)  # [bc]
-        score = (p_sum[:, None] * w_in).sum(axis=0) + jnp.where(local == 0, pending, 0.0)
-        pending = (p_sum * w_next).sum()
-        pri.append(_priority(c * nbc + local, score, cur))
-    ranks = []
-    for a, pa in enumerate(pri):
-        rank = jnp.zeros((nbc,), jnp.int32)
-        for b, pb in enumerate(pri):
-            ahead = pb[None, :] > pa[:, None]
-            if b < a:  # lower-indexed blocks go first among equals
-                ahead = ahead | (pb[None, :] == pa[:, None])
-            elif b == a:
-                ahead = ahead | ((pb[None, :] == pa[:, None]) & (local[None, :] < local[:, None]))
-            rank = rank + ahead.astype(jnp.int32).sum(axis=1)
-        ranks.append(rank)
-    return ranks
-
-
-def _select_sparse_kernel(len_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, q_ref, k_slc_ref,
-                          v_slc_ref, k_swa_ref, v_swa_ref, o_ref, mo_ref, lo_ref, idx_ref, *,
-                          geom: _SelectGeom, num_slc, num_swa, slots, window, **kw):
-    """``nsa_decode_select_sparse``, the select and sparse kernels in one launch for short
-    caches: program ``j < num_slc`` ranks every block of the cache itself
-    (``_ranks_in_registers``) and attends the blocks of slots ``jP .. jP + P - 1`` in one
-    softmax, writing their indices; the others piece ``j - num_slc`` of the window."""
-    t = len_ref[()] - 1  # the query's position
-    q = q_ref[...]
-    j = pl.program_id(2)  # read outside the branches (the interpreter cannot inside)
-    cur = jnp.minimum(t // geom.lp, geom.num_blocks - 1)
-    n_ids = idx_ref.shape[0]
-
-    def selected():
-        ranks = _ranks_in_registers(t, cur, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, geom)
-        valid = jnp.minimum(cur + 1, geom.top_n)  # slots holding a block
-        local = jnp.arange(geom.blocks_per_chunk, dtype=jnp.int32)
-        carry, ids = None, jnp.full((n_ids,), -1, jnp.int32)
-        for s in range(slots):
-            r = j * slots + s
-            blk = sum(jnp.where(rank == r, c * geom.blocks_per_chunk + local, 0).sum()
-                      for c, rank in enumerate(ranks))
-            blk = jnp.where(r < valid, blk, -1)
-            ids = jnp.where(jnp.arange(n_ids, dtype=jnp.int32) == s, blk, ids)
-            lo = blk * geom.lp
-            lo, hi = (jnp.where(blk >= 0, lo, 0),
-                      jnp.where(blk >= 0, jnp.minimum(jnp.minimum(lo + geom.lp - 1, t),
-                                                      k_slc_ref.shape[0] - 1), -1))
-            carry = _attend_range(q, k_slc_ref, v_slc_ref, lo, hi, init=carry, **kw)
-        return (*carry, ids)
-
-    def window_piece():
-        lo, hi = _split_piece(jnp.maximum(t - window + 1, 0), t, num_swa, j - num_slc,
-                              kw["block_k"])
-        return (*_attend_range(q, k_swa_ref, v_swa_ref, lo, hi, ring=True, **kw),
-                jnp.full((n_ids,), -1, jnp.int32))
-
-    o, m_i, l_i, ids = jax.lax.cond(j < num_slc, selected, window_piece)
-    o_ref[...] = o
-    mo_ref[...] = m_i
-    lo_ref[...] = l_i
-    idx_ref[...] = ids
 
 
 def merge_candidates(ids: Int[Array, "B K S M"], vals: Float[Array, "B K S M"],
@@ -840,81 +656,6 @@ def _sparse_ranges_call(lens, ids, vals, qg, k_slc, v_slc, k_swa, v_swa, *, num_
         interpret=interpret,
         name="nsa_decode_sparse",
     )(lens, ids, vals, qg, k_slc, v_slc, k_swa, v_swa)
-
-
-def _select_sparse_call(lens, m_p, l_p, s_cmp, qg, k_slc, v_slc, k_swa, v_swa, *,
-                        geom: _SelectGeom, num_slc, num_swa, slots, window, scale, block_k,
-                        precision, params, interpret):
-    """``nsa_decode_select_sparse`` over grid ``B x K x (num_slc + num_swa)``: split partials
-    ``[B, K, num_slc + num_swa, ...]`` and the indices ``[B, K, num_slc * slots]`` in slot
-    order (``-1`` unused)."""
-    b, kh, mc = m_p.shape[:3]
-    gg, cp = _next_pow2(geom.g), s_cmp.shape[-1]
-    gp, dk = qg.shape[2:]
-    dv = v_slc.shape[-1]
-    m = num_slc + num_swa
-    n_ids = max(16, _next_pow2(slots))
-    w_in, w_next = overlap_tables(geom.l, geom.d, geom.lp, geom.chunk)
-    kernel = functools.partial(_select_sparse_kernel, geom=geom, num_slc=num_slc,
-                               num_swa=num_swa, slots=slots, window=window, scale=scale,
-                               block_k=block_k, precision=precision)
-    out = pl.pallas_call(
-        kernel,
-        grid=(b, kh, m),
-        in_specs=[
-            _t_spec(),
-            pl.BlockSpec((None, None, mc, gg), lambda b, k, j: (b, k, 0, 0)),  # m
-            pl.BlockSpec((None, None, mc, gg), lambda b, k, j: (b, k, 0, 0)),  # l
-            pl.BlockSpec((None, None, gg, cp), lambda b, k, j: (b, k, 0, 0)),  # logits
-            pl.BlockSpec((geom.chunk, geom.blocks_per_chunk), lambda b, k, j: (0, 0)),  # w_in
-            pl.BlockSpec((geom.chunk,), lambda b, k, j: (0,)),  # w_next
-            pl.BlockSpec((None, None, gp, dk), lambda b, k, j: (b, k, 0, 0)),
-            _seq_spec(k_slc.shape[1], dk), _seq_spec(v_slc.shape[1], dv),
-            _seq_spec(k_swa.shape[1], dk), _seq_spec(v_swa.shape[1], dv)],
-        out_specs=_partial_specs(gp, dv) + [
-            pl.BlockSpec((None, None, None, n_ids), lambda b, k, j: (b, k, j, 0))],  # indices
-        out_shape=_partial_shapes(b, kh, m, gp, dv) + [
-            jax.ShapeDtypeStruct((b, kh, m, n_ids), jnp.int32)],
-        compiler_params=params,
-        interpret=interpret,
-        name="nsa_decode_select_sparse",
-    )(lens, m_p, l_p, s_cmp, jnp.asarray(w_in), jnp.asarray(w_next[:, 0]), qg, k_slc, v_slc,
-      k_swa, v_swa)
-    ids = out[3][:, :, :num_slc, :slots].reshape(b, kh, num_slc * slots)
-    return tuple(out[:3]), ids
-
-
-def _cmp_select_call(lens, qg, k, v, *, geom: _SelectGeom, scale, precision, params,
-                     interpret):
-    """``nsa_decode_cmp_select`` over grid ``B x K x S`` (``S = geom.splits``): the compressed
-    branch's split partials ``[B, K, S, Gp, ...]`` and the candidates ``[B, K, S, n']`` of
-    ``_select_call``."""
-    b, kh = k.shape[0], k.shape[2]
-    gp, dk = qg.shape[2:]
-    c, dv = k.shape[1], v.shape[-1]
-    ns = geom.splits
-    n_slots = max(16, _next_pow2(geom.top_n))
-    w_in, w_next = overlap_tables(geom.l, geom.d, geom.lp, geom.chunk)
-    cand_spec = pl.BlockSpec((None, None, None, n_slots), lambda b, k, s: (b, k, s, 0))
-    out = pl.pallas_call(
-        functools.partial(_cmp_select_kernel, geom=geom, scale=scale, precision=precision),
-        grid=(b, kh, ns),
-        in_specs=[_t_spec(), pl.BlockSpec((None, None, gp, dk), lambda b, k, s: (b, k, 0, 0)),
-                  _seq_spec(c, dk), _seq_spec(c, dv),
-                  pl.BlockSpec((geom.chunk, geom.blocks_per_chunk), lambda b, k, s: (0, 0)),
-                  pl.BlockSpec((geom.chunk,), lambda b, k, s: (0,))],
-        out_specs=_partial_specs(gp, dv) + [
-            cand_spec, cand_spec,
-            pl.BlockSpec((None, None, None, geom.score_len), lambda b, k, s: (b, k, s, 0))],
-        out_shape=_partial_shapes(b, kh, ns, gp, dv) + [
-            jax.ShapeDtypeStruct((b, kh, ns, n_slots), jnp.int32),
-            jax.ShapeDtypeStruct((b, kh, ns, n_slots), jnp.float32),
-            jax.ShapeDtypeStruct((b, kh, ns, geom.score_len), jnp.float32)],
-        compiler_params=params,
-        interpret=interpret,
-        name="nsa_decode_cmp_select",
-    )(lens, qg, k, v, jnp.asarray(w_in), jnp.asarray(w_next[:, 0]))
-    return tuple(out[:3]), out[3], out[4]
 
 
 def _combine_call(cmp_parts, sparse_parts, gates, *, num_slc, num_swa, col_splits, dtype,
@@ -1267,16 +1008,6 @@ def decode_stages(
     if not bs.select_kernel or _select_unsupported(geom):
         geom = None  # XLA selects
     combine = bs.fuse_sparse and bs.combine_kernel
-    # A short cache: the sparse programs select for themselves (one launch fewer).
-    fused_geom = None
-    if (upto == "full" and combine and geom is not None
-            and num_blocks <= bs.fused_select_blocks):
-        fused_geom = dataclasses.replace(geom, max_splits=1)
-        if fused_geom.num_chunks > MAX_FUSED_SELECT_CHUNKS:
-            fused_geom = None
-    # A short compressed cache: the compressed and select kernels in one launch.
-    cmp_select = (upto == "full" and combine and geom is not None and fused_geom is None
-                  and c <= bs.cmp_select_max_cmp and c % geom.chunk == 0)
 
     gp = max(16, _next_pow2(g))
     qg = jnp.pad(q.reshape(b, kh, g, dk), [(0, 0), (0, 0), (0, gp - g), (0, 0)])  # [B,K,Gp,Dk]
@@ -1325,14 +1056,6 @@ def decode_stages(
             num_swa=mw_p, slots=slots, top_n=top_n, lp=slc_block_size, window=window_size,
             block_k=block_k, **common)
 
-    if cmp_select:
-        # 1+2. One launch: the compressed branch in the select programs' shares, and selection.
-        cmp_parts, cand_ids, cand_vals = _cmp_select_call(lens, qg, k_cmp, v_cmp, geom=geom,
-                                                         **common)
-        indices = merge_candidates(cand_ids, cand_vals, top_n)  # [B, K, n]
-        parts = sparse_call(cand_ids, cand_vals, indices)
-        return {"o": combine_call(cmp_parts, parts), "indices": indices}
-
     # 1. Compressed branch, split over the compressed tokens (a power of two of splits, so the
     # select kernel reads all their maxima and sums in one tile).
     mc = min(bs.cmp_splits or _next_pow2(-(-bs.target_programs // per_row)),
@@ -1351,14 +1074,6 @@ def decode_stages(
     if upto == "cmp":
         o_cmp, lse_cmp = merge_cmp()
         return {"o_cmp": o_cmp.reshape(b, n, dv), "lse_cmp": lse_cmp}
-
-    if fused_geom is not None:
-        # 2+3. One launch selects and attends the selected blocks and the window; 4. combine.
-        parts, ids = _select_sparse_call(
-            lens, m_p, l_p, s_cmp, qg, k_slc, v_slc, k_swa, v_swa, geom=fused_geom,
-            num_slc=ns_p, num_swa=mw_p, slots=slots, window=window_size, block_k=block_k,
-            **common)
-        return {"o": combine_call(cmp_parts, parts), "indices": ids[:, :, :top_n]}
 
     # 2. Selection from the branch's own probabilities. (With the combine kernel, that kernel
     # merges o_cmp; the selection stage alone merges it in XLA.)

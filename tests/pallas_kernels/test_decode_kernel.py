@@ -31,7 +31,9 @@ def _inputs(seed, b, n, kh, dk, dv, s_len, c, dtype):
             jax.nn.sigmoid(jax.random.normal(ks[7], (b, n, 3))))
 
 
-_TWIN_CASES = [
+@pytest.mark.parametrize(
+    "n,kh,dk,dv,block_k,fuse,select,dtype",
+    [
         # G = 4 padded to 16; several splits per branch; the select kernel merges o_cmp.
         (8, 2, 16, 32, 16, True, {}, jnp.float32),
         # MQA, G = 16; one tile per split; 3 launches; selection chunks of 16 tokens.
@@ -53,44 +55,22 @@ _TWIN_CASES = [
         # The fused launch with XLA's merges and gates instead of the combine kernel.
         (8, 2, 16, 32, 16, True, dict(combine_kernel=False), jnp.float32),
         (16, 1, 32, 16, 16, True, dict(combine_kernel=False, sparse_slots=2), jnp.bfloat16),
-]
-# How the first two steps run: a compressed and a select launch; the select work folded into
-# the sparse launch; the compressed and select work in one launch (16-token select chunks, so
-# the 64-slot compressed cache holds whole chunks). Only where the chain has the combine kernel
-# and the select kernel.
-_CHAIN_MODES = {
-    "select_launch": dict(fused_select_blocks=0, cmp_select_max_cmp=0),
-    "fused_select": dict(fused_select_blocks=128, cmp_select_max_cmp=0),
-    "cmp_select": dict(fused_select_blocks=0, cmp_select_max_cmp=512, select_chunk=16),
-}
-
-
-def _twin_params():
-    for case in _TWIN_CASES:
-        n, kh, dk, dv, block_k, fuse, select, dtype = case
-        chained = fuse and select.get("combine_kernel", True) and select.get("select_kernel",
-                                                                             True)
-        for mode in _CHAIN_MODES if chained else ["select_launch"]:
-            yield pytest.param(*case, mode, id=f"{n}-{kh}-{dk}-{dv}-{block_k}-{fuse}-"
-                               f"{'-'.join(f'{k}={v}' for k, v in select.items())}-"
-                               f"{jnp.dtype(dtype).name}-{mode}")
-
-
-@pytest.mark.parametrize("n,kh,dk,dv,block_k,fuse,select,dtype,mode", list(_twin_params()))
-def test_decode_kernel_matches_twin(n, kh, dk, dv, block_k, fuse, select, dtype, mode):
+    ],
+)
+def test_decode_kernel_matches_twin(n, kh, dk, dv, block_k, fuse, select, dtype):
     s_len = 256 if select.get("select_splits") else 64
     c = 64
     # Lengths: a single token (no compressed token yet), block-unaligned, and a full cache.
     seq_lens = jnp.asarray([1, 7, 30, 64] if s_len == 64 else [1, 30, 140, 256], jnp.int32)
     args = (*_inputs(n + dk, len(seq_lens), n, kh, dk, dv, s_len, c, dtype), seq_lens)
     sizes = gpu.BlockSizes(**{"block_k": block_k, "target_programs": 64, "fuse_sparse": fuse,
-                              **_CHAIN_MODES[mode], **select})
+                              **select})
     o_ref, idx_ref = ref.decode_attention(*args, **GEOM)
     o, idx = gpu.decode_attention(*args, **GEOM, block_sizes=sizes, interpret=True)
     assert o.dtype == o_ref.dtype and o.shape == o_ref.shape
     np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(idx_ref), -1))
     assert_close(o, o_ref, dtype, f"decode kernel G={n // kh} block_k={block_k} fuse={fuse} "
-                 f"{select} {mode}")
+                 f"{select}")
 
 
 def _select_inputs(seed, b, kh, g, gp, mc, c, seq_lens, geom, *, ties, dv=16):
@@ -247,9 +227,7 @@ def test_decode_stages_agree_with_the_whole_chain():
         gpu.decode_stages(*args, upto="slc", **kw)
 
 
-@pytest.mark.parametrize("select,max_cands", [
-    ({}, 64), ({}, 16), (dict(select_kernel=False), 64), (dict(fused_select_blocks=128), 64),
-    (dict(cmp_select_max_cmp=0), 64), (dict(cmp_select_max_cmp=0), 16)])
+@pytest.mark.parametrize("select,max_cands", [({}, 64), ({}, 16), (dict(select_kernel=False), 64)])
 def test_decode_kernel_with_odd_counts(select, max_cands, monkeypatch):
     """n = 5 blocks in slots of 2 (3 programs, rounded up to 4) and a 40-token window in
     16-token tiles (3 pieces, rounded up to 4): the rounded-up programs attend nothing. The
@@ -355,44 +333,11 @@ def test_lengths_past_the_cache_stay_inside_it():
     cache may be chosen: the kernels would read outside the raw keys on the GPU."""
     seq_lens = jnp.asarray([64, 100], jnp.int32)  # a full cache of 64 slots, then 36 past it
     args = (*_inputs(2, 2, 8, 2, 16, 16, 64, 64, jnp.float32), seq_lens)
-    for sizes in (gpu.BlockSizes(block_k=16), gpu.BlockSizes(block_k=16, combine_kernel=False),
-                  gpu.BlockSizes(block_k=16, fused_select_blocks=128),
-                  gpu.BlockSizes(block_k=16, select_chunk=16)):
+    for sizes in (gpu.BlockSizes(block_k=16), gpu.BlockSizes(block_k=16, combine_kernel=False)):
         o, idx = gpu.decode_attention(*args, **GEOM, block_sizes=sizes, interpret=True)
         idx = np.asarray(idx)
         assert ((idx >= -1) & (idx < 64 // GEOM["slc_block_size"])).all(), idx
         assert np.isfinite(np.asarray(o)).all()
-
-
-FOUR = ["nsa_decode_cmp", "nsa_decode_select", "nsa_decode_sparse", "nsa_decode_combine"]
-
-
-@pytest.mark.parametrize("sizes,s_len,launches", [
-    (dict(fused_select_blocks=128), 256,
-     ["nsa_decode_cmp", "nsa_decode_select_sparse", "nsa_decode_combine"]),
-    # 16 blocks of 16 tokens exceed fused_select_blocks = 8: the select kernel launches.
-    (dict(fused_select_blocks=8), 256, FOUR),
-    (dict(fused_select_blocks=0), 64, FOUR),
-    # 64 compressed slots in 16-token chunks: one launch for the first two steps; not with
-    # 32 slots at most, nor with 128-token chunks (64 slots hold no whole chunk).
-    (dict(select_chunk=16), 256,
-     ["nsa_decode_cmp_select", "nsa_decode_sparse", "nsa_decode_combine"]),
-    (dict(select_chunk=16, cmp_select_max_cmp=32), 256, FOUR),
-    (dict(select_chunk=128), 256, FOUR),
-])
-def test_fused_launches_cut_the_chain(sizes, s_len, launches):
-    """Short caches run three kernels where the options allow, otherwise four."""
-    from tests.pallas_kernels.lowering import pallas_eqns
-    seq_lens = jnp.asarray([3, s_len], jnp.int32)
-    args = (*_inputs(4, 2, 8, 2, 16, 16, s_len, 64, jnp.float32), seq_lens)
-    sizes = gpu.BlockSizes(block_k=16, **sizes)
-    fn = jax.jit(lambda *a: gpu.decode_attention(*a, **GEOM, block_sizes=sizes,
-                                                 interpret=True))
-    assert [e.params["name"] for e in pallas_eqns(fn.trace(*args).jaxpr.jaxpr)] == launches
-    o_ref, idx_ref = ref.decode_attention(*args, **GEOM)
-    o, idx = fn(*args)
-    np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(idx_ref), -1))
-    assert_close(o, o_ref, jnp.float32, f"{sizes}, S={s_len}")
 
 
 def test_unsupported_head_dim_raises_not_implemented():
