@@ -78,12 +78,12 @@ from pallas_kernels.decode.reference import (
 from pallas_kernels.selection.reference import check_geometry, overlap_tables
 
 MAX_SELECT_BLOCKS = 4096  # J' the select kernel keeps in registers (l' = 64: 256k tokens)
-# Up to this many blocks per program the select kernel ranks all of them at once (one [J', J']
-# comparison; in tiles of 32 blocks when these figures were taken); beyond, it takes the top-n
-# by n rounds of argmax. On the H200 (commit
+# Up to this many blocks per program the select kernel ranks all of them at once (a [J', 32]
+# comparison a step); beyond, it takes the top-n by n rounds of argmax. On the H200 (commit
 # 227c481) ranking took the select kernel from 7.4 to 5.5 us at 64k / batch 1 (J' = 64) but
 # from 23 to 44 us at 64k / batch 32 (J' = 256).
 RANK_TOPN_MAX = 64
+RANK_TILE = 32
 # The sparse kernel merges at most this many select candidates itself (S programs x n' each);
 # with more, XLA's top-k merges them first. On the H200 (commit acc1582) ranking 256 of them
 # took the sparse kernel from 3.2 to 12 us at 64k / batch 1; 64 cost about 0.9 us at 8k.
@@ -261,25 +261,25 @@ def _cmp_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, s_ref, *, l, 
     l_ref[...] = l_i
 
 
-def _block_ranks(pri):
-    """Every entry's rank in the slot order among ``pri [M]`` (priorities, ``-inf``: invalid):
-    the entries before it are those with a higher priority and the earlier ones with an equal
-    priority, so valid entries hold ranks ``0 .. valid - 1``. One ``[M, M]`` comparison."""
-    m = pri.shape[0]
-    i = jnp.arange(m, dtype=jnp.int32)
-    ahead = ((pri[None, :] > pri[:, None])
-             | ((pri[None, :] == pri[:, None]) & (i[None, :] < i[:, None])))
-    return ahead.astype(jnp.int32).sum(axis=1)
-
-
 def _merged_slots(ids_ref, vals_ref, first, count: int, top_n: int):
     """Blocks of slots ``first .. first + count - 1`` of ``merge_candidates`` over the flat
     candidates ``ids, vals [M]`` (the select programs' lists one after another): each
     candidate's rank is the number of candidates before it, those with a higher score and the
     earlier ones with an equal score, so slot ``r`` holds the candidate of rank ``r``, ``-1``
     if its score is ``-inf`` or ``r >= n``."""
+    m = ids_ref.shape[0]
     vals = vals_ref[...]  # [M]
-    rank = _block_ranks(vals)
+    pos = jnp.arange(m, dtype=jnp.int32)
+    tile = min(m, RANK_TILE)
+
+    def rank_tile(it, rank):
+        pi = it * tile + jnp.arange(tile, dtype=jnp.int32)
+        vi = vals_ref[pl.ds(pl.multiple_of(it * tile, tile), tile)]
+        ahead = (vi[None, :] > vals[:, None]) | ((vi[None, :] == vals[:, None])
+                                                 & (pi[None, :] < pos[:, None]))
+        return rank + ahead.astype(jnp.int32).sum(axis=1)
+
+    rank = jax.lax.fori_loop(0, m // tile, rank_tile, jnp.zeros((m,), jnp.int32))
     picked = jnp.where(vals > -jnp.inf, ids_ref[...], -1)
     out = []
     for s in range(count):
@@ -424,8 +424,7 @@ def _score_run(t, cur, s_ref, w_in_ref, w_next_ref, score_ref, shift, c0, run,
                geom: _SelectGeom):
     """Block scores of chunks ``c0 .. c0 + run - 1`` (cut at the current block's chunk) into
     ``score_ref[(c - c0) nbc ...]``; chunk ``c0``'s first block also gets the carried term of
-    chunk ``c0 - 1``. ``run`` may be traced (0: nothing is written). Returns the last chunk's
-    scores ``[nbc]`` (zeros if none), which a one-chunk run can use without reading them back."""
+    chunk ``c0 - 1``. ``run`` may be traced (0: nothing is written)."""
     bc, nbc = geom.chunk, geom.blocks_per_chunk
     n_vis = _num_visible(t, geom.l, geom.d, geom.num_cmp)
     rows = jnp.arange(s_ref.shape[0], dtype=jnp.int32)[:, None] < geom.g  # [Gg, 1]
@@ -448,19 +447,18 @@ def _score_run(t, cur, s_ref, w_in_ref, w_next_ref, score_ref, shift, c0, run,
         return p.sum(axis=0)  # [bc]: the group's sum first, as the twin does
 
     def chunk_body(c, carry):
-        s, pending, _ = carry
+        s, pending = carry
         s_next = load(jnp.minimum(c + 1, n_chunks - 1))  # in flight during this chunk's maths
         p_sum = group_probs(c, s)
         score = (p_sum[:, None] * w_in).sum(axis=0) + jnp.where(first, pending, 0.0)  # [nbc]
         score_ref[pl.ds(pl.multiple_of((c - c0) * nbc, nbc), nbc)] = score
-        return s_next, (p_sum * w_next).sum(), score
+        return s_next, (p_sum * w_next).sum()
 
     # The carried term into chunk c0 comes from chunk c0 - 1, another program's last chunk.
     # (Clamped into the row: a run past the last chunk has no chunk to carry into.)
     prev = jnp.clip(c0 - 1, 0, n_chunks - 1)
     pending = jnp.where(c0 > 0, (group_probs(prev, load(prev)) * w_next).sum(), 0.0)
-    return jax.lax.fori_loop(c0, c1, chunk_body, (load(jnp.minimum(c0, n_chunks - 1)), pending,
-                                                  jnp.zeros((nbc,), jnp.float32)))[2]
+    jax.lax.fori_loop(c0, c1, chunk_body, (load(jnp.minimum(c0, n_chunks - 1)), pending))
 
 
 def _priority(j, score, cur):
@@ -469,13 +467,33 @@ def _priority(j, score, cur):
     return jnp.where(j <= cur, jnp.where(forced, jnp.inf, score), -jnp.inf)
 
 
+def _block_ranks(score_ref, j0, cur, tiles):
+    """Every block's rank in the slot order among the ``J'`` blocks of ``score_ref``
+    (``j0 + i`` the block of entry ``i``): the blocks before it are those with a higher
+    priority and the lower-indexed ones with an equal priority, so valid blocks (priority
+    ``> -inf``) hold ranks ``0 .. valid - 1``. Tiles of ``RANK_TILE`` blocks are compared at a
+    time, ``tiles`` of them (traced: 0 leaves every rank 0). Returns ``(rank, pri)``."""
+    jp = score_ref.shape[0]
+    jl = jnp.arange(jp, dtype=jnp.int32)  # local block index
+    pri = _priority(j0 + jl, score_ref[...], cur)  # [J']
+    tile = min(jp, RANK_TILE)
+
+    def rank_tile(it, rank):
+        il = it * tile + jnp.arange(tile, dtype=jnp.int32)
+        pri_i = _priority(j0 + il, score_ref[pl.ds(pl.multiple_of(it * tile, tile), tile)], cur)
+        ahead = ((pri_i[None, :] > pri[:, None])
+                 | ((pri_i[None, :] == pri[:, None]) & (il[None, :] < jl[:, None])))
+        return rank + ahead.astype(jnp.int32).sum(axis=1)
+
+    return jax.lax.fori_loop(0, tiles, rank_tile, jnp.zeros((jp,), jnp.int32)), pri
+
+
 def _select_kernel(len_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, *refs, geom: _SelectGeom,
                    merge_o: bool):
     if merge_o:
         o_ref, idx_ref, val_ref, score_ref, lse_ref, oc_ref = refs
     else:
         idx_ref, val_ref, score_ref, lse_ref = refs
-    nbc = geom.blocks_per_chunk
     t = len_ref[()] - 1  # the query's position
     cur = jnp.minimum(t // geom.lp, geom.num_blocks - 1)  # the current block (in the cache)
     split = pl.program_id(2)
@@ -493,33 +511,29 @@ def _select_kernel(len_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, *refs, ge
 
     # 2. Block scores of this program's run of chunks, into its scratch row.
     c0 = split * geom.chunks_per_split
-    last = _score_run(t, cur, s_ref, w_in_ref, w_next_ref, score_ref, shift, c0,
-                      geom.chunks_per_split, geom)
+    _score_run(t, cur, s_ref, w_in_ref, w_next_ref, score_ref, shift, c0,
+               geom.chunks_per_split, geom)
 
-    # 3. This program's top-n candidates (a one-chunk run ranks its scores in registers).
-    _top_candidates(score_ref, idx_ref, val_ref, c0 * nbc, cur, geom,
-                    scores=last if geom.chunks_per_split == 1 else None)
+    # 3. This program's top-n candidates.
+    _top_candidates(score_ref, idx_ref, val_ref, c0, cur, geom)
 
 
-def _top_candidates(score_ref, idx_ref, val_ref, j0, cur, geom: _SelectGeom, scores=None):
-    """Writes the top-n of blocks ``j0 .. j0 + J' - 1`` (scores in ``score_ref [J']``, or the
-    same values in registers as ``scores``; valid up to ``cur``) to ``idx_ref, val_ref [n']`` in
-    slot order: with ``J' <= RANK_TOPN_MAX`` by ranking every block at once, otherwise by ``n``
-    rounds of argmax; slots past the valid blocks stay ``(-1, -inf)``."""
-    if scores is None:
-        # Each thread reads scores other threads wrote: a CTA barrier makes the global writes
-        # before it visible after it.
-        if not geom.interpret:
-            plgpu.debug_barrier()
-        scores = score_ref[...]
+def _top_candidates(score_ref, idx_ref, val_ref, c0, cur, geom: _SelectGeom):
+    """Writes the top-n of blocks ``j0 .. j0 + J' - 1``, those of chunks ``c0 ...`` (scores in
+    ``score_ref [J']``, valid up to ``cur``) to ``idx_ref, val_ref [n']`` in slot order: with
+    ``J' <= RANK_TOPN_MAX`` by ranking every block at once, otherwise by ``n`` rounds of
+    argmax; slots past the valid blocks stay ``(-1, -inf)``. Each thread reads scores other
+    threads wrote: a CTA barrier makes the global writes before it visible after it."""
+    if not geom.interpret:
+        plgpu.debug_barrier()
+    j0 = c0 * geom.blocks_per_chunk
     jp = score_ref.shape[0]
     slot = jnp.arange(idx_ref.shape[0], dtype=jnp.int32)
     rounds = jnp.clip(cur + 1 - j0, 0, min(geom.top_n, jp))
     jl = jnp.arange(jp, dtype=jnp.int32)
     if jp <= RANK_TOPN_MAX:
         # Every block's rank at once; slot r takes the block of rank r.
-        pri = _priority(j0 + jl, scores, cur)  # [J']
-        rank = _block_ranks(pri)
+        rank, pri = _block_ranks(score_ref, j0, cur, jp // min(jp, RANK_TILE))
         hit = rank[None, :] == slot[:, None]  # [n', J']: one block per slot
         used = slot < rounds
         ids = jnp.where(used, jnp.where(hit, j0 + jl[None, :], 0).sum(axis=1), -1)
@@ -535,7 +549,7 @@ def _top_candidates(score_ref, idx_ref, val_ref, j0, cur, geom: _SelectGeom, sco
             return jnp.where(j == j0 + best, -jnp.inf, pri), ids, vals
 
         _, ids, vals = jax.lax.fori_loop(0, rounds, pick, (
-            _priority(j, scores, cur), jnp.full(slot.shape, -1, jnp.int32),
+            _priority(j, score_ref[...], cur), jnp.full(slot.shape, -1, jnp.int32),
             jnp.full(slot.shape, -jnp.inf, jnp.float32)))
     idx_ref[...] = ids
     val_ref[...] = vals
