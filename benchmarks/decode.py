@@ -82,7 +82,6 @@ SWEEP = {
     "xla_combine": gpu.BlockSizes(combine_kernel=False),
     "sel_programs528": gpu.BlockSizes(select_programs=528),
     "sel_programs1056": gpu.BlockSizes(select_programs=1056),
-    # The select kernel as its own launch, or folded into the sparse one up to 256 blocks.
     "sel_splits2": gpu.BlockSizes(select_splits=2),
     "slots4": gpu.BlockSizes(sparse_slots=4),
     "cmp_splits4": gpu.BlockSizes(cmp_splits=4),

@@ -424,7 +424,7 @@ def _score_run(t, cur, s_ref, w_in_ref, w_next_ref, score_ref, shift, c0, run,
                geom: _SelectGeom):
     """Block scores of chunks ``c0 .. c0 + run - 1`` (cut at the current block's chunk) into
     ``score_ref[(c - c0) nbc ...]``; chunk ``c0``'s first block also gets the carried term of
-    chunk ``c0 - 1``. ``run`` may be traced (0: nothing is written)."""
+    chunk ``c0 - 1``."""
     bc, nbc = geom.chunk, geom.blocks_per_chunk
     n_vis = _num_visible(t, geom.l, geom.d, geom.num_cmp)
     rows = jnp.arange(s_ref.shape[0], dtype=jnp.int32)[:, None] < geom.g  # [Gg, 1]
@@ -472,7 +472,7 @@ def _block_ranks(score_ref, j0, cur, tiles):
     (``j0 + i`` the block of entry ``i``): the blocks before it are those with a higher
     priority and the lower-indexed ones with an equal priority, so valid blocks (priority
     ``> -inf``) hold ranks ``0 .. valid - 1``. Tiles of ``RANK_TILE`` blocks are compared at a
-    time, ``tiles`` of them (traced: 0 leaves every rank 0). Returns ``(rank, pri)``."""
+    time, ``tiles`` of them. Returns ``(rank, pri)``."""
     jp = score_ref.shape[0]
     jl = jnp.arange(jp, dtype=jnp.int32)  # local block index
     pri = _priority(j0 + jl, score_ref[...], cur)  # [J']
@@ -617,7 +617,7 @@ def _range_call(lo, hi, qg, k, v, *, scale, block_k, precision, params, interpre
     )(lo, hi, qg, k, v)
 
 
-def _t_spec():
+def _len_spec():
     return pl.BlockSpec((None,), lambda b, k, j: (b,))
 
 
@@ -633,7 +633,7 @@ def _cmp_call(lens, qg, k, v, *, l, d, splits, scale, block_k, precision, params
     return pl.pallas_call(
         kernel,
         grid=(b, kh, splits),
-        in_specs=[_t_spec(), pl.BlockSpec((None, None, gp, dk), lambda b, k, j: (b, k, 0, 0)),
+        in_specs=[_len_spec(), pl.BlockSpec((None, None, gp, dk), lambda b, k, j: (b, k, 0, 0)),
                   _seq_spec(c, dk), _seq_spec(c, dv)],
         out_specs=_partial_specs(gp, dv) + [
             pl.BlockSpec((None, None, gp, logits_len), lambda b, k, j: (b, k, 0, 0))],
@@ -660,7 +660,7 @@ def _sparse_ranges_call(lens, ids, vals, qg, k_slc, v_slc, k_swa, v_swa, *, num_
     return pl.pallas_call(
         kernel,
         grid=(b, kh, m),
-        in_specs=[_t_spec(), cand_spec, cand_spec,
+        in_specs=[_len_spec(), cand_spec, cand_spec,
                   pl.BlockSpec((None, None, gp, dk), lambda b, k, j: (b, k, 0, 0)),
                   _seq_spec(k_slc.shape[1], dk), _seq_spec(v_slc.shape[1], dv),
                   _seq_spec(k_swa.shape[1], dk), _seq_spec(v_swa.shape[1], dv)],
@@ -1028,7 +1028,7 @@ def decode_stages(
     # The kernels take the lengths (the query at position t = length - 1) as they are: no XLA
     # op per step computes t for them.
     lens = seq_lens.astype(jnp.int32)  # [B]
-    t = lens - 1  # for the XLA glue of the unfused paths
+    t = lens - 1  # for the XLA glue of the paths without the fused kernels
 
     # Programs of the selected blocks and the window (step 3): ``mw`` window pieces and ``P``
     # selected blocks a program, as few as keep about target_programs programs busy.
