@@ -52,7 +52,6 @@ DECODE_VARIANTS: dict[str, gpu.BlockSizes] = {
     "cmp_stages4": gpu.BlockSizes(cmp_num_stages=4),
     "cmp_splits2": gpu.BlockSizes(cmp_splits=2),
     "cmp_splits8": gpu.BlockSizes(cmp_splits=8),
-    "cmp_splits16": gpu.BlockSizes(cmp_splits=16),
     "cmp_bk128_stages3": gpu.BlockSizes(cmp_block_k=128, cmp_num_stages=3),
     "cmp_bk32_stages4": gpu.BlockSizes(cmp_block_k=32, cmp_num_stages=4),
     "cmp_bk32_warps2_stages4": gpu.BlockSizes(cmp_block_k=32, cmp_num_warps=2, cmp_num_stages=4),

@@ -1030,46 +1030,6 @@ def decode_stages(
     lens = seq_lens.astype(jnp.int32)  # [B]
     t = lens - 1  # for the XLA glue of the paths without the fused kernels
 
-    # Programs of the selected blocks and the window (step 3): ``mw`` window pieces and ``P``
-    # selected blocks a program, as few as keep about target_programs programs busy.
-    mw = max(1, min(-(-window_size // block_k) + 1, -(-bs.target_programs // per_row)))
-    slots = bs.sparse_slots or max(1, min(_next_pow2(top_n),
-                                          _prev_pow2(top_n * per_row // bs.target_programs)))
-    ns = -(-top_n // slots)  # programs for the selected blocks
-    # Fused, both groups are rounded up to powers of two (the extra programs attend nothing),
-    # so the combine kernel merges each group in whole tiles.
-    ns_p, mw_p = _next_pow2(ns), _next_pow2(mw)
-
-    def combine_call(cmp_parts, parts):
-        gates_g = gates.reshape(b, kh, g, 3)
-        if gp > g:
-            gates_g = jnp.pad(gates_g, [(0, 0), (0, 0), (0, gp - g), (0, 0)])
-        col_splits = max(1, min(dv // 16, _next_pow2(-(-bs.target_programs // per_row))))
-        o = _combine_call(cmp_parts, parts, gates_g, num_slc=ns_p, num_swa=mw_p,
-                          col_splits=col_splits, dtype=q.dtype, params=params,
-                          interpret=interpret)
-        return o[:, :, :g].reshape(b, n, dv)
-
-    def sparse_call(cand_ids, cand_vals, indices):
-        """Step 3 in one launch from the select programs' candidates ``[B, K, S, n']``, or from
-        the merged ``indices`` where there are none (XLA selected) or too many for the sparse
-        programs to merge."""
-        if cand_ids is not None:
-            cand_ids, cand_vals = cand_ids.reshape(b, kh, -1), cand_vals.reshape(b, kh, -1)
-        if cand_ids is None or cand_ids.shape[-1] > MAX_SPARSE_CANDIDATES:
-            # The merged indices as the candidates of one program: slot order by descending
-            # score (-slot), -1 unused.
-            n_pad = max(16, _next_pow2(top_n))
-            cand_ids = jnp.pad(indices, [(0, 0), (0, 0), (0, n_pad - top_n)],
-                               constant_values=-1)
-            cand_vals = jnp.where(cand_ids >= 0, -jnp.arange(n_pad, dtype=jnp.float32),
-                                  -jnp.inf)
-        # The sparse programs merge the candidates and compute their ranges themselves.
-        return _sparse_ranges_call(
-            lens, cand_ids, cand_vals, qg, k_slc, v_slc, k_swa, v_swa, num_slc=ns_p,
-            num_swa=mw_p, slots=slots, top_n=top_n, lp=slc_block_size, window=window_size,
-            block_k=block_k, **common)
-
     # 1. Compressed branch, split over the compressed tokens (a power of two of splits, so the
     # select kernel reads all their maxima and sums in one tile).
     mc = min(bs.cmp_splits or _next_pow2(-(-bs.target_programs // per_row)),
@@ -1111,12 +1071,42 @@ def decode_stages(
             o_cmp = merge_cmp()[0]
         return {"o_cmp": o_cmp.reshape(b, n, dv), "indices": indices}
 
-    # 3. Selected blocks and the window (one launch, or one each).
+    # 3. Selected blocks and the window (one launch, or one each): ``mw`` window pieces and
+    # ``P`` selected blocks a program, as few as keep about target_programs programs busy.
+    mw = max(1, min(-(-window_size // block_k) + 1, -(-bs.target_programs // per_row)))
+    slots = bs.sparse_slots or max(1, min(_next_pow2(top_n),
+                                          _prev_pow2(top_n * per_row // bs.target_programs)))
+    ns = -(-top_n // slots)  # programs for the selected blocks
     if bs.fuse_sparse:
-        parts = sparse_call(cand_ids, cand_vals, indices)
+        # The sparse programs merge the select programs' candidates and compute their ranges
+        # themselves; both groups of programs are rounded up to powers of two (the extra ones
+        # attend nothing), so the combine kernel merges each group in whole tiles.
+        ns_p, mw_p = _next_pow2(ns), _next_pow2(mw)
+        if cand_ids is not None:
+            cand_ids, cand_vals = cand_ids.reshape(b, kh, -1), cand_vals.reshape(b, kh, -1)
+        if cand_ids is None or cand_ids.shape[-1] > MAX_SPARSE_CANDIDATES:
+            # The merged indices as the candidates of one program (XLA selected, or too many
+            # proposals to merge in the kernel): slot order by descending score (-slot), -1
+            # unused.
+            n_pad = max(16, _next_pow2(top_n))
+            cand_ids = jnp.pad(indices, [(0, 0), (0, 0), (0, n_pad - top_n)],
+                               constant_values=-1)
+            cand_vals = jnp.where(cand_ids >= 0, -jnp.arange(n_pad, dtype=jnp.float32),
+                                  -jnp.inf)
+        parts = _sparse_ranges_call(
+            lens, cand_ids, cand_vals, qg, k_slc, v_slc, k_swa, v_swa, num_slc=ns_p,
+            num_swa=mw_p, slots=slots, top_n=top_n, lp=slc_block_size, window=window_size,
+            block_k=block_k, **common)
         if combine:
             # 4. One kernel merges every branch over a share of the columns and gates them.
-            return {"o": combine_call(cmp_parts, parts), "indices": indices}
+            gates_g = gates.reshape(b, kh, g, 3)
+            if gp > g:
+                gates_g = jnp.pad(gates_g, [(0, 0), (0, 0), (0, gp - g), (0, 0)])
+            col_splits = max(1, min(dv // 16, _next_pow2(-(-bs.target_programs // per_row))))
+            o = _combine_call(cmp_parts, parts, gates_g, num_slc=ns_p, num_swa=mw_p,
+                              col_splits=col_splits, dtype=q.dtype, params=params,
+                              interpret=interpret)
+            return {"o": o[:, :, :g].reshape(b, n, dv), "indices": indices}
         parts_slc = tuple(x[:, :, :ns_p] for x in parts)
         parts_swa = tuple(x[:, :, ns_p:] for x in parts)
     else:
