@@ -88,6 +88,20 @@ SWEEP = {
     "cmp_splits16": gpu.BlockSizes(cmp_splits=16),
     "programs64": gpu.BlockSizes(target_programs=64),
     "sel_chunk256": gpu.BlockSizes(select_chunk=256),
+    # One kernel's warps at a time (num_warps=2 or 8 for all of them was slower at 8k / B1).
+    "cmp_w2": gpu.BlockSizes(cmp_num_warps=2),
+    "cmp_w8": gpu.BlockSizes(cmp_num_warps=8),
+    "select_w1": gpu.BlockSizes(select_num_warps=1),
+    "select_w2": gpu.BlockSizes(select_num_warps=2),
+    "select_w8": gpu.BlockSizes(select_num_warps=8),
+    "sparse_w2": gpu.BlockSizes(sparse_num_warps=2),
+    "sparse_w8": gpu.BlockSizes(sparse_num_warps=8),
+    "combine_w1": gpu.BlockSizes(combine_num_warps=1),
+    "combine_w2": gpu.BlockSizes(combine_num_warps=2),
+    "combine_w8": gpu.BlockSizes(combine_num_warps=8),
+    "stages3_sel528": gpu.BlockSizes(num_stages=3, select_programs=528),
+    # The default again, to read the run's noise off the sweep.
+    "default": gpu.BlockSizes(),
 }
 # --stages: (record name, decode_stages(upto=...), BlockSizes overrides).
 STAGE_VARIANTS = (

@@ -126,6 +126,8 @@ class BlockSizes:
         of the ``S`` programs of a (sequence, KV group) walks ``1/S`` of the chunks.
       combine_kernel: with ``fuse_sparse``, one ``nsa_decode_combine`` kernel merges every
         branch's partials and applies the gates; ``False`` leaves that to XLA.
+      select_num_warps, sparse_num_warps, combine_num_warps: warps of the select, sparse and
+        combine kernels (``0``: ``num_warps``).
     """
 
     block_k: int = 64
@@ -144,6 +146,9 @@ class BlockSizes:
     cmp_splits: int = 0
     select_programs: int = 0
     combine_kernel: bool = True
+    select_num_warps: int = 0
+    sparse_num_warps: int = 0
+    combine_num_warps: int = 0
 
     def __post_init__(self):
         if self.block_k < 16 or self.block_k & (self.block_k - 1):
@@ -163,7 +168,8 @@ class BlockSizes:
         if 0 < self.cmp_block_k < 16:
             raise ValueError(f"cmp_block_k must be 0 or a power of two >= 16, got "
                              f"{self.cmp_block_k}")
-        for name in ("cmp_num_warps", "cmp_num_stages", "select_programs"):
+        for name in ("cmp_num_warps", "cmp_num_stages", "select_programs", "select_num_warps",
+                     "sparse_num_warps", "combine_num_warps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -446,9 +452,13 @@ def _score_run(t, cur, s_ref, w_in_ref, w_next_ref, score_ref, shift, c0, run,
         p = jnp.where(vis, jnp.exp(jnp.minimum(s - shift, 0.0)), 0.0)
         return p.sum(axis=0)  # [bc]: the group's sum first, as the twin does
 
+    # Every load is clamped to the logits' static width, not to ``n_chunks``: its address then
+    # does not wait for the length, and a chunk loaded past ``n_chunks`` is never used.
+    last = geom.num_chunks - 1
+
     def chunk_body(c, carry):
         s, pending = carry
-        s_next = load(jnp.minimum(c + 1, n_chunks - 1))  # in flight during this chunk's maths
+        s_next = load(jnp.minimum(c + 1, last))  # in flight during this chunk's maths
         p_sum = group_probs(c, s)
         score = (p_sum[:, None] * w_in).sum(axis=0) + jnp.where(first, pending, 0.0)  # [nbc]
         score_ref[pl.ds(pl.multiple_of((c - c0) * nbc, nbc), nbc)] = score
@@ -456,9 +466,9 @@ def _score_run(t, cur, s_ref, w_in_ref, w_next_ref, score_ref, shift, c0, run,
 
     # The carried term into chunk c0 comes from chunk c0 - 1, another program's last chunk.
     # (Clamped into the row: a run past the last chunk has no chunk to carry into.)
-    prev = jnp.clip(c0 - 1, 0, n_chunks - 1)
+    prev = jnp.clip(c0 - 1, 0, last)
     pending = jnp.where(c0 > 0, (group_probs(prev, load(prev)) * w_next).sum(), 0.0)
-    jax.lax.fori_loop(c0, c1, chunk_body, (load(jnp.minimum(c0, n_chunks - 1)), pending))
+    jax.lax.fori_loop(c0, c1, chunk_body, (load(jnp.minimum(c0, last)), pending))
 
 
 def _priority(j, score, cur):
@@ -1010,6 +1020,10 @@ def decode_stages(
     scale = default_scale(dk, scale)
     precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     params = plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
+
+    def params_for(warps):  # a kernel's own warps (0: num_warps)
+        return plgpu.CompilerParams(num_warps=warps or bs.num_warps, num_stages=bs.num_stages)
+
     common = dict(scale=scale, precision=precision, params=params, interpret=interpret)
     num_blocks = -(-s_slc // slc_block_size)
     per_row = b * kh
@@ -1055,7 +1069,8 @@ def decode_stages(
         merge_o = (not combine and mc <= bs.select_merge_splits
                    and _can_merge_o(dv, geom.splits))
         cand_ids, cand_vals, _, _, o_cmp = _select_call(
-            lens, m_p, l_p, s_cmp, o_p if merge_o else None, geom=geom, params=params)
+            lens, m_p, l_p, s_cmp, o_p if merge_o else None, geom=geom,
+            params=params_for(bs.select_num_warps))
         indices = merge_candidates(cand_ids, cand_vals, top_n)  # [B, K, n]
         o_cmp = o_cmp[:, :, :g] if merge_o else None
     else:
@@ -1096,7 +1111,7 @@ def decode_stages(
         parts = _sparse_ranges_call(
             lens, cand_ids, cand_vals, qg, k_slc, v_slc, k_swa, v_swa, num_slc=ns_p,
             num_swa=mw_p, slots=slots, top_n=top_n, lp=slc_block_size, window=window_size,
-            block_k=block_k, **common)
+            block_k=block_k, **dict(common, params=params_for(bs.sparse_num_warps)))
         if combine:
             # 4. One kernel merges every branch over a share of the columns and gates them.
             gates_g = gates.reshape(b, kh, g, 3)
@@ -1104,7 +1119,8 @@ def decode_stages(
                 gates_g = jnp.pad(gates_g, [(0, 0), (0, 0), (0, gp - g), (0, 0)])
             col_splits = max(1, min(dv // 16, _next_pow2(-(-bs.target_programs // per_row))))
             o = _combine_call(cmp_parts, parts, gates_g, num_slc=ns_p, num_swa=mw_p,
-                              col_splits=col_splits, dtype=q.dtype, params=params,
+                              col_splits=col_splits, dtype=q.dtype,
+                              params=params_for(bs.combine_num_warps),
                               interpret=interpret)
             return {"o": o[:, :, :g].reshape(b, n, dv), "indices": indices}
         parts_slc = tuple(x[:, :, :ns_p] for x in parts)

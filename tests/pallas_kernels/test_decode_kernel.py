@@ -1,4 +1,5 @@
-"""The Pallas-Triton decode kernels (interpret mode on CPU) against the XLA decode twin.
+"""The Pallas-Triton decode kernels against the XLA decode twin: in interpret mode on CPU,
+compiled for the device on a GPU (the same tests, ``INTERPRET`` below).
 
 The twin itself is checked against the full-sequence forward in
 ``tests/nsa_jax/test_decode.py``, so kernel = twin = forward.
@@ -15,6 +16,9 @@ from pallas_kernels.decode import gpu
 from pallas_kernels.decode import reference as ref
 from pallas_kernels.selection import reference as sel_ref
 from tests.tolerances import assert_close
+
+# Compiled kernels where there is a GPU, the Pallas interpreter elsewhere.
+INTERPRET = jax.default_backend() != "gpu"
 
 GEOM = dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=4, window_size=16)
 
@@ -66,7 +70,7 @@ def test_decode_kernel_matches_twin(n, kh, dk, dv, block_k, fuse, select, dtype)
     sizes = gpu.BlockSizes(**{"block_k": block_k, "target_programs": 64, "fuse_sparse": fuse,
                               **select})
     o_ref, idx_ref = ref.decode_attention(*args, **GEOM)
-    o, idx = gpu.decode_attention(*args, **GEOM, block_sizes=sizes, interpret=True)
+    o, idx = gpu.decode_attention(*args, **GEOM, block_sizes=sizes, interpret=INTERPRET)
     assert o.dtype == o_ref.dtype and o.shape == o_ref.shape
     np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(idx_ref), -1))
     assert_close(o, o_ref, dtype, f"decode kernel G={n // kh} block_k={block_k} fuse={fuse} "
@@ -141,7 +145,7 @@ def test_select_kernel_matches_select_from_logits(g, geom, c, s_len, chunk, ties
     nb = -(-s_len // lp)
     idx, lse, o_cmp, scores = gpu.select_top_n(
         s, m, l, seq_lens, group_size=g, num_blocks=nb, o_p=o, chunk=chunk, splits=splits,
-        interpret=True, **geom)
+        interpret=INTERPRET, **geom)
     o_ref, lse_ref = gpu.merge_partials(o[:, :, :, :g], m[..., :g], l[..., :g])
     idx_ref = ref.select_from_logits(s[:, :, :g], lse_ref, seq_lens, num_blocks=nb, **geom)
     assert idx.shape == idx_ref.shape and idx.dtype == jnp.int32
@@ -180,30 +184,30 @@ def test_select_kernel_validates_its_inputs():
     s, m = jnp.zeros((1, 1, 16, 64)), jnp.zeros((1, 1, 2, 16))
     lens = jnp.asarray([10], jnp.int32)
     with pytest.raises(ValueError, match="group_size=17"):
-        gpu.select_top_n(s, m, m, lens, group_size=17, interpret=True, **geom)
+        gpu.select_top_n(s, m, m, lens, group_size=17, interpret=INTERPRET, **geom)
     with pytest.raises(ValueError, match=r"m_p.shape=\(1, 1, 2, 8\)"):
-        gpu.select_top_n(s, m[..., :8], m[..., :8], lens, group_size=4, interpret=True, **geom)
+        gpu.select_top_n(s, m[..., :8], m[..., :8], lens, group_size=4, interpret=INTERPRET, **geom)
     with pytest.raises(ValueError, match="l=8, d=3"):
-        gpu.select_top_n(s, m, m, lens, group_size=4, interpret=True,
+        gpu.select_top_n(s, m, m, lens, group_size=4, interpret=INTERPRET,
                          **{**geom, "cmp_stride": 3})
     with pytest.raises(NotImplementedError, match="l'/d=6"):
-        gpu.select_top_n(s, m, m, lens, group_size=4, interpret=True,
+        gpu.select_top_n(s, m, m, lens, group_size=4, interpret=INTERPRET,
                          **{**geom, "slc_block_size": 24})
     with pytest.raises(ValueError, match="chunk must be a power of two >= 16, got 8"):
-        gpu.select_top_n(s, m, m, lens, group_size=4, chunk=8, interpret=True, **geom)
+        gpu.select_top_n(s, m, m, lens, group_size=4, chunk=8, interpret=INTERPRET, **geom)
     with pytest.raises(ValueError, match=r"num_cmp=65 must lie in \[0, Cp=64\]"):
-        gpu.select_top_n(s, m, m, lens, group_size=4, num_cmp=65, interpret=True, **geom)
+        gpu.select_top_n(s, m, m, lens, group_size=4, num_cmp=65, interpret=INTERPRET, **geom)
     with pytest.raises(ValueError, match="select_chunk must be a power of two >= 16, got 48"):
         gpu.BlockSizes(select_chunk=48)
     with pytest.raises(ValueError, match="select_merge_splits"):
         gpu.BlockSizes(select_merge_splits=-1)
     with pytest.raises(ValueError, match="splits must be >= 1, got 0"):
-        gpu.select_top_n(s, m, m, lens, group_size=4, splits=0, interpret=True, **geom)
+        gpu.select_top_n(s, m, m, lens, group_size=4, splits=0, interpret=INTERPRET, **geom)
     # Two programs cannot share Dv = 33 columns equally (a column would never be written).
     o = jnp.zeros((1, 1, 2, 16, 33))
     with pytest.raises(ValueError, match="cannot split Dv=33"):
         gpu.select_top_n(s, m, m, lens, group_size=4, o_p=o, chunk=16, splits=2,
-                         interpret=True, **{**geom, "num_blocks": 16})
+                         interpret=INTERPRET, **{**geom, "num_blocks": 16})
     with pytest.raises(ValueError, match="sparse_slots must be 0 or a power of two, got 3"):
         gpu.BlockSizes(sparse_slots=3)
     with pytest.raises(ValueError, match="select_splits must be >= 0"):
@@ -216,7 +220,7 @@ def test_decode_stages_agree_with_the_whole_chain():
     seq_lens = jnp.asarray([1, 30, 64], jnp.int32)
     args = (*_inputs(3, len(seq_lens), 8, 2, 16, 16, 64, 64, jnp.float32), seq_lens)
     kw = dict(**GEOM, block_sizes=gpu.BlockSizes(block_k=16, target_programs=32),
-              interpret=True)
+              interpret=INTERPRET)
     cmp = gpu.decode_stages(*args, upto="cmp", **kw)
     sel = gpu.decode_stages(*args, upto="select", **kw)
     _, idx_ref = ref.decode_attention(*args, **GEOM)
@@ -240,7 +244,7 @@ def test_decode_kernel_with_odd_counts(select, max_cands, monkeypatch):
     sizes = gpu.BlockSizes(block_k=16, target_programs=24, sparse_slots=2, select_chunk=16,
                            select_splits=4, **select)
     o_ref, idx_ref = ref.decode_attention(*args, **geom)
-    o, idx = gpu.decode_attention(*args, **geom, block_sizes=sizes, interpret=True)
+    o, idx = gpu.decode_attention(*args, **geom, block_sizes=sizes, interpret=INTERPRET)
     np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(idx_ref), -1))
     assert_close(o, o_ref, jnp.float32, f"decode kernel, n=5, w=40, {select}")
 
@@ -254,7 +258,7 @@ def test_decode_combine_merges_many_compressed_splits(dtype):
     args = (*_inputs(11, len(seq_lens), 6, 2, 16, 32, s_len, c, dtype), seq_lens)
     sizes = gpu.BlockSizes(block_k=16, target_programs=64, cmp_splits=32)
     o_ref, idx_ref = ref.decode_attention(*args, **GEOM)
-    o, idx = gpu.decode_attention(*args, **GEOM, block_sizes=sizes, interpret=True)
+    o, idx = gpu.decode_attention(*args, **GEOM, block_sizes=sizes, interpret=INTERPRET)
     np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(idx_ref), -1))
     assert_close(o, o_ref, dtype, "decode kernel with 32 compressed splits")
 
@@ -277,7 +281,7 @@ def test_decode_kernel_reads_the_window_from_a_ring():
     assert_close(o_twin, o_ref, jnp.float32, "twin with a window ring")
     for fuse in (True, False):
         sizes = gpu.BlockSizes(block_k=16, target_programs=64, fuse_sparse=fuse)
-        o, _ = gpu.decode_attention(*ringed, **GEOM, block_sizes=sizes, interpret=True)
+        o, _ = gpu.decode_attention(*ringed, **GEOM, block_sizes=sizes, interpret=INTERPRET)
         assert_close(o, o_ref, jnp.float32, f"kernel with a window ring, fuse={fuse}")
 
 
@@ -302,7 +306,7 @@ def test_decode_rejects_mismatched_arguments(impl):
                                                                  jnp.float32)
     lens = jnp.asarray([5, 64], jnp.int32)
     fn = (ref.decode_attention if impl == "reference"
-          else lambda *a, **k: gpu.decode_attention(*a, **k, interpret=True))
+          else lambda *a, **k: gpu.decode_attention(*a, **k, interpret=INTERPRET))
     good = [q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, lens]
 
     def call(**swap):
@@ -334,7 +338,7 @@ def test_lengths_past_the_cache_stay_inside_it():
     seq_lens = jnp.asarray([64, 100], jnp.int32)  # a full cache of 64 slots, then 36 past it
     args = (*_inputs(2, 2, 8, 2, 16, 16, 64, 64, jnp.float32), seq_lens)
     for sizes in (gpu.BlockSizes(block_k=16), gpu.BlockSizes(block_k=16, combine_kernel=False)):
-        o, idx = gpu.decode_attention(*args, **GEOM, block_sizes=sizes, interpret=True)
+        o, idx = gpu.decode_attention(*args, **GEOM, block_sizes=sizes, interpret=INTERPRET)
         idx = np.asarray(idx)
         assert ((idx >= -1) & (idx < 64 // GEOM["slc_block_size"])).all(), idx
         assert np.isfinite(np.asarray(o)).all()
@@ -343,4 +347,4 @@ def test_lengths_past_the_cache_stay_inside_it():
 def test_unsupported_head_dim_raises_not_implemented():
     args = (*_inputs(0, 1, 4, 1, 24, 24, 64, 64, jnp.float32), jnp.asarray([10], jnp.int32))
     with pytest.raises(NotImplementedError, match="head dims"):
-        gpu.decode_attention(*args, **GEOM, interpret=True)
+        gpu.decode_attention(*args, **GEOM, interpret=INTERPRET)
