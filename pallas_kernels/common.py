@@ -36,6 +36,17 @@ def check_int32_extent(what: str, **shapes: tuple[int, ...]) -> None:
                 f"past the int32 offsets of the Triton kernels (< 2**31)")
 
 
+def check_int32_offsets(what: str, **shapes: tuple[int, ...]) -> None:
+    """``check_int32_extent`` for kernels that form no offset past an array's last element
+    (every load and store in range, none masked past the end): the largest offset is then
+    ``n - 1``, so an array of up to ``2**31`` elements is addressable; more are refused."""
+    for name, shape in shapes.items():
+        if math.prod(shape) > INT32_LIMIT:
+            raise NotImplementedError(
+                f"{what}: {name} of shape {tuple(shape)} has {math.prod(shape)} elements, "
+                f"past the int32 offsets of the Triton kernels (at most 2**31)")
+
+
 def default_scale(head_dim: int, scale: float | None) -> float:
     """``1/sqrt(Dk)`` unless the caller gave a scale."""
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)

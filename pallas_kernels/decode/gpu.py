@@ -69,7 +69,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels.common import MASK_VALUE, check_int32_extent, default_scale
+from pallas_kernels.common import MASK_VALUE, check_int32_offsets, default_scale
 from pallas_kernels.decode.reference import (
     check_decode_args,
     combine_gated,
@@ -1009,8 +1009,10 @@ def decode_stages(
     if c == 0 or block_kc < 16:
         raise NotImplementedError(f"compressed cache length C={c} is not a multiple of 16")
     s_slc, s_swa = k_slc.shape[1], k_swa.shape[1]
-    check_int32_extent("decode_attention", k_slc=k_slc.shape, k_swa=k_swa.shape,
-                       v_slc=v_slc.shape, v_swa=v_swa.shape)
+    # Every offset the decode kernels form lies inside its array (whole tiles of caches whose
+    # lengths the tiles divide; no masked loads past the end): 2**31 elements still fit.
+    check_int32_offsets("decode_attention", k_slc=k_slc.shape, k_swa=k_swa.shape,
+                        v_slc=v_slc.shape, v_swa=v_swa.shape)
     block_k = _pow2_divisor(slc_block_size, bs.block_k)
     block_k = min(block_k, _pow2_divisor(s_slc, bs.block_k), _pow2_divisor(s_swa, bs.block_k))
     if block_k < 16:

@@ -348,3 +348,26 @@ def test_unsupported_head_dim_raises_not_implemented():
     args = (*_inputs(0, 1, 4, 1, 24, 24, 64, 64, jnp.float32), jnp.asarray([10], jnp.int32))
     with pytest.raises(NotImplementedError, match="head dims"):
         gpu.decode_attention(*args, **GEOM, interpret=INTERPRET)
+
+
+def test_decode_accepts_caches_of_exactly_2_pow_31_elements():
+    """The decode kernels form no offset past a cache's last element, so a raw cache of 2**31
+    elements (64k tokens x 4 heads x 128 at batch 64) is taken and one more batch row is
+    refused with a message naming the shape; checked on shapes only (no 4 GiB arrays). The
+    compiled kernels at that size are checked against the twin in ``test_gpu.py``."""
+    def trace(b):
+        s, c, w, kh, d, n = 1 << 16, 4096, 512, 4, 128, 64
+        sds = jax.ShapeDtypeStruct
+        raw = sds((b, s, kh, d), jnp.bfloat16)
+        return jax.eval_shape(
+            lambda *a: gpu.decode_attention(*a, cmp_block_size=32, cmp_stride=16,
+                                            slc_block_size=64, top_n=16, window_size=w),
+            sds((b, n, d), jnp.bfloat16), sds((b, c, kh, d), jnp.bfloat16),
+            sds((b, c, kh, d), jnp.bfloat16), raw, raw, sds((b, w, kh, d), jnp.bfloat16),
+            sds((b, w, kh, d), jnp.bfloat16), sds((b, n, 3), jnp.float32),
+            sds((b,), jnp.int32))
+
+    o, idx = trace(64)
+    assert o.shape == (64, 64, 128) and idx.shape == (64, 4, 16)
+    with pytest.raises(NotImplementedError, match=r"k_slc of shape \(65, 65536, 4, 128\)"):
+        trace(65)

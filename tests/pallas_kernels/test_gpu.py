@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,8 @@ import pytest
 
 from pallas_kernels import gpu_backend
 from pallas_kernels.compressed import reference as compressed_ref
+from pallas_kernels.decode import gpu as decode_gpu
+from pallas_kernels.decode import reference as decode_ref
 from pallas_kernels.selection import gpu as selection_gpu
 from pallas_kernels.selection import reference as selection_ref
 from pallas_kernels.sliding_window import gpu as swa_gpu
@@ -96,3 +100,34 @@ def test_window_paths_at_paper_shape(window):
     assert_close(lse, lse_r, jnp.bfloat16, f"{window} window lse")
     for name, g, g_r in zip("qkv", grads, grads_r, strict=True):
         assert_close(g, g_r, jnp.bfloat16, f"{window} window d{name}")
+
+
+def test_decode_at_the_int32_offset_limit():
+    """Raw caches of exactly 2**31 elements (batch 64 x 64k tokens x 4 heads x 128, 4 GiB each
+    in bf16), the largest the decode kernels' int32 offsets address: the kernel chain equals
+    the twin on every row, the last rows (the highest offsets) full and partly filled."""
+    b, s, kh, d, n, w = 64, 1 << 16, 4, 128, 64, 512
+    c = (s - 32) // 16 + 1
+    ks = jax.random.split(jax.random.key(13), 8)
+    bf = jnp.bfloat16
+    q = jax.random.normal(ks[0], (b, n, d), bf)
+    k_cmp = jax.random.normal(ks[1], (b, 4096, kh, d), bf)
+    v_cmp = jax.random.normal(ks[2], (b, 4096, kh, d), bf)
+    k_slc = jax.random.normal(ks[3], (b, s, kh, d), bf)
+    v_slc = jax.random.normal(ks[4], (b, s, kh, d), bf)
+    k_swa = jax.random.normal(ks[5], (b, w, kh, d), bf)
+    v_swa = jax.random.normal(ks[6], (b, w, kh, d), bf)
+    gates = jax.nn.sigmoid(jax.random.normal(ks[7], (b, n, 3)))
+    lens = np.full((b,), s, np.int32)
+    lens[:4] = [1, 33, 4097, 40000]  # the first rows short
+    lens[-2] = s - 70  # the second-to-last row in the middle of a selection block
+    lens = jnp.asarray(lens)
+    assert c <= 4096 and k_slc.size == 1 << 31
+    geom = dict(cmp_block_size=32, cmp_stride=16, slc_block_size=64, top_n=16, window_size=w)
+    args = (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, lens)
+    o, idx = jax.jit(functools.partial(decode_gpu.decode_attention, **geom))(*args)
+    o_r, idx_r = jax.jit(functools.partial(decode_ref.decode_attention, **geom))(*args)
+    np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(idx_r), -1))
+    for r in (0, 1, 2, 3, b - 2, b - 1):
+        assert_close(o[r], o_r[r], bf, f"decode row {r} of {b} (length {int(lens[r])})")
+    assert_close(o, o_r, bf, "decode, every row")
