@@ -311,7 +311,7 @@ def run_variants(args, records, table):
         bs = sel_gpu.BlockSizes(**{**tuned_block_sizes.SELECTION, **kw})
         tag = (f"{'packed rows' if bs.pack_heads else 'bq'}{bs.block_q} bc{bs.block_c} "
                f"w{bs.num_warps} s{bs.num_stages}" + (" tf32x3" if bs.overlap_tf32x3 else "")
-               + ("" if bs.heavy_first else " light-first"))
+               + ("" if bs.heavy_first else " light-first") + ("" if bs.exp2 else " expf"))
         if merge != "dynamic":  # a timing probe only: "one" merges one block a chunk
             tag += f" merge={merge}"
         old_merge, sel_gpu._VARIANT = sel_gpu._VARIANT, merge  # read when the kernel traces
@@ -436,7 +436,7 @@ def main():
     # BlockSizes fields over the tuned SELECTION entry (the first is the default itself);
     # "merge" picks the merge loop ("one" is a timing probe with wrong indices).
     args.selection_variants = [
-        {}, dict(heavy_first=False), dict(merge="one"), dict(block_c=128),
+        {}, dict(exp2=False), dict(heavy_first=False), dict(merge="one"), dict(block_c=128),
         dict(block_q=128, num_warps=8), dict(block_q=32)]
     # (entries_per_chunk, entries_per_step, num_warps_bwd, num_stages_bwd); first = default
     args.dkv_variants = [(256, 4, 4, 2), (256, 4, 8, 2), (256, 8, 8, 2), (512, 8, 8, 3),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 
 import jax
@@ -45,6 +46,9 @@ BIG_INT = 1 << 30
 # timing probe that merges one block a chunk and gives wrong indices).
 _VARIANT = os.environ.get("NSA_SELECTION_MERGE", "dynamic")
 SMEM_BUDGET = 160 * 1024  # bytes of tiles per program (the H200 allows 227 KiB)
+
+
+LOG2E = math.log2(math.e)
 
 
 def _pow2(x: int) -> int:
@@ -70,6 +74,9 @@ class BlockSizes:
         15.2 ms against 15.8 ms at 64k on the H200 (commit b87e531). Unrolling the per-head
         loop was tried too and dropped: Triton then pipelines every head's query load and
         asks for 290-580 KiB of shared memory.
+      exp2: compute each probability as ``2 ** (s log2(e) - lse log2(e))`` (Triton's ``ex2``, one
+        instruction) rather than ``exp(s - lse)`` (libdevice's ``expf``, a range reduction
+        around the same instruction). Both round differently in the last bits only.
     """
 
     block_q: int = 64
@@ -79,6 +86,7 @@ class BlockSizes:
     overlap_tf32x3: bool = False
     pack_heads: bool = False
     heavy_first: bool = True
+    exp2: bool = True
 
     def __post_init__(self):
         for f in ("block_q", "block_c"):
@@ -107,6 +115,16 @@ class _Config:
     num_stages: int
     overlap_tf32x3: bool = False
     heavy_first: bool = True
+    exp2: bool = False
+
+    @property
+    def logit_scale(self) -> float:
+        """The dot's factor: the softmax scale, times ``log2(e)`` for base-2 exponentials."""
+        return self.scale * LOG2E if self.exp2 else self.scale
+
+    def probs(self, s, lse):
+        """``exp(min(s - lse, 0))`` in the kernel's base (``s`` and ``lse`` already in it)."""
+        return (jnp.exp2 if self.exp2 else jnp.exp)(jnp.minimum(s - lse, 0.0))
 
 
 def _precisions(cfg: _Config, dtype):
@@ -185,8 +203,8 @@ def _kernel(q_ref, kc_ref, lse_ref, w_in_ref, w_next_ref, idx_ref, *, cfg: _Conf
             head = kh * cfg.g + h
             q = q_ref[:, head, :]  # [bq, Dk]
             lse = lse_ref[head, :]  # [bq]
-            s = plgpu.dot(q, kc, trans_b=True, precision=prec) * cfg.scale  # [bq, bc]
-            p = jnp.exp(jnp.minimum(s - lse[:, None], 0.0))
+            s = plgpu.dot(q, kc, trans_b=True, precision=prec) * cfg.logit_scale  # [bq, bc]
+            p = cfg.probs(s, lse[:, None])
             return p_sum + (jnp.where(vis, p, 0.0) if masked else p)
 
         p_sum = lax.fori_loop(0, cfg.g, head_body, jnp.zeros((bq, bc), jnp.float32))
@@ -245,8 +263,8 @@ def _kernel_packed(q_ref, kc_ref, lse_ref, w_in_ref, w_next_ref, idx_ref, *, cfg
 
     def chunk_scores(c, pending, masked):
         kc = kc_ref[pl.ds(c * bc, bc), :]  # [bc, Dk]
-        s = plgpu.dot(q, kc, trans_b=True, precision=prec) * cfg.scale  # [rows, bc]
-        p = jnp.exp(jnp.minimum(s - lse[:, None], 0.0))
+        s = plgpu.dot(q, kc, trans_b=True, precision=prec) * cfg.logit_scale  # [rows, bc]
+        p = cfg.probs(s, lse[:, None])
         if masked:
             tok = c * bc + jnp.arange(bc, dtype=jnp.int32)
             vis = ((tok[None, :] * cfg.d + cfg.l - 1 <= row_t[:, None])
@@ -340,7 +358,8 @@ def select_blocks(
     check_int32_extent("select_blocks", q=(b, tp, n, dkp))
     q = jax.lax.stop_gradient(q)
     lse = jax.lax.stop_gradient(lse_cmp).astype(jnp.float32)
-    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    # In base 2 with ``exp2`` (the kernel scales its logits by log2(e) too).
+    lse = jnp.where(jnp.isfinite(lse), lse * LOG2E if bs.exp2 else lse, 0.0)
     q = jnp.pad(q, [(0, 0), (0, tp - t), (0, 0), (0, dkp - dk)])
     kc = jnp.pad(jax.lax.stop_gradient(k_cmp),
                  [(0, 0), (0, num_chunks * bc - c), (0, 0), (0, dkp - dk)])
@@ -349,7 +368,7 @@ def select_blocks(
                   num_cmp=c, num_blocks=nb, block_q=bq, block_c=bc, num_chunks=num_chunks,
                   interpret=interpret, num_warps=bs.num_warps, num_stages=bs.num_stages,
                   overlap_tf32x3=bs.overlap_tf32x3 and not interpret,
-                  heavy_first=bs.heavy_first)
+                  heavy_first=bs.heavy_first, exp2=bs.exp2)
     w_in, w_next = (jnp.asarray(w) for w in overlap_tables(l, d, lp, bc))
     kc_spec = pl.BlockSpec((None, num_chunks * bc, None, dkp),
                            lambda bk, i: (bk // kh, 0, bk % kh, 0))
