@@ -56,6 +56,17 @@ def test_select_blocks_geometries(case):
     _check_top_n(case, seed=case.t)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["per_head", "packed"])
+def test_select_blocks_natural_exp(packed):
+    """``BlockSizes(exp2=False)`` (libdevice ``expf`` instead of base-2 exponentials) selects
+    the reference's blocks too, per head and head-packed, in float32 and bf16."""
+    case = _LONG_WALKS[0]
+    sizes = dict(block_c=16, pack_heads=True, block_q=16) if packed else {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        _check_top_n(case, seed=11, dtype=dtype,
+                     block_sizes=selection_gpu.BlockSizes(exp2=False, **sizes))
+
+
 _LONG_WALKS = [
     # The paper's geometry: a chunk is 64 compressed tokens (1024 positions), so from position
     # 1055 on the leading chunks are seen whole and skip the visibility mask.
