@@ -14,7 +14,9 @@
 # KERNELS_S is the kernel benchmark's time limit when tests follow it (a third of the call);
 # DECODE_S is the decode benchmark's time limit (200 s), DECODE_ARGS more of its arguments; TEST_K is the GPU tests' -k expression
 # and TEST_ARGS more pytest words (e.g. TEST_K="window and bfloat16" TEST_ARGS="--timeout 150":
-# the suite has one test per case and dtype).
+# the suite has one test per case and dtype). Part tests1 runs the tests TEST1_K selects on
+# GPU 1 before decode and train: the whole file takes over 10 minutes on one GPU, so split it,
+# e.g. TEST_K="window or compressed" TEST1_K="not (window or compressed)".
 # KERNELS_ARGS replaces the kernel benchmark's size/variant arguments, TRAIN_ARGS is added to
 # the throughput run's (e.g. TRAIN_ARGS="--set model.num_kv_heads=1 --seq-lens 32768,65536");
 # part train0 runs it on GPU 0 after the kernel parts, into TRAIN0_OUT (train.json).
@@ -71,6 +73,13 @@ fi
   fi
 ) &
 (
+  if has tests1; then  # a second share of the GPU tests on GPU 1 (TEST1_K), before decode/train
+    # shellcheck disable=SC2086
+    CUDA_VISIBLE_DEVICES=1 timeout "$(left)" python -m pytest -v --tb=short --durations=15 \
+        -p no:cacheprovider tests/pallas_kernels/test_gpu.py ${TEST1_K:+-k "$TEST1_K"} \
+        ${TEST_ARGS:-} > "$R/test_gpu1.log" 2>&1
+    echo "pytest1 rc=$?" >> "$R/test_gpu1.log"
+  fi
   if has decode; then
     # shellcheck disable=SC2086
     CUDA_VISIBLE_DEVICES=1 timeout "${DECODE_S:-200}" python benchmarks/decode.py --out "$R" \
@@ -94,7 +103,7 @@ wait
   grep -hE "^check" "$R/kernels.log"
   grep -hE "^T=.*(nsa|cudnn_dense) +(fwd|fwdbwd) " "$R/kernels.log"
   grep -hE "^variant" "$R/kernels_pre.log" "$R/kernels.log"
-  grep -hE " (passed|failed)" "$R/test_gpu.log" | tail -3
+  grep -hE " (passed|failed)" "$R/test_gpu.log" "$R/test_gpu1.log" | tail -6
   grep -hE "^(check|stage|  sweep)" "$R/decode.log"
   tail -20 "$R/decode.log"
   grep -h '"name"' "$R/train.log" "$R/train0.log" | cut -c1-160
