@@ -46,8 +46,6 @@ DECODE_VARIANTS: dict[str, gpu.BlockSizes] = {
     "rounds_topn": gpu.BlockSizes(),  # the default tiling, top-n by rounds of argmax
     "cmp_bk32": gpu.BlockSizes(cmp_block_k=32),
     "cmp_bk128": gpu.BlockSizes(cmp_block_k=128),
-    "cmp_warps2": gpu.BlockSizes(cmp_num_warps=2),
-    "cmp_warps8": gpu.BlockSizes(cmp_num_warps=8),
     "cmp_stages3": gpu.BlockSizes(cmp_num_stages=3),
     "cmp_stages4": gpu.BlockSizes(cmp_num_stages=4),
     "cmp_splits2": gpu.BlockSizes(cmp_splits=2),

@@ -23,28 +23,30 @@ DEFAULT_CHUNK_BUDGET = 1 << 26
 
 
 INT32_LIMIT = 1 << 31
+# exp(x) = 2 ** (x * LOG2E): the kernels work in base 2 (one ex2 instruction per exponential).
+LOG2E = math.log2(math.e)
+
+
+def _check_int32(what: str, max_elements: int, bound: str, shapes) -> None:
+    for name, shape in shapes.items():
+        if math.prod(shape) > max_elements:
+            raise NotImplementedError(
+                f"{what}: {name} of shape {tuple(shape)} has {math.prod(shape)} elements, "
+                f"past the int32 offsets of the Triton kernels ({bound})")
 
 
 def check_int32_extent(what: str, **shapes: tuple[int, ...]) -> None:
     """``NotImplementedError`` (the registry then falls back to the reference) when an array
     the Pallas-Triton kernels address, as padded for them, holds ``2**31`` or more elements:
     Triton computes element offsets in int32."""
-    for name, shape in shapes.items():
-        if math.prod(shape) >= INT32_LIMIT:
-            raise NotImplementedError(
-                f"{what}: {name} of shape {tuple(shape)} has {math.prod(shape)} elements, "
-                f"past the int32 offsets of the Triton kernels (< 2**31)")
+    _check_int32(what, INT32_LIMIT - 1, "< 2**31", shapes)
 
 
 def check_int32_offsets(what: str, **shapes: tuple[int, ...]) -> None:
     """``check_int32_extent`` for kernels that form no offset past an array's last element
     (every load and store in range, none masked past the end): the largest offset is then
     ``n - 1``, so an array of up to ``2**31`` elements is addressable; more are refused."""
-    for name, shape in shapes.items():
-        if math.prod(shape) > INT32_LIMIT:
-            raise NotImplementedError(
-                f"{what}: {name} of shape {tuple(shape)} has {math.prod(shape)} elements, "
-                f"past the int32 offsets of the Triton kernels (at most 2**31)")
+    _check_int32(what, INT32_LIMIT, "at most 2**31", shapes)
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:

@@ -1020,10 +1020,11 @@ def decode_stages(
                                   "power-of-two tile >= 16")
     scale = default_scale(dk, scale)
     precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    params = plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
+    def params_for(warps=0, stages=0):  # a kernel's own launch (0: num_warps, num_stages)
+        return plgpu.CompilerParams(num_warps=warps or bs.num_warps,
+                                    num_stages=stages or bs.num_stages)
 
-    def params_for(warps):  # a kernel's own warps (0: num_warps)
-        return plgpu.CompilerParams(num_warps=warps or bs.num_warps, num_stages=bs.num_stages)
+    params = params_for()
 
     common = dict(scale=scale, precision=precision, params=params, interpret=interpret)
     num_blocks = -(-s_slc // slc_block_size)
@@ -1050,8 +1051,7 @@ def decode_stages(
     mc = min(bs.cmp_splits or _next_pow2(-(-bs.target_programs // per_row)),
              _prev_pow2(c // block_kc))
     logits_len = max(c, geom.logits_len) if geom else c
-    cmp_params = plgpu.CompilerParams(num_warps=bs.cmp_num_warps or bs.num_warps,
-                                      num_stages=bs.cmp_num_stages or bs.num_stages)
+    cmp_params = params_for(bs.cmp_num_warps, bs.cmp_num_stages)
     o_p, m_p, l_p, s_cmp = _cmp_call(
         lens, qg, k_cmp, v_cmp, l=cmp_block_size, d=cmp_stride, splits=mc, block_k=block_kc,
         logits_len=logits_len, **dict(common, params=cmp_params))

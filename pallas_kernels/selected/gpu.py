@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +32,9 @@ from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels import tuned_block_sizes
-from pallas_kernels.common import check_int32_extent, default_scale
+from pallas_kernels.common import LOG2E, check_int32_extent, default_scale
 from pallas_kernels.sliding_window.gpu import check_qkv
 
-LOG2E = math.log2(math.e)
 MASK_VALUE = -1e30
 
 

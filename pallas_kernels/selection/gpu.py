@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 
 import jax
@@ -38,7 +37,7 @@ from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels import tuned_block_sizes
-from pallas_kernels.common import check_int32_extent, default_scale
+from pallas_kernels.common import LOG2E, check_int32_extent, default_scale
 from pallas_kernels.selection.reference import NUM_FORCED, check_geometry, overlap_tables
 
 BIG_INT = 1 << 30
@@ -47,8 +46,6 @@ BIG_INT = 1 << 30
 _VARIANT = os.environ.get("NSA_SELECTION_MERGE", "dynamic")
 SMEM_BUDGET = 160 * 1024  # bytes of tiles per program (the H200 allows 227 KiB)
 
-
-LOG2E = math.log2(math.e)
 
 
 def _pow2(x: int) -> int:
