@@ -19,6 +19,7 @@ saved residuals. Writes ``kernels.json`` (schema of ``BENCHMARKS.md``), ``kernel
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -34,7 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from nsa_jax import NSAConfig, nsa_attention  # noqa: E402
+from nsa_jax import NSAConfig, nsa_attention, registry  # noqa: E402
 from nsa_jax.compression import compress  # noqa: E402
 from nsa_jax.ops import combine_branches  # noqa: E402
 from pallas_kernels import gpu_backend, tuned_block_sizes  # noqa: E402
@@ -42,6 +43,12 @@ from pallas_kernels.compressed import gpu as cmp_gpu  # noqa: E402
 from pallas_kernels.selected import gpu as slc_gpu  # noqa: E402
 from pallas_kernels.selection import gpu as sel_gpu  # noqa: E402
 from pallas_kernels.sliding_window import gpu as swa_gpu  # noqa: E402
+
+# The GPU backend with the banded Pallas kernels for the compressed branch (cuDNN is the
+# default), registered under its own name for the same-run comparison; never a default.
+BANDED_CMP = "pallas_triton_banded_cmp"
+registry.register_backend(dataclasses.replace(
+    gpu_backend.make_backend(compressed="pallas", name=BANDED_CMP), platforms=()))
 
 CFG = NSAConfig(cmp_block_size=32, cmp_stride=16, slc_block_size=64, slc_top_n=16,
                 window_size=512, cmp_kind="mean", kv_mode="shared")
@@ -145,14 +152,17 @@ def time_passes(fn, args, ct, reps):
     return res
 
 
+CMP_KW = dict(block_size=CFG.cmp_block_size, stride=CFG.cmp_stride)
+
+
 def stage_fns(t):
     """The NSA forward split into its stages, each jitted alone (inputs from the previous)."""
     geom = dict(kind="mean", block_size=CFG.cmp_block_size, stride=CFG.cmp_stride)
 
-    def cmp_stage(q, k, v):
+    def cmp_stage(q, k, v):  # the GPU default (cuDNN over the residue classes where it applies)
         k_cmp, v_cmp = compress(k, {}, **geom), compress(v, {}, **geom)
-        o, lse = cmp_gpu.compressed_attention(q, k_cmp, v_cmp, block_size=CFG.cmp_block_size,
-                                              stride=CFG.cmp_stride)
+        o, lse = gpu_backend.BACKEND.compressed_attention(
+            q, k_cmp, v_cmp, block_size=CFG.cmp_block_size, stride=CFG.cmp_stride)
         return o, lse, k_cmp
 
     def topn_stage(q, k_cmp, lse):
@@ -174,16 +184,33 @@ def stage_fns(t):
 # ------------------------------------------------------------------------------------------
 def check(key) -> list[str]:
     """Small-size agreement of the GPU backend with the reference: outputs and gradients."""
-    lines = []
+    lines, ok = [], True
     q, k, v, gates, ct = inputs(key, 1, 2000, 16, 1, 128, 128)
-    o, vjp = jax.vjp(jax.jit(nsa_fn("pallas_triton")), q, k, v, gates)
     o_ref, vjp_ref = jax.vjp(jax.jit(nsa_fn("reference")), q, k, v, gates)
-    errs = {"out": rel_err(o, o_ref)}
-    for nm, a, r in zip("q k v gates".split(), vjp(ct), vjp_ref(ct), strict=True):
-        errs["d" + nm] = rel_err(a, r)
-    lines.append("check nsa T=2000 N=16 K=1 bf16: " +
-                 ", ".join(f"{a}={b:.2e}" for a, b in errs.items()))
-    ok = all(e < 2e-2 for e in errs.values())
+    for impl in ("pallas_triton", BANDED_CMP):
+        o, vjp = jax.vjp(jax.jit(nsa_fn(impl)), q, k, v, gates)
+        errs = {"out": rel_err(o, o_ref)}
+        for nm, a, r in zip("q k v gates".split(), vjp(ct), vjp_ref(ct), strict=True):
+            errs["d" + nm] = rel_err(a, r)
+        lines.append(f"check nsa {impl} T=2000 N=16 K=1 bf16: " +
+                     ", ".join(f"{a}={b:.2e}" for a, b in errs.items()))
+        ok = ok and all(e < 2e-2 for e in errs.values())
+    # The two compressed paths at the benchmark's heads (16 per group), against each other.
+    q, k, v, _, ct = inputs(key, 1, 16384, 64, 4, 128, 128)
+    geom = dict(kind="mean", block_size=CFG.cmp_block_size, stride=CFG.cmp_stride)
+    kc, vc = compress(k, {}, **geom), compress(v, {}, **geom)
+    kw = dict(block_size=CFG.cmp_block_size, stride=CFG.cmp_stride)
+    res = []
+    for f in (cmp_gpu.compressed_attention_cudnn, cmp_gpu.compressed_attention):
+        (o, lse), vjp = jax.vjp(jax.jit(lambda *a, f=f: f(*a, **kw)), q, kc, vc)
+        res.append((o, np.asarray(lse), *vjp((ct, jnp.zeros_like(lse)))))
+    fin = np.isfinite(res[1][1])
+    same_empty = bool((np.isfinite(res[0][1]) == fin).all())
+    errs = [rel_err(res[0][0], res[1][0]), rel_err(res[0][1][fin], res[1][1][fin])]
+    errs += [rel_err(a, b) for a, b in zip(res[0][2:], res[1][2:], strict=True)]
+    lines.append("check compressed cudnn vs banded T=16384 N=64 K=4 bf16: o, lse, dq, dk, dv "
+                 + " ".join(f"{e:.2e}" for e in errs) + f", empty rows equal {same_empty}")
+    ok = ok and same_empty and max(errs) < 2e-2
     lines.append("check " + ("PASSED" if ok else "FAILED"))
     return lines
 
@@ -405,6 +432,8 @@ def main():
                     choices=["banded", "selected", "selection"],
                     help="which stages' variants --variants times")
     ap.add_argument("--skip-main", action="store_true", help="only the check and the variants")
+    ap.add_argument("--banded-cmp", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time NSA with the banded compressed kernels (same run)")
     ap.add_argument("--slc-parts", action="store_true",
                     help="time the selected branch's passes apart, over dK/dV tilings")
     ap.add_argument("--from-log", help="write the result files from a printed log of a run")
@@ -472,6 +501,10 @@ def main():
         nsa = nsa_fn("pallas_triton")
         for pas, r in time_passes(nsa, (q, k, v, gates), ct, args.reps).items():
             add("nsa", pas, r, fl["nsa"])
+        if args.banded_cmp:  # the same NSA with the banded compressed kernels, same run
+            for pas, r in time_passes(nsa_fn(BANDED_CMP), (q, k, v, gates), ct,
+                                      args.reps).items():
+                add("nsa_banded_cmp", pas, r, fl["nsa"])
         for name, fn in (("nsa", nsa), ("cudnn_dense", cudnn_dense)):
             try:
                 records.append(dict(name=name, **{"pass": "memory"}, **base,
@@ -497,10 +530,17 @@ def main():
         add("nsa/combine", "fwd", timeit(comb_s, gates, o_cmp, o_slc, o_swa, reps=args.reps))
         # Each attention stage forward + backward (cotangent: its own output).
         v_cmp = compress(v, {}, kind="mean", block_size=CFG.cmp_block_size, stride=CFG.cmp_stride)
+        add("nsa/compressed_banded", "fwd", timeit(
+            jax.jit(lambda q, kc, vc: cmp_gpu.compressed_attention(q, kc, vc, **CMP_KW)),
+            q, k_cmp, v_cmp, reps=args.reps), fl["cmp"])
+        add("nsa/compressed_cudnn", "fwd", timeit(
+            jax.jit(lambda q, kc, vc: cmp_gpu.compressed_attention_cudnn(q, kc, vc, **CMP_KW)),
+            q, k_cmp, v_cmp, reps=args.reps), fl["cmp"])
         for name, fn, a, f in (
-            ("nsa/compressed", lambda q, kc, vc: cmp_gpu.compressed_attention(
-                q, kc, vc, block_size=CFG.cmp_block_size, stride=CFG.cmp_stride),
-             (q, k_cmp, v_cmp), fl["cmp"]),
+            ("nsa/compressed", lambda q, kc, vc: gpu_backend.BACKEND.compressed_attention(
+                q, kc, vc, **CMP_KW), (q, k_cmp, v_cmp), fl["cmp"]),
+            ("nsa/compressed_banded", lambda q, kc, vc: cmp_gpu.compressed_attention(
+                q, kc, vc, **CMP_KW), (q, k_cmp, v_cmp), fl["cmp"]),
             ("nsa/selected", lambda q, k, v, idx=idx: slc_gpu.selected_attention(
                 q, k, v, idx, block_size=CFG.slc_block_size), (q, k, v), fl["slc"]),
             ("nsa/window", lambda q, k, v: gpu_backend.BACKEND.sliding_window_attention(

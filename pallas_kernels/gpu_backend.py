@@ -10,6 +10,11 @@ it applies (16-bit inputs, equal head dims <= 128), because it measured faster t
 Pallas kernel (``benchmarks/kernels.py``, ``docs/gpu_kernels.md``); the banded kernel supplies
 the log-sum-exp, and the whole stage elsewhere. ``make_backend(window="pallas")`` keeps the
 banded kernel for everything.
+
+Compressed attention: cuDNN's causal flash attention over the queries split by residue
+(``compressed.gpu.compressed_attention_cudnn``) computes the output, the log-sum-exp and the
+gradients where it applies (16-bit inputs, equal head dims <= 128), else the banded kernels;
+``make_backend(compressed="pallas")`` keeps the banded kernels for everything.
 """
 
 from __future__ import annotations
@@ -24,21 +29,24 @@ from pallas_kernels.sliding_window import gpu as sliding_window_gpu
 
 
 def make_backend(interpret: bool = False, name: str | None = None,
-                 window: str = "cudnn") -> Backend:
+                 window: str = "cudnn", compressed: str = "cudnn") -> Backend:
     """The GPU stages, or their interpreted twins on CPU with ``interpret=True``.
 
     ``window``: ``"cudnn"`` (cuDNN for the window's output where it applies, the default) or
-    ``"pallas"`` (the banded kernel only).
+    ``"pallas"`` (the banded kernel only). ``compressed``: ``"cudnn"`` (cuDNN over the residue
+    classes where it applies, the default) or ``"pallas"`` (the banded kernels only).
     """
-    if window not in ("cudnn", "pallas"):
-        raise ValueError(f"window={window!r}: expected 'cudnn' or 'pallas'")
+    for arg, val in (("window", window), ("compressed", compressed)):
+        if val not in ("cudnn", "pallas"):
+            raise ValueError(f"{arg}={val!r}: expected 'cudnn' or 'pallas'")
+    cmp = (compressed_gpu.compressed_attention_cudnn if compressed == "cudnn"
+           else compressed_gpu.compressed_attention)
     swa = (sliding_window_gpu.sliding_window_attention_cudnn if window == "cudnn"
            else sliding_window_gpu.sliding_window_attention)
     return Backend(
         name=name or ("pallas_triton_interpret" if interpret else "pallas_triton"),
         platforms=() if interpret else ("gpu",),
-        compressed_attention=functools.partial(compressed_gpu.compressed_attention,
-                                               interpret=interpret),
+        compressed_attention=functools.partial(cmp, interpret=interpret),
         select_blocks=functools.partial(selection_gpu.select_blocks, interpret=interpret),
         selected_attention=functools.partial(selected_gpu.selected_attention,
                                              interpret=interpret),

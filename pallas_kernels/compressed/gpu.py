@@ -8,9 +8,20 @@ key blocks a query block can see (``C/2`` of ``C`` on average).
 
 A query with no visible token gets output 0 and log-sum-exp ``-inf``; when the sequence has
 no compressed token at all (``T < l``) the kernels are not launched.
+
+``compressed_attention_cudnn`` (the GPU default where it applies) runs the same function as
+causal attention in cuDNN, by splitting the queries by residue. Query ``t = u*d + r`` sees the
+tokens ``i <= u + floor((r - l + 1) / d)``: for a fixed residue ``r`` that is ordinary causal
+attention between the query rows ``u`` and the tokens, shifted by a constant. The offset takes
+two values over the residues, so two causal calls cover every query: each takes the residues
+of one offset as extra heads (the keys repeated per residue, so grouped-query attention maps
+each of them to its KV head), drops the rows that see nothing, and pads queries and tokens to
+one length, which makes top-left and bottom-right causal alignment the same mask.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax.numpy as jnp
 from jaxtyping import Array, Float
@@ -19,7 +30,8 @@ from pallas_kernels import tuned_block_sizes
 from pallas_kernels.common import default_scale
 from pallas_kernels.sliding_window.gpu import BlockSizes, banded_attention, check_qkv
 
-__all__ = ["BlockSizes", "compressed_attention"]
+__all__ = ["BlockSizes", "compressed_attention", "compressed_attention_cudnn",
+           "residue_causal_attention"]
 
 
 def compressed_attention(
@@ -61,3 +73,130 @@ def compressed_attention(
                             key_offset=int(block_size) - 1, window=None,
                             scale=default_scale(q.shape[-1], scale), block_sizes=bs,
                             interpret=interpret, name="cmp")
+
+
+# ------------------------------------------------------------------------------------------
+# The same function as causal attention, split by query residue (cuDNN on GPU)
+# ------------------------------------------------------------------------------------------
+CausalAttention = Callable[..., tuple[Array, Array]]
+
+
+def residue_classes(block_size: int, stride: int) -> list[tuple[int, int, int]]:
+    """``(first residue, end residue, rows dropped)`` for each offset class.
+
+    Query ``t = u*d + r`` sees tokens ``i <= u - s_r`` with ``s_r = -floor((r - l + 1) / d)``;
+    ``s_r`` is ``s`` for ``r < r*`` and ``s - 1`` from ``r* = l - 1 - (s - 1) d`` on (one class
+    when ``r* = d``).
+    """
+    l, d = block_size, stride  # noqa: E741 (the paper's symbols)
+    s = -((1 - l) // d)
+    r_star = l - 1 - (s - 1) * d
+    classes = [(0, r_star, s)]
+    if r_star < d:
+        classes.append((r_star, d, s - 1))
+    return classes
+
+
+def residue_causal_attention(
+    q: Float[Array, "B T N H"],
+    k_cmp: Float[Array, "B C K H"],
+    v_cmp: Float[Array, "B C K Hv"],
+    *,
+    block_size: int,
+    stride: int,
+    scale: float,
+    attend: CausalAttention,
+    length_multiple: int = 128,
+) -> tuple[Float[Array, "B T N Hv"], Float[Array, "B T N"]]:
+    """Compressed attention through a causal attention function ``attend``.
+
+    ``attend(q [B, L, N', Dk], k [B, L, K', Dk], v [B, L, K', Dv], scale)`` must return the
+    causal attention (row ``i`` sees keys ``j <= i``, ``N' / K'`` query heads per KV head) and
+    its log-sum-exp ``[B, L, N']``. Gradients flow through ``attend``'s output only, as for
+    the kernels' ``lse``.
+    """
+    b, t, n, dk = q.shape
+    c, dv = k_cmp.shape[1], v_cmp.shape[-1]
+    d = stride
+    u_rows = -(-t // d)
+    qv = jnp.pad(q, [(0, 0), (0, u_rows * d - t), (0, 0), (0, 0)]).reshape(b, u_rows, d, n, dk)
+    outs, lses = [], []
+    for r0, r1, s in residue_classes(block_size, stride):
+        nr = r1 - r0
+        rows = u_rows - s  # query rows that see at least token 0
+        if rows <= 0 or c == 0:
+            outs.append(jnp.zeros((b, u_rows, nr, n, dv), q.dtype))
+            lses.append(jnp.full((b, u_rows, nr, n), -jnp.inf, jnp.float32))
+            continue
+        # One length for rows and tokens (padding rows are dropped, padding tokens come after
+        # every real row's last visible token), a multiple of ``length_multiple``.
+        length = -(-max(rows, c) // length_multiple) * length_multiple
+        qc = qv[:, s:, r0:r1].reshape(b, rows, nr * n, dk)
+        qc = jnp.pad(qc, [(0, 0), (0, length - rows), (0, 0), (0, 0)])
+
+        o, lse = attend(qc, _per_residue(k_cmp, length, nr), _per_residue(v_cmp, length, nr),
+                        scale)
+        o = o[:, :rows].reshape(b, rows, nr, n, dv).astype(q.dtype)
+        lse = lse[:, :rows].reshape(b, rows, nr, n).astype(jnp.float32)
+        outs.append(jnp.pad(o, [(0, 0), (s, 0), (0, 0), (0, 0), (0, 0)]))
+        lses.append(jnp.pad(lse, [(0, 0), (s, 0), (0, 0), (0, 0)], constant_values=-jnp.inf))
+    o = jnp.concatenate(outs, axis=2).reshape(b, u_rows * d, n, dv)[:, :t]
+    lse = jnp.concatenate(lses, axis=2).reshape(b, u_rows * d, n)[:, :t]
+    return o, lse
+
+
+def _per_residue(x, length: int, nr: int):
+    """``[B, C, K, D] -> [B, length, nr*K, D]``: the tokens (zero-padded) once per residue."""
+    b, c, kh, dim = x.shape
+    x = jnp.pad(x, [(0, 0), (0, length - c), (0, 0), (0, 0)])
+    return jnp.broadcast_to(x[:, :, None], (b, length, nr, kh, dim)).reshape(
+        b, length, nr * kh, dim)
+
+
+def _cudnn_causal(q, k, v, scale):
+    """cuDNN's causal flash attention with its log-sum-exp (jax's cuDNN module: the public
+    ``jax.nn.dot_product_attention`` does not return it). Its backward ignores the
+    log-sum-exp's cotangent."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attn
+
+    o, lse = cudnn_attn.dot_product_attention(
+        q, k, v, scale=scale, mask_type=cudnn_attn.MaskType.CAUSAL, qkv_layout="BTNH",
+        return_residual=True)
+    return o, jnp.swapaxes(lse, 1, 2)  # [B, N, L] -> [B, L, N]
+
+
+def cudnn_compressed_supported(q, k_cmp, v_cmp) -> bool:
+    """Whether the cuDNN path takes these inputs: 16-bit floats and equal head dims of at most
+    128, a multiple of 8 (what was measured)."""
+    d = q.shape[-1]
+    return (q.dtype in (jnp.bfloat16, jnp.float16) and k_cmp.dtype == v_cmp.dtype == q.dtype
+            and k_cmp.shape[-1] == v_cmp.shape[-1] == d and d % 8 == 0 and d <= 128)
+
+
+def compressed_attention_cudnn(
+    q: Float[Array, "B T N H"],
+    k_cmp: Float[Array, "B C K H"],
+    v_cmp: Float[Array, "B C K Hv"],
+    *,
+    block_size: int,
+    stride: int,
+    scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> tuple[Float[Array, "B T N Hv"], Float[Array, "B T N"]]:
+    """The GPU default for the compressed branch: cuDNN's causal flash attention over the
+    residue classes (:func:`residue_causal_attention`) where it applies, else the banded
+    kernels (same signature as :func:`compressed_attention`)."""
+    check_qkv(q, k_cmp, v_cmp, "compressed_attention")
+    if block_size < 1 or stride < 1:
+        raise ValueError(f"compressed_attention: block_size={block_size} and stride={stride} "
+                         "must be >= 1")
+    kw = dict(block_size=block_size, stride=stride, scale=scale, block_sizes=block_sizes)
+    if interpret or k_cmp.shape[1] == 0 or not cudnn_compressed_supported(q, k_cmp, v_cmp):
+        return compressed_attention(q, k_cmp, v_cmp, interpret=interpret, **kw)
+    try:
+        return residue_causal_attention(
+            q, k_cmp, v_cmp, block_size=int(block_size), stride=int(stride),
+            scale=default_scale(q.shape[-1], scale), attend=_cudnn_causal)
+    except NotImplementedError:  # a shape jax's cuDNN path refuses: the banded kernels
+        return compressed_attention(q, k_cmp, v_cmp, **kw)
