@@ -19,7 +19,6 @@ saved residuals. Writes ``kernels.json`` (schema of ``BENCHMARKS.md``), ``kernel
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -35,7 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from nsa_jax import NSAConfig, nsa_attention, registry  # noqa: E402
+from nsa_jax import NSAConfig, nsa_attention  # noqa: E402
 from nsa_jax.compression import compress  # noqa: E402
 from nsa_jax.ops import combine_branches  # noqa: E402
 from pallas_kernels import gpu_backend, tuned_block_sizes  # noqa: E402
@@ -45,10 +44,8 @@ from pallas_kernels.selection import gpu as sel_gpu  # noqa: E402
 from pallas_kernels.sliding_window import gpu as swa_gpu  # noqa: E402
 
 # The GPU backend with the banded Pallas kernels for the compressed branch (cuDNN is the
-# default), registered under its own name for the same-run comparison; never a default.
+# default), for the same-run comparison.
 BANDED_CMP = "pallas_triton_banded_cmp"
-registry.register_backend(dataclasses.replace(
-    gpu_backend.make_backend(compressed="pallas", name=BANDED_CMP), platforms=()))
 
 CFG = NSAConfig(cmp_block_size=32, cmp_stride=16, slc_block_size=64, slc_top_n=16,
                 window_size=512, cmp_kind="mean", kv_mode="shared")
@@ -505,7 +502,10 @@ def main():
             for pas, r in time_passes(nsa_fn(BANDED_CMP), (q, k, v, gates), ct,
                                       args.reps).items():
                 add("nsa_banded_cmp", pas, r, fl["nsa"])
-        for name, fn in (("nsa", nsa), ("cudnn_dense", cudnn_dense)):
+        mem_fns = [("nsa", nsa), ("cudnn_dense", cudnn_dense)]
+        if args.banded_cmp:
+            mem_fns.append(("nsa_banded_cmp", nsa_fn(BANDED_CMP)))
+        for name, fn in mem_fns:
             try:
                 records.append(dict(name=name, **{"pass": "memory"}, **base,
                                     **memory(fwd_bwd(fn), q, k, v, gates, ct)))
@@ -680,6 +680,26 @@ def write_markdown(doc, path):
                          f"{c['peak_bytes'] / gib:.2f} | "
                          f"{(n['peak_bytes'] - c['peak_bytes']) / gib:+.3f} | "
                          f"{idx_bytes / gib:.3f} |")
+    banded = [k for k in keys if _get(recs, "nsa_banded_cmp", "fwd", k[0], k[1])]
+    if banded:
+        lines += ["", "The same NSA with the banded compressed kernels instead of cuDNN's "
+                  "(`pallas_triton_banded_cmp`, same run; ms, ratio to cuDNN dense; memory GiB):",
+                  "", "| T | Dk/Dv | fwd | bwd | fwdbwd | memory | compressed fwd cuDNN / banded "
+                  "| compressed fwdbwd cuDNN / banded |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for t, dk, dv in banded:
+            cells = []
+            for pas in ("fwd", "bwd", "fwdbwd"):
+                r, c = (_get(recs, nm, pas, t, dk) for nm in ("nsa_banded_cmp", "cudnn_dense"))
+                cells.append("-" if r is None else f"{r['ms']:.2f}" + (
+                    f" ({c['ms'] / r['ms']:.2f}x)" if c else ""))
+            m = _get(recs, "nsa_banded_cmp", "memory", t, dk)
+            cells.append("-" if m is None else f"{m['peak_bytes'] / 2.0 ** 30:.2f}")
+            for pas, a, b in (("fwd", "nsa/compressed_cudnn", "nsa/compressed_banded"),
+                              ("fwdbwd", "nsa/compressed", "nsa/compressed_banded")):
+                ra, rb = _get(recs, a, pas, t, dk), _get(recs, b, pas, t, dk)
+                cells.append(f"{ra['ms']:.2f} / {rb['ms']:.2f}" if ra and rb else "-")
+            lines.append(f"| {t} | {dk}/{dv} | " + " | ".join(cells) + " |")
     var = [r for r in recs if r["name"].startswith("variant/")]
     if var:
         lines += ["", "Tile variants (ms):", ""] + [f"- {r['name'][8:]}: {r['ms']:.3f}"

@@ -21,11 +21,8 @@ one length, which makes top-left and bottom-right causal alignment the same mask
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from collections.abc import Callable
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -33,8 +30,8 @@ from pallas_kernels import tuned_block_sizes
 from pallas_kernels.common import default_scale
 from pallas_kernels.sliding_window.gpu import BlockSizes, banded_attention, check_qkv
 
-__all__ = ["BlockSizes", "CausalAttention", "compressed_attention",
-           "compressed_attention_cudnn", "residue_causal_attention"]
+__all__ = ["BlockSizes", "compressed_attention", "compressed_attention_cudnn",
+           "residue_causal_attention"]
 
 
 def compressed_attention(
@@ -81,17 +78,7 @@ def compressed_attention(
 # ------------------------------------------------------------------------------------------
 # The same function as causal attention, split by query residue (cuDNN on GPU)
 # ------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class CausalAttention:
-    """A causal attention (row ``i`` sees keys ``j <= i``; ``N' / K'`` query heads per KV head)
-    as two functions on ``q [B, L, N', Dk]``, ``k [B, L, K', Dk]``, ``v [B, L, K', Dv]``:
-
-    * ``fwd(q, k, v, scale) -> (o [B, L, N', Dv], lse [B, L, N'])``;
-    * ``bwd(q, k, v, o, lse, do, scale) -> (dq, dk, dv)`` from the forward's ``o`` and ``lse``.
-    """
-
-    fwd: Callable
-    bwd: Callable
+CausalAttention = Callable[..., tuple[Array, Array]]
 
 
 def residue_classes(block_size: int, stride: int) -> list[tuple[int, int, int]]:
@@ -110,129 +97,6 @@ def residue_classes(block_size: int, stride: int) -> list[tuple[int, int, int]]:
     return classes
 
 
-@dataclasses.dataclass(frozen=True)
-class _Residue:
-    block_size: int
-    stride: int
-    scale: float
-    attend: CausalAttention
-    length_multiple: int
-
-    def classes(self, t: int, c: int):
-        """``(r0, r1, s, rows, length)`` of each class: its ``rows`` query rows (``u >= s``)
-        see at least token 0 (none when ``rows <= 0`` or ``c = 0``: then ``length = 0`` and
-        nothing is computed); rows and tokens are padded to ``length`` (padding rows are
-        dropped, padding tokens come after every real row's last visible token), so top-left
-        and bottom-right causal alignment agree."""
-        u_rows = -(-t // self.stride)
-        out = []
-        for r0, r1, s in residue_classes(self.block_size, self.stride):
-            rows = u_rows - s
-            if rows > 0 and c > 0:
-                m = self.length_multiple
-                out.append((r0, r1, s, rows, -(-max(rows, c) // m) * m))
-            else:
-                out.append((r0, r1, u_rows, 0, 0))
-        return out
-
-
-def _by_residue(x, d: int):
-    """``[B, T, N, D] -> [B, U, d, N, D]`` (``T`` zero-padded to ``U d``)."""
-    b, t = x.shape[:2]
-    u_rows = -(-t // d)
-    x = jnp.pad(x, [(0, 0), (0, u_rows * d - t)] + [(0, 0)] * (x.ndim - 2))
-    return x.reshape(b, u_rows, d, *x.shape[2:])
-
-
-def _class_rows(xv, r0, r1, s, rows, length, fill=0.0):
-    """Rows ``u >= s`` of residues ``[r0, r1)`` as ``[B, length, (r1-r0)*N, ...]``."""
-    b = xv.shape[0]
-    x = xv[:, s:, r0:r1].reshape(b, rows, (r1 - r0) * xv.shape[3], *xv.shape[4:])
-    return jnp.pad(x, [(0, 0), (0, length - rows)] + [(0, 0)] * (x.ndim - 2),
-                   constant_values=fill)
-
-
-def _per_residue(x, length: int, nr: int):
-    """``[B, C, K, D] -> [B, length, nr*K, D]``: the tokens (zero-padded) once per residue."""
-    b, c, kh, dim = x.shape
-    x = jnp.pad(x, [(0, 0), (0, length - c), (0, 0), (0, 0)])
-    return jnp.broadcast_to(x[:, :, None], (b, length, nr, kh, dim)).reshape(
-        b, length, nr * kh, dim)
-
-
-def _assemble(parts, t: int, u_rows: int, n: int, fill):
-    """Per-class ``(x [B, length, nr*N, ...], r0, r1, s, rows)`` back to ``[B, T, N, ...]``,
-    ``fill`` for the rows no class computes."""
-    pieces = []
-    b = parts[0][0].shape[0] if parts else 0
-    for x, r0, r1, s, rows in parts:
-        x = x[:, :rows].reshape(b, rows, r1 - r0, n, *x.shape[3:])
-        pieces.append((r0, jnp.pad(x, [(0, 0), (s, 0)] + [(0, 0)] * (x.ndim - 2),
-                                   constant_values=fill)))
-    pieces.sort(key=lambda p: p[0])
-    x = jnp.concatenate([p for _, p in pieces], axis=2)
-    return x.reshape(b, u_rows * x.shape[2], *x.shape[3:])[:, :t]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _residue(q, k_cmp, v_cmp, cfg: _Residue):
-    return _residue_fwd(q, k_cmp, v_cmp, cfg)[0]
-
-
-def _residue_fwd(q, k_cmp, v_cmp, cfg: _Residue):
-    b, t, n, _ = q.shape
-    c, dv, d = k_cmp.shape[1], v_cmp.shape[-1], cfg.stride
-    u_rows = -(-t // d)
-    qv = _by_residue(q, d)
-    o_parts, l_parts = [], []
-    for r0, r1, s, rows, length in cfg.classes(t, c):
-        nr = r1 - r0
-        if length:
-            o, lse = cfg.attend.fwd(_class_rows(qv, r0, r1, s, rows, length),
-                                    _per_residue(k_cmp, length, nr),
-                                    _per_residue(v_cmp, length, nr), cfg.scale)
-        else:  # every row of the class sees nothing: output 0, lse -inf
-            o, lse = jnp.zeros((b, 0, nr * n, dv), q.dtype), jnp.zeros((b, 0, nr * n))
-        o_parts.append((o.astype(q.dtype), r0, r1, s, rows))
-        l_parts.append((lse.astype(jnp.float32), r0, r1, s, rows))
-    o = _assemble(o_parts, t, u_rows, n, 0.0)
-    lse = _assemble(l_parts, t, u_rows, n, -jnp.inf)
-    # The residuals are the inputs and the assembled outputs: the per-class copies are
-    # recomputed in the backward (cheap slices), not kept alive between the passes.
-    return (o, lse), (q, k_cmp, v_cmp, o, lse)
-
-
-def _residue_bwd(cfg: _Residue, res, cts):
-    q, k_cmp, v_cmp, o, lse = res
-    do, _ = cts  # no gradient flows back through the log-sum-exp output, as in the kernels
-    b, t, n, dkh = q.shape
-    c, kh, d = k_cmp.shape[1], k_cmp.shape[2], cfg.stride
-    u_rows = -(-t // d)
-    qv, ov, dov = _by_residue(q, d), _by_residue(o, d), _by_residue(do.astype(q.dtype), d)
-    lv = _by_residue(jnp.where(jnp.isfinite(lse), lse, 0.0), d)
-    dq_parts = []
-    dk = jnp.zeros(k_cmp.shape, jnp.float32)
-    dv = jnp.zeros(v_cmp.shape, jnp.float32)
-    for r0, r1, s, rows, length in cfg.classes(t, c):
-        nr = r1 - r0
-        if not length:
-            dq_parts.append((jnp.zeros((b, 0, nr * n, dkh), q.dtype), r0, r1, s, rows))
-            continue
-        rc = (r0, r1, s, rows, length)
-        dq_c, dk_c, dv_c = cfg.attend.bwd(
-            _class_rows(qv, *rc), _per_residue(k_cmp, length, nr),
-            _per_residue(v_cmp, length, nr), _class_rows(ov, *rc), _class_rows(lv, *rc),
-            _class_rows(dov, *rc), cfg.scale)
-        dq_parts.append((dq_c.astype(q.dtype), r0, r1, s, rows))
-        dk = dk + dk_c.reshape(b, length, nr, kh, -1)[:, :c].astype(jnp.float32).sum(2)
-        dv = dv + dv_c.reshape(b, length, nr, kh, -1)[:, :c].astype(jnp.float32).sum(2)
-    dq = _assemble(dq_parts, t, u_rows, n, 0.0)
-    return dq, dk.astype(k_cmp.dtype), dv.astype(v_cmp.dtype)
-
-
-_residue.defvjp(_residue_fwd, _residue_bwd)
-
-
 def residue_causal_attention(
     q: Float[Array, "B T N H"],
     k_cmp: Float[Array, "B C K H"],
@@ -244,40 +108,61 @@ def residue_causal_attention(
     attend: CausalAttention,
     length_multiple: int = 128,
 ) -> tuple[Float[Array, "B T N Hv"], Float[Array, "B T N"]]:
-    """Compressed attention through a causal attention ``attend`` (see :class:`CausalAttention`),
-    with its own VJP: the forward keeps only the inputs and the assembled output and lse, and
-    the backward rebuilds the per-class inputs (slices) for ``attend.bwd``. No gradient flows
-    through the returned ``lse``, as for the kernels'."""
-    cfg = _Residue(block_size=int(block_size), stride=int(stride), scale=float(scale),
-                   attend=attend, length_multiple=int(length_multiple))
-    return _residue(q, k_cmp, v_cmp, cfg)
+    """Compressed attention through a causal attention function ``attend``.
+
+    ``attend(q [B, L, N', Dk], k [B, L, K', Dk], v [B, L, K', Dv], scale)`` must return the
+    causal attention (row ``i`` sees keys ``j <= i``, ``N' / K'`` query heads per KV head) and
+    its log-sum-exp ``[B, L, N']``. Gradients flow through ``attend``'s output only, as for
+    the kernels' ``lse``.
+    """
+    b, t, n, dk = q.shape
+    c, dv = k_cmp.shape[1], v_cmp.shape[-1]
+    d = stride
+    u_rows = -(-t // d)
+    qv = jnp.pad(q, [(0, 0), (0, u_rows * d - t), (0, 0), (0, 0)]).reshape(b, u_rows, d, n, dk)
+    outs, lses = [], []
+    for r0, r1, s in residue_classes(block_size, stride):
+        nr = r1 - r0
+        rows = u_rows - s  # query rows that see at least token 0
+        if rows <= 0 or c == 0:
+            outs.append(jnp.zeros((b, u_rows, nr, n, dv), q.dtype))
+            lses.append(jnp.full((b, u_rows, nr, n), -jnp.inf, jnp.float32))
+            continue
+        # One length for rows and tokens (padding rows are dropped, padding tokens come after
+        # every real row's last visible token), a multiple of ``length_multiple``.
+        length = -(-max(rows, c) // length_multiple) * length_multiple
+        qc = qv[:, s:, r0:r1].reshape(b, rows, nr * n, dk)
+        qc = jnp.pad(qc, [(0, 0), (0, length - rows), (0, 0), (0, 0)])
+
+        o, lse = attend(qc, _per_residue(k_cmp, length, nr), _per_residue(v_cmp, length, nr),
+                        scale)
+        o = o[:, :rows].reshape(b, rows, nr, n, dv).astype(q.dtype)
+        lse = lse[:, :rows].reshape(b, rows, nr, n).astype(jnp.float32)
+        outs.append(jnp.pad(o, [(0, 0), (s, 0), (0, 0), (0, 0), (0, 0)]))
+        lses.append(jnp.pad(lse, [(0, 0), (s, 0), (0, 0), (0, 0)], constant_values=-jnp.inf))
+    o = jnp.concatenate(outs, axis=2).reshape(b, u_rows * d, n, dv)[:, :t]
+    lse = jnp.concatenate(lses, axis=2).reshape(b, u_rows * d, n)[:, :t]
+    return o, lse
 
 
-def _cudnn_fwd(q, k, v, scale):
+def _per_residue(x, length: int, nr: int):
+    """``[B, C, K, D] -> [B, length, nr*K, D]``: the tokens (zero-padded) once per residue."""
+    b, c, kh, dim = x.shape
+    x = jnp.pad(x, [(0, 0), (0, length - c), (0, 0), (0, 0)])
+    return jnp.broadcast_to(x[:, :, None], (b, length, nr, kh, dim)).reshape(
+        b, length, nr * kh, dim)
+
+
+def _cudnn_causal(q, k, v, scale):
     """cuDNN's causal flash attention with its log-sum-exp (jax's cuDNN module: the public
-    ``jax.nn.dot_product_attention`` does not return it)."""
+    ``jax.nn.dot_product_attention`` does not return it). Its backward ignores the
+    log-sum-exp's cotangent."""
     from jax._src.cudnn import fused_attention_stablehlo as cudnn_attn
 
     o, lse = cudnn_attn.dot_product_attention(
         q, k, v, scale=scale, mask_type=cudnn_attn.MaskType.CAUSAL, qkv_layout="BTNH",
         return_residual=True)
     return o, jnp.swapaxes(lse, 1, 2)  # [B, N, L] -> [B, L, N]
-
-
-def _cudnn_bwd(q, k, v, o, lse, do, scale):
-    """cuDNN's causal flash-attention backward from the forward's output and lse (the rule
-    jax's own VJP of :func:`_cudnn_fwd` applies, with the same static arguments)."""
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attn
-
-    unused = jnp.zeros(0, q.dtype)
-    res = (q, k, v) + (unused,) * 7 + (jnp.swapaxes(lse, 1, 2).astype(jnp.float32), o)
-    grads = cudnn_attn._dot_product_attention_bwd_rule(
-        scale, 42, 0.0, (False, False), cudnn_attn.MaskType.CAUSAL,
-        cudnn_attn.AttentionLayout.BTNH.value, None, True, False, res, do)
-    return grads[0], grads[1], grads[2]
-
-
-CUDNN_CAUSAL = CausalAttention(fwd=_cudnn_fwd, bwd=_cudnn_bwd)
 
 
 def cudnn_compressed_supported(q, k_cmp, v_cmp) -> bool:
@@ -312,6 +197,6 @@ def compressed_attention_cudnn(
     try:
         return residue_causal_attention(
             q, k_cmp, v_cmp, block_size=int(block_size), stride=int(stride),
-            scale=default_scale(q.shape[-1], scale), attend=CUDNN_CAUSAL)
+            scale=default_scale(q.shape[-1], scale), attend=_cudnn_causal)
     except NotImplementedError:  # a shape jax's cuDNN path refuses: the banded kernels
         return compressed_attention(q, k_cmp, v_cmp, **kw)
