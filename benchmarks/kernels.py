@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -198,7 +199,8 @@ def check(key) -> list[str]:
     kc, vc = compress(k, {}, **geom), compress(v, {}, **geom)
     kw = dict(block_size=CFG.cmp_block_size, stride=CFG.cmp_stride)
     res = []
-    for f in (cmp_gpu.compressed_attention_cudnn, cmp_gpu.compressed_attention):
+    for f in (functools.partial(cmp_gpu.compressed_attention_cudnn, min_rows=0),
+              cmp_gpu.compressed_attention):
         (o, lse), vjp = jax.vjp(jax.jit(lambda *a, f=f: f(*a, **kw)), q, kc, vc)
         res.append((o, np.asarray(lse), *vjp((ct, jnp.zeros_like(lse)))))
     fin = np.isfinite(res[1][1])
@@ -534,7 +536,8 @@ def main():
             jax.jit(lambda q, kc, vc: cmp_gpu.compressed_attention(q, kc, vc, **CMP_KW)),
             q, k_cmp, v_cmp, reps=args.reps), fl["cmp"])
         add("nsa/compressed_cudnn", "fwd", timeit(
-            jax.jit(lambda q, kc, vc: cmp_gpu.compressed_attention_cudnn(q, kc, vc, **CMP_KW)),
+            jax.jit(lambda q, kc, vc: cmp_gpu.compressed_attention_cudnn(q, kc, vc, min_rows=0,
+                                                                         **CMP_KW)),
             q, k_cmp, v_cmp, reps=args.reps), fl["cmp"])
         for name, fn, a, f in (
             ("nsa/compressed", lambda q, kc, vc: gpu_backend.BACKEND.compressed_attention(

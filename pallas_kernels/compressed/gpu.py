@@ -173,6 +173,15 @@ def cudnn_compressed_supported(q, k_cmp, v_cmp) -> bool:
             and k_cmp.shape[-1] == v_cmp.shape[-1] == d and d % 8 == 0 and d <= 128)
 
 
+# Query rows per residue (``T / d``) from which the cuDNN path is used. On the H200 (B=1, 64
+# query heads, 4 KV heads, D=128, bf16; docs/results/kernels_a6fd260.md and
+# kernels_64k_38422fd.md) the banded kernels were faster at 8k and 16k tokens (512 and 1024
+# rows: NSA forward 3.62 against 3.91 ms, 7.46 against 7.59 ms), the two equal in the forward
+# at 32k (2048 rows) with cuDNN 0.75 ms faster forward+backward, and cuDNN faster at 64k
+# (forward 42.68 against 43.74 ms, forward+backward 114.4 against 120.8 ms).
+CUDNN_MIN_ROWS = 2048
+
+
 def compressed_attention_cudnn(
     q: Float[Array, "B T N H"],
     k_cmp: Float[Array, "B C K H"],
@@ -183,16 +192,19 @@ def compressed_attention_cudnn(
     scale: float | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
+    min_rows: int = CUDNN_MIN_ROWS,
 ) -> tuple[Float[Array, "B T N Hv"], Float[Array, "B T N"]]:
     """The GPU default for the compressed branch: cuDNN's causal flash attention over the
-    residue classes (:func:`residue_causal_attention`) where it applies, else the banded
-    kernels (same signature as :func:`compressed_attention`)."""
+    residue classes (:func:`residue_causal_attention`) where it applies and the sequence has
+    at least ``min_rows * stride`` tokens, else the banded kernels (same signature as
+    :func:`compressed_attention`)."""
     check_qkv(q, k_cmp, v_cmp, "compressed_attention")
     if block_size < 1 or stride < 1:
         raise ValueError(f"compressed_attention: block_size={block_size} and stride={stride} "
                          "must be >= 1")
     kw = dict(block_size=block_size, stride=stride, scale=scale, block_sizes=block_sizes)
-    if interpret or k_cmp.shape[1] == 0 or not cudnn_compressed_supported(q, k_cmp, v_cmp):
+    if (interpret or k_cmp.shape[1] == 0 or -(-q.shape[1] // stride) < min_rows
+            or not cudnn_compressed_supported(q, k_cmp, v_cmp)):
         return compressed_attention(q, k_cmp, v_cmp, interpret=interpret, **kw)
     try:
         return residue_causal_attention(
