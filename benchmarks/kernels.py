@@ -47,6 +47,9 @@ from pallas_kernels.sliding_window import gpu as swa_gpu  # noqa: E402
 # The GPU backend with the banded Pallas kernels for the compressed branch (cuDNN is the
 # default), for the same-run comparison.
 BANDED_CMP = "pallas_triton_banded_cmp"
+# The default GPU backend with the selected branch's forced blocks as a band (off by default
+# until measured), registered here for ``--band``; never a default.
+FORCED_BAND = "pallas_triton_forced_band"
 
 CFG = NSAConfig(cmp_block_size=32, cmp_stride=16, slc_block_size=64, slc_top_n=16,
                 window_size=512, cmp_kind="mean", kv_mode="shared")
@@ -151,6 +154,18 @@ def time_passes(fn, args, ct, reps):
 
 
 CMP_KW = dict(block_size=CFG.cmp_block_size, stride=CFG.cmp_stride)
+
+
+def _register_band_backend():
+    import dataclasses
+    import functools as ft
+
+    from nsa_jax import registry
+    base = gpu_backend.make_backend(name=FORCED_BAND)
+    sizes = slc_gpu.BlockSizes(**{**tuned_block_sizes.SELECTED, "forced_band": True})
+    registry.register_backend(dataclasses.replace(
+        base, platforms=(), selected_attention=ft.partial(
+            slc_gpu.selected_attention, block_sizes=sizes)))
 
 
 def stage_fns(t):
@@ -325,6 +340,13 @@ def run_variants(args, records, table):
             variant(f"swa fwd+bwd {tag}", grad_of(swa), q, k, v)
         variant(f"cmp fwd {tag}", lambda *a, f=cmpf: f(*a)[0], q, k_cmp, v_cmp)
         variant(f"cmp fwd+bwd {tag}", grad_of(cmpf), q, k_cmp, v_cmp)
+    if "selected" in groups:  # the forced blocks as a band, forward and forward+backward
+        band_bs = slc_gpu.BlockSizes(**{**tuned_block_sizes.SELECTED, "forced_band": True})
+        for tag, bs in (("per-query", None), ("forced band", band_bs)):
+            slc = lambda q, k, v, bs=bs: slc_gpu.selected_attention(  # noqa: E731
+                q, k, v, idx, block_size=64, block_sizes=bs, forced_included=True)
+            variant(f"slc fwd {tag}", lambda *a, f=slc: f(*a)[0], q, k, v)
+            variant(f"slc fwd+bwd {tag}", grad_of(slc), q, k, v)
     for nw, e in chosen("selected", args.selected_variants):
         bs = slc_gpu.BlockSizes(entries_per_chunk=e, num_warps=nw, num_warps_bwd=nw)
         slc = lambda q, k, v, bs=bs: slc_gpu.selected_attention(  # noqa: E731
@@ -431,6 +453,8 @@ def main():
                     choices=["banded", "selected", "selection"],
                     help="which stages' variants --variants times")
     ap.add_argument("--skip-main", action="store_true", help="only the check and the variants")
+    ap.add_argument("--band", action="store_true",
+                    help="also time NSA with the selected branch's forced blocks as a band")
     ap.add_argument("--banded-cmp", action=argparse.BooleanOptionalAction, default=True,
                     help="also time NSA with the banded compressed kernels (same run)")
     ap.add_argument("--slc-parts", action="store_true",
@@ -500,6 +524,11 @@ def main():
         nsa = nsa_fn("pallas_triton")
         for pas, r in time_passes(nsa, (q, k, v, gates), ct, args.reps).items():
             add("nsa", pas, r, fl["nsa"])
+        if args.band:  # the same NSA with the forced blocks as a band, same run
+            _register_band_backend()
+            for pas, r in time_passes(nsa_fn(FORCED_BAND), (q, k, v, gates), ct,
+                                      args.reps).items():
+                add("nsa_forced_band", pas, r, fl["nsa"])
         if args.banded_cmp:  # the same NSA with the banded compressed kernels, same run
             for pas, r in time_passes(nsa_fn(BANDED_CMP), (q, k, v, gates), ct,
                                       args.reps).items():
@@ -702,6 +731,18 @@ def write_markdown(doc, path):
                               ("fwdbwd", "nsa/compressed", "nsa/compressed_banded")):
                 ra, rb = _get(recs, a, pas, t, dk), _get(recs, b, pas, t, dk)
                 cells.append(f"{ra['ms']:.2f} / {rb['ms']:.2f}" if ra and rb else "-")
+            lines.append(f"| {t} | {dk}/{dv} | " + " | ".join(cells) + " |")
+    band = [k for k in keys if _get(recs, "nsa_forced_band", "fwd", k[0], k[1])]
+    if band:
+        lines += ["", "The same NSA with the selected branch's forced blocks as a band "
+                  "(`BlockSizes.forced_band`, same run; ms, ratio to cuDNN dense):", "",
+                  "| T | Dk/Dv | fwd | bwd | fwdbwd |", "| --- | --- | --- | --- | --- |"]
+        for t, dk, dv in band:
+            cells = []
+            for pas in ("fwd", "bwd", "fwdbwd"):
+                r, c = (_get(recs, nm, pas, t, dk) for nm in ("nsa_forced_band", "cudnn_dense"))
+                cells.append("-" if r is None else f"{r['ms']:.2f}" + (
+                    f" ({c['ms'] / r['ms']:.2f}x)" if c else ""))
             lines.append(f"| {t} | {dk}/{dv} | " + " | ".join(cells) + " |")
     var = [r for r in recs if r["name"].startswith("variant/")]
     if var:

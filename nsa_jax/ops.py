@@ -185,9 +185,11 @@ def nsa_attention(
     # Named so that a rematerialised block can keep the selection (a few int32 per query) and
     # skip recomputing the top-n in the backward pass (``REMAT_POLICY``).
     indices = checkpoint_name(jax.lax.stop_gradient(indices), SELECTION_NAME)
+    # The selection always holds the forced blocks when there are slots for them (spec), a
+    # promise the selected-attention kernels may use to share their loads.
     o_slc, _ = registry.call_stage(
         chain, "selected_attention", q, k_slc, v_slc, indices,
-        block_size=cfg.slc_block_size, scale=scale,
+        block_size=cfg.slc_block_size, scale=scale, forced_included=cfg.slc_top_n >= 3,
     )
     o_swa, _ = registry.call_stage(
         chain, "sliding_window_attention", q, k_swa, v_swa,

@@ -33,6 +33,7 @@ from jaxtyping import Array, Float, Int
 
 from pallas_kernels import tuned_block_sizes
 from pallas_kernels.common import LOG2E, check_int32_extent, default_scale
+from pallas_kernels.selection.reference import NUM_FORCED
 from pallas_kernels.sliding_window.gpu import check_qkv
 
 MASK_VALUE = -1e30
@@ -52,6 +53,11 @@ class BlockSizes:
         a ``[entries_per_step * Gp, D]`` tile (a power of two, at most ``entries_per_chunk``).
       num_warps, num_stages: Triton parameters of the forward and ``dq`` kernels.
       num_warps_bwd, num_stages_bwd: those of the ``dk/dv`` kernel.
+      forced_band: when the caller promises that every row's indices hold its forced blocks
+        (``forced_included=True``, as NSA's selection does), attend those three blocks (0,
+        ``t//l'``, ``t//l' - 1``) in a band kernel over a tile of ``l'`` queries that all share
+        them, and only the scored blocks in the per-query kernel, which starts from the band's
+        output and log-sum-exp. Off by default: not yet timed on the GPU.
     """
 
     entries_per_chunk: int = 256
@@ -60,6 +66,7 @@ class BlockSizes:
     num_stages: int = 2
     num_warps_bwd: int = 4
     num_stages_bwd: int = 2
+    forced_band: bool = False
 
     def __post_init__(self):
         for f in ("entries_per_chunk", "entries_per_step"):
@@ -78,6 +85,7 @@ class _Config:
     g: int  # true heads per group (the kernels see the padded count)
     block_sizes: BlockSizes
     interpret: bool
+    band: bool = False  # the forced blocks as a band (forced_band and forced_included)
 
 
 def _precision(dtype):
@@ -124,6 +132,75 @@ def _fwd_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
     seen = den > 0
     o_ref[...] = (acc / jnp.where(seen, den, 1.0)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, (m + jnp.log2(jnp.where(seen, den, 1.0))) / LOG2E, -jnp.inf)
+
+
+def _band_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
+    """The forced blocks of one tile of ``l'`` queries (one selection block ``cur``) and one
+    query head: block 0, ``cur - 1`` (from ``cur >= 2``) and ``cur`` (from ``cur >= 1``, causal),
+    each loaded once for the whole tile."""
+    bs = cfg.block_size
+    cur = pl.program_id(0)
+    q = q_ref[...]  # [l', Dk]
+    prec = _precision(q.dtype)
+    qk_scale = cfg.scale * LOG2E
+    t = cur * bs + jnp.arange(bs, dtype=jnp.int32)
+    acc = jnp.zeros((bs, v_ref.shape[-1]), jnp.float32)
+    m = jnp.full((bs,), MASK_VALUE, jnp.float32)
+    den = jnp.zeros((bs,), jnp.float32)
+    for blk, ok in ((0, None), (cur - 1, cur >= 2), (cur, cur >= 1)):
+        jc = jnp.maximum(blk, 0)
+        k = k_ref[pl.ds(jc * bs, bs), :]  # [l', Dk]
+        v = v_ref[pl.ds(jc * bs, bs), :]  # [l', Dv]
+        s = _dot(q, k, trans_b=True, precision=prec) * qk_scale  # [l', l']
+        key_pos = jc * bs + jnp.arange(bs, dtype=jnp.int32)
+        mask = key_pos[None, :] <= t[:, None]
+        if ok is not None:
+            mask = mask & ok
+        s = jnp.where(mask, s, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
+        den = den * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, precision=prec)
+        m = m_new
+    # Key 0 is visible to every query, so ``den >= 1`` here.
+    o_ref[...] = (acc / den[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = (m + jnp.log2(den)) / LOG2E
+
+
+def _scored_kernel(idx_ref, q_ref, k_ref, v_ref, ob_ref, lb_ref, o_ref, lse_ref, *,
+                   cfg: _Config, n_loop: int):
+    """``_fwd_kernel`` over the first ``n_loop`` slots of the scored (non-forced) blocks,
+    starting from the band's output and log-sum-exp instead of an empty softmax."""
+    bs = cfg.block_size
+    t = pl.program_id(0)
+    q = q_ref[...]  # [Gp, Dk]
+    prec = _precision(q.dtype)
+    qk_scale = cfg.scale * LOG2E
+
+    def body(slot, carry):
+        acc, m, den = carry
+        j = idx_ref[slot]
+        jc = jnp.maximum(j, 0)
+        k = k_ref[pl.ds(jc * bs, bs), :]
+        v = v_ref[pl.ds(jc * bs, bs), :]
+        s = _dot(q, k, trans_b=True, precision=prec) * qk_scale  # [Gp, l']
+        key_pos = jc * bs + jnp.arange(bs, dtype=jnp.int32)
+        mask = ((key_pos <= t) & (j >= 0))[None, :]
+        s = jnp.where(mask, s, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
+        den = den * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, precision=prec)
+        return acc, m_new, den
+
+    acc = ob_ref[...].astype(jnp.float32)
+    m = lb_ref[...] * LOG2E
+    den = jnp.ones(m.shape, jnp.float32)
+    acc, m, den = lax.fori_loop(0, n_loop, body, (acc, m, den))
+    o_ref[...] = (acc / den[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = (m + jnp.log2(den)) / LOG2E
 
 
 def _bwd_dq_kernel(idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
@@ -276,6 +353,66 @@ def _fwd(q, k, v, idx, cfg: _Config):
     )(idx, q, k, v)
 
 
+def _scored_indices(idx, block_size: int):
+    """Each row's indices without its forced blocks (0, ``t//l'``, ``t//l' - 1``), ascending,
+    ``-1`` after them, in ``max(n - 3, 0)`` slots (with the forced blocks present, as the caller
+    promised, no more remain), padded to a power of two."""
+    t, m = idx.shape[1], idx.shape[-1]
+    cur = (jnp.arange(t, dtype=jnp.int32) // block_size)[None, :, None, None]
+    forced = (idx == 0) | (idx == cur) | (idx == cur - 1)
+    big = jnp.iinfo(jnp.int32).max
+    key = jnp.sort(jnp.where(forced | (idx < 0), big, idx), axis=-1)
+    n_loop = max(m - NUM_FORCED, 0)
+    scored = jnp.where(key == big, -1, key)[..., :max(n_loop, 1)]
+    return _pad_axis(scored, 3, _pow2(scored.shape[-1]), value=-1), n_loop
+
+
+def _fwd_band(q, k, v, idx, cfg: _Config):
+    """The forward with the forced blocks as a band (``BlockSizes.forced_band``): the same
+    outputs as ``_fwd`` when every row's indices hold its forced blocks."""
+    b, t, ngp, dkp = q.shape
+    sp, kh, dvp = k.shape[1], k.shape[2], v.shape[-1]
+    gp = ngp // kh
+    bs = cfg.block_size
+    sizes = cfg.block_sizes
+    tp = -(-t // bs) * bs
+    qp = _pad_axis(q, 1, tp)  # a copy only when T is not a multiple of l'
+    params = plgpu.CompilerParams(num_warps=sizes.num_warps, num_stages=sizes.num_stages)
+    kv_spec = lambda d: pl.BlockSpec((None, sp, None, d),  # noqa: E731
+                                     lambda i, bh: (bh // ngp, 0, (bh % ngp) // gp, 0))
+    o_band, lse_band = pl.pallas_call(
+        functools.partial(_band_kernel, cfg=cfg),
+        grid=(tp // bs, b * ngp),
+        in_specs=[pl.BlockSpec((None, bs, None, dkp), lambda i, bh: (bh // ngp, i, bh % ngp, 0)),
+                  kv_spec(dkp), kv_spec(dvp)],
+        out_specs=[pl.BlockSpec((None, bs, None, dvp), lambda i, bh: (bh // ngp, i, bh % ngp, 0)),
+                   pl.BlockSpec((None, bs, None), lambda i, bh: (bh // ngp, i, bh % ngp))],
+        out_shape=[jax.ShapeDtypeStruct((b, tp, ngp, dvp), q.dtype),
+                   jax.ShapeDtypeStruct((b, tp, ngp), jnp.float32)],
+        compiler_params=params,
+        interpret=cfg.interpret,
+        name="nsa_slc_fwd_band",
+    )(qp, k, v)
+    if tp != t:
+        o_band, lse_band = o_band[:, :t], lse_band[:, :t]
+    scored, n_loop = _scored_indices(idx, bs)
+    if n_loop == 0:
+        return o_band, lse_band
+    specs = _per_query_specs(kh, gp, dkp, dvp, sp, scored.shape[-1])
+    return pl.pallas_call(
+        functools.partial(_scored_kernel, cfg=cfg, n_loop=n_loop),
+        grid=(t, b * kh),
+        in_specs=[specs["idx"](scored.shape[-1]), specs["q"], specs["k"], specs["v"],
+                  specs["do"], specs["row"]],
+        out_specs=[specs["do"], specs["row"]],
+        out_shape=[jax.ShapeDtypeStruct((b, t, ngp, dvp), q.dtype),
+                   jax.ShapeDtypeStruct((b, t, ngp), jnp.float32)],
+        compiler_params=params,
+        interpret=cfg.interpret,
+        name="nsa_slc_fwd_scored",
+    )(scored, q, k, v, o_band, lse_band)
+
+
 def _bwd(q, k, v, idx, o, lse, do, cfg: _Config):
     delta = jnp.einsum("btnd,btnd->btn", o.astype(jnp.float32), do.astype(jnp.float32))
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
@@ -398,13 +535,17 @@ def _sum_chunks_kernel(first_ref, num_ref, dk_part_ref, dv_part_ref, dk_ref, dv_
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
+def _forward(q, k, v, idx, cfg: _Config):
+    return (_fwd_band if cfg.band else _fwd)(q, k, v, idx, cfg)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _selected(q, k, v, idx, cfg: _Config):
-    return _fwd(q, k, v, idx, cfg)
+    return _forward(q, k, v, idx, cfg)
 
 
 def _selected_fwd(q, k, v, idx, cfg):
-    o, lse = _fwd(q, k, v, idx, cfg)
+    o, lse = _forward(q, k, v, idx, cfg)
     return (o, lse), (q, k, v, idx, o, lse)
 
 
@@ -436,6 +577,7 @@ def selected_attention(
     scale: float | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
+    forced_included: bool = False,
 ) -> tuple[Float[Array, "B T N Hv"], Float[Array, "B T N"]]:
     """Attention of each query over the key blocks its group selected; twin of ``reference.py``.
 
@@ -448,6 +590,9 @@ def selected_attention(
       scale: logit scale, ``1/sqrt(Dk)`` by default.
       block_sizes: launch parameters; the tuned table by default.
       interpret: run in the Pallas interpreter.
+      forced_included: the caller's promise that every row's indices hold the query's forced
+        blocks (0, ``t//l'`` and ``t//l' - 1`` where they exist), as NSA's selection does; it
+        lets ``BlockSizes.forced_band`` attend them as a band. The function is the same.
 
     Returns:
       ``(o, lse)``: ``o [B, T, N, Dv]`` in ``q.dtype`` and ``lse [B, T, N]`` in f32.
@@ -482,7 +627,8 @@ def selected_attention(
     vp = _pad_axis(_pad_axis(v, 1, sp), 3, dvp)
     idx = _pad_axis(indices.astype(jnp.int32), 3, mp, value=-1)
     cfg = _Config(block_size=int(block_size), scale=default_scale(dk, scale), g=g,
-                  block_sizes=sizes, interpret=interpret)
+                  block_sizes=sizes, interpret=interpret,
+                  band=bool(forced_included and sizes.forced_band))
     o, lse = _selected(qp, kp, vp, idx, cfg)
     o = o.reshape(b, t, kh, gp, dvp)[:, :, :, :g, :dv].reshape(b, t, n, dv)
     lse = lse.reshape(b, t, kh, gp)[..., :g].reshape(b, t, n)

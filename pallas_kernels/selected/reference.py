@@ -29,6 +29,7 @@ def selected_attention(
     block_size: int,
     scale: float | None = None,
     chunk_size: int | None = None,
+    forced_included: bool = False,
 ) -> tuple[Float[Array, "B T N Hv"], Float[Array, "B T N"]]:
     """Attention of each query over the key blocks its group selected.
 
@@ -41,10 +42,13 @@ def selected_attention(
       block_size: ``l'``.
       scale: logit scale, ``1/sqrt(Dk)`` by default.
       chunk_size: queries per chunk (memory knob only).
+      forced_included: that every row holds its query's forced blocks (a promise kernels may
+        use to share their loads; the function is the same, and this twin ignores it).
 
     Returns:
       ``(o, lse)``: ``o [B, T, N, Dv]`` in ``q.dtype``, ``lse [B, T, N]`` in f32.
     """
+    del forced_included
     b, t, n, dk = q.shape
     s_len, kh, dv = k.shape[1], k.shape[2], v.shape[-1]
     g, m = n // kh, indices.shape[-1]

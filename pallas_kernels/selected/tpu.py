@@ -306,6 +306,7 @@ def selected_attention(
     chunk_size: int | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: Any = None,
+    forced_included: bool = False,
 ) -> tuple[Float[Array, "B T N Hv"], Float[Array, "B T N"]]:
     """Attention of each query over the key blocks its group selected, on TPU.
 
@@ -322,11 +323,12 @@ def selected_attention(
         ``block_sizes``.
       block_sizes: tile sizes and scalar-memory budget (defaults: :class:`BlockSizes`).
       interpret: ``None`` to compile for TPU, or ``pltpu.InterpretParams`` to simulate.
+      forced_included: accepted for signature parity (the GPU kernel may use it); ignored.
 
     Returns:
       ``(o, lse)``: ``o [B, T, N, Dv]`` in ``q.dtype``, ``lse [B, T, N]`` in f32.
     """
-    del chunk_size
+    del chunk_size, forced_included
     b, t, n, dk = q.shape
     s_len, kh, dv = k.shape[1], k.shape[2], v.shape[-1]
     m = indices.shape[-1]

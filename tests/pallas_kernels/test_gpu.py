@@ -142,6 +142,41 @@ def test_compressed_paths_at_paper_shape(path, t):
         assert_close(g, g_r, jnp.bfloat16, f"{path} compressed d{name}")
 
 
+@pytest.mark.parametrize("t", [1500, 4096], ids=["t1500", "t4096"])
+def test_selected_forced_band_at_paper_shape(t):
+    """The selected branch with its forced blocks as a band (``BlockSizes.forced_band``) on
+    NSA's own selection at the paper's geometry, 16 heads per group, bf16: output, lse and
+    gradients against the twin."""
+    from nsa_jax.compression import compress
+    from pallas_kernels.selected import gpu as selected_gpu
+    from pallas_kernels.selected import reference as selected_ref
+
+    ks = jax.random.split(jax.random.key(17), 4)
+    b, n, kh, d = 1, 32, 2, 128
+    q = _normal(ks[0], (b, t, n, d), jnp.bfloat16)
+    k = _normal(ks[1], (b, t, kh, d), jnp.bfloat16)
+    v = _normal(ks[2], (b, t, kh, d), jnp.bfloat16)
+    ct = _normal(ks[3], (b, t, n, d), jnp.bfloat16)
+    k_cmp = compress(k, {}, kind="mean", block_size=32, stride=16)
+    _, lse = compressed_ref.compressed_attention(q, k_cmp, k_cmp, block_size=32, stride=16)
+    idx = selection_ref.select_blocks(q, k_cmp, lse, seq_len=t, cmp_block_size=32,
+                                      cmp_stride=16, slc_block_size=64, top_n=16)
+    sizes = selected_gpu.BlockSizes(forced_band=True)
+
+    def run(f):
+        (o, lse), vjp = jax.vjp(f, q, k, v)
+        return o, lse, vjp((ct, jnp.zeros_like(lse)))
+
+    o, lse_o, grads = jax.jit(lambda: run(lambda q, k, v: selected_gpu.selected_attention(
+        q, k, v, idx, block_size=64, block_sizes=sizes, forced_included=True)))()
+    o_r, lse_r, grads_r = jax.jit(lambda: run(lambda q, k, v: selected_ref.selected_attention(
+        q, k, v, idx, block_size=64)))()
+    assert_close(o, o_r, jnp.bfloat16, "band output")
+    assert_close(lse_o, lse_r, jnp.bfloat16, "band lse")
+    for name, g, g_r in zip("qkv", grads, grads_r, strict=True):
+        assert_close(g, g_r, jnp.bfloat16, f"band d{name}")
+
+
 def test_decode_at_the_int32_offset_limit():
     """Raw caches of exactly 2**31 elements (batch 64 x 64k tokens x 4 heads x 128, 4 GiB each
     in bf16), the largest the decode kernels' int32 offsets address: the kernel chain equals

@@ -209,3 +209,88 @@ def test_banded_tiles_clamp_stages_before_tiles():
     assert (f32.block_q, f32.block_k, f32.num_stages) == (64, 64, 2)
     short = bs.clamp(40, 20, 2, 128, 128)
     assert (short.block_q, short.block_k, short.block_q_dkv, short.block_k_dkv) == (64, 32, 64, 32)
+
+
+# ------------------------------------------------------------------------------------------
+# Selected attention with the forced blocks as a band (BlockSizes.forced_band)
+# ------------------------------------------------------------------------------------------
+def _nsa_indices(case, q, k, seed):
+    """Indices as NSA's selection makes them (forced blocks included), from the reference, with
+    each row's slots shuffled (the kernels may not rely on an order)."""
+    from nsa_jax.compression import compress
+
+    geom = dict(kind="mean", block_size=case.cmp_block_size, stride=case.cmp_stride)
+    k_cmp = compress(k, {}, **geom)
+    _, lse = compressed_ref.compressed_attention(q, k_cmp, k_cmp, block_size=case.cmp_block_size,
+                                                 stride=case.cmp_stride)
+    idx = np.asarray(selection_ref.select_blocks(
+        q, k_cmp, lse, seq_len=case.t, cmp_block_size=case.cmp_block_size,
+        cmp_stride=case.cmp_stride, slc_block_size=case.slc_block_size, top_n=case.top_n))
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.permuted(idx, axis=-1))
+
+
+_BAND_CASES = [
+    # G = 16, T a multiple of l', n = 8 (5 scored slots)
+    Case(b=1, t=128, n=16, kh=1, dk=32, dv=32, cmp_block_size=16, cmp_stride=8,
+         slc_block_size=16, top_n=8),
+    # G = 4, T off l', Dk != Dv, batch 2
+    Case(b=2, t=90, n=8, kh=2, dk=32, dv=16, cmp_block_size=16, cmp_stride=8,
+         slc_block_size=16, top_n=6),
+    # G = 1, n = 3: only forced blocks, no scored slot
+    Case(b=1, t=70, n=2, kh=2, dk=16, dv=16, cmp_block_size=16, cmp_stride=8,
+         slc_block_size=16, top_n=3),
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", _BAND_CASES, ids=lambda c: c.id)
+def test_selected_forced_band(case, dtype):
+    """The band path (forced blocks attended per tile of l' queries, the scored ones per query
+    starting from the band's softmax) against the reference: output, lse and gradients; and the
+    band kernel is really what runs."""
+    from pallas_kernels.selected import gpu as selected_gpu
+    from pallas_kernels.selected import reference as selected_ref
+    from tests.tolerances import assert_close
+
+    ks = jax.random.split(jax.random.key(case.t + case.n), 4)
+    q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)
+    k = _normal(ks[1], (case.b, case.t, case.kh, case.dk), dtype)
+    v = _normal(ks[2], (case.b, case.t, case.kh, case.dv), dtype)
+    ct = _normal(ks[3], (case.b, case.t, case.n, case.dv), jnp.float32)
+    idx = _nsa_indices(case, q, k, seed=case.t)
+    sizes = selected_gpu.BlockSizes(forced_band=True)
+    kw = dict(block_size=case.slc_block_size)
+
+    def band(q, k, v):
+        return selected_gpu.selected_attention(q, k, v, idx, block_sizes=sizes, interpret=True,
+                                               forced_included=True, **kw)
+
+    def ref(q, k, v):
+        return selected_ref.selected_attention(q, k, v, idx, **kw)
+
+    assert "nsa_slc_fwd_band" in str(jax.make_jaxpr(band)(q, k, v))
+    outs = []
+    for f in (band, ref):
+        (o, lse), vjp = jax.vjp(f, q, k, v)
+        outs.append((o, lse, *vjp((ct.astype(o.dtype), jnp.zeros_like(lse)))))
+    what = f"forced band {case.id} {jnp.dtype(dtype)}"
+    assert_close(outs[0][0], outs[1][0], dtype, what + " output")
+    assert_close(outs[0][1], outs[1][1], dtype, what + " lse")
+    for name, a, r in zip(("dq", "dk", "dv"), outs[0][2:], outs[1][2:], strict=True):
+        assert_close(a, r, dtype, f"{what} {name}")
+
+
+def test_selected_forced_band_needs_the_promise():
+    """Without ``forced_included`` the band option changes nothing: the per-query kernel runs
+    (indices without forced blocks stay correct)."""
+    from pallas_kernels.selected import gpu as selected_gpu
+
+    case = _BAND_CASES[0]
+    q = jnp.zeros((1, case.t, case.n, case.dk))
+    k = jnp.zeros((1, case.t, case.kh, case.dk))
+    idx = jnp.zeros((1, case.t, case.kh, case.top_n), jnp.int32)
+    sizes = selected_gpu.BlockSizes(forced_band=True)
+    jaxpr = str(jax.make_jaxpr(lambda q, k: selected_gpu.selected_attention(
+        q, k, k, idx, block_size=16, block_sizes=sizes, interpret=True))(q, k))
+    assert "nsa_slc_fwd_band" not in jaxpr and "nsa_slc_fwd" in jaxpr
