@@ -57,7 +57,7 @@ class BlockSizes:
         (``forced_included=True``, as NSA's selection does), attend those three blocks (0,
         ``t//l'``, ``t//l' - 1``) in a band kernel over a tile of ``l'`` queries that all share
         them, and only the scored blocks in the per-query kernel, which starts from the band's
-        output and log-sum-exp. Off by default: not yet timed on the GPU.
+        output and log-sum-exp; ``dq`` likewise. Off by default: not yet timed on the GPU.
     """
 
     entries_per_chunk: int = 256
@@ -203,8 +203,40 @@ def _scored_kernel(idx_ref, q_ref, k_ref, v_ref, ob_ref, lb_ref, o_ref, lse_ref,
     lse_ref[...] = (m + jnp.log2(den)) / LOG2E
 
 
-def _bwd_dq_kernel(idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
-                   cfg: _Config):
+def _band_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Config):
+    """``dq`` over the forced blocks of one tile of ``l'`` queries and one query head (as
+    ``_band_kernel`` walks them), unscaled float32: the scored kernel adds to it."""
+    bs = cfg.block_size
+    cur = pl.program_id(0)
+    q = q_ref[...]  # [l', Dk]
+    do = do_ref[...]  # [l', Dv]
+    prec = _precision(q.dtype)
+    lse = lse_ref[...] * LOG2E
+    delta = delta_ref[...]
+    qk_scale = cfg.scale * LOG2E
+    t = cur * bs + jnp.arange(bs, dtype=jnp.int32)
+    dq = jnp.zeros(q.shape, jnp.float32)
+    for blk, ok in ((0, None), (cur - 1, cur >= 2), (cur, cur >= 1)):
+        jc = jnp.maximum(blk, 0)
+        k = k_ref[pl.ds(jc * bs, bs), :]
+        v = v_ref[pl.ds(jc * bs, bs), :]
+        s = _dot(q, k, trans_b=True, precision=prec) * qk_scale  # [l', l']
+        key_pos = jc * bs + jnp.arange(bs, dtype=jnp.int32)
+        mask = key_pos[None, :] <= t[:, None]
+        if ok is not None:
+            mask = mask & ok
+        p = jnp.where(mask, jnp.exp2(jnp.minimum(s - lse[:, None], 0.0)), 0.0)
+        dp = _dot(do, v, trans_b=True, precision=prec)  # [l', l']
+        ds = p * (dp - delta[:, None])
+        dq = dq + _dot(ds.astype(k.dtype), k, precision=prec)
+    dq_ref[...] = dq
+
+
+def _bwd_dq_kernel(idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
+                   cfg: _Config, n_loop: int | None = None):
+    """``dq`` of one (query, KV head) over its slots; with ``n_loop`` (the band path) over the
+    first ``n_loop`` scored slots, starting from the band's unscaled ``dq`` (``refs[0]``)."""
+    dq_ref = refs[-1]
     bs = cfg.block_size
     t = pl.program_id(0)
     q = q_ref[...]  # [Gp, Dk]
@@ -227,7 +259,10 @@ def _bwd_dq_kernel(idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, precision=prec)
 
-    dq = lax.fori_loop(0, idx_ref.shape[0], body, jnp.zeros(q.shape, jnp.float32))
+    if n_loop is None:
+        dq = lax.fori_loop(0, idx_ref.shape[0], body, jnp.zeros(q.shape, jnp.float32))
+    else:
+        dq = lax.fori_loop(0, n_loop, body, refs[0][...])
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
@@ -421,7 +456,53 @@ def _bwd(q, k, v, idx, o, lse, do, cfg: _Config):
     return dq, dk, dv
 
 
+def _bwd_dq_band(q, k, v, idx, do, lse, delta, cfg: _Config):
+    """``dq`` with the forced blocks as a band (``BlockSizes.forced_band``): a band kernel per
+    tile of ``l'`` queries and head, then the per-query kernel over the scored blocks."""
+    b, t, ngp, dkp = q.shape
+    sp, kh, dvp = k.shape[1], k.shape[2], v.shape[-1]
+    gp = ngp // kh
+    bs = cfg.block_size
+    sizes = cfg.block_sizes
+    tp = -(-t // bs) * bs
+    params = plgpu.CompilerParams(num_warps=sizes.num_warps, num_stages=sizes.num_stages)
+    tile = lambda d: pl.BlockSpec((None, bs, None, d),  # noqa: E731
+                                  lambda i, bh: (bh // ngp, i, bh % ngp, 0))
+    row = pl.BlockSpec((None, bs, None), lambda i, bh: (bh // ngp, i, bh % ngp))
+    kv_spec = lambda d: pl.BlockSpec((None, sp, None, d),  # noqa: E731
+                                     lambda i, bh: (bh // ngp, 0, (bh % ngp) // gp, 0))
+    dq_band = pl.pallas_call(
+        functools.partial(_band_dq_kernel, cfg=cfg),
+        grid=(tp // bs, b * ngp),
+        in_specs=[tile(dkp), kv_spec(dkp), kv_spec(dvp), tile(dvp), row, row],
+        out_specs=tile(dkp),
+        out_shape=jax.ShapeDtypeStruct((b, tp, ngp, dkp), jnp.float32),
+        compiler_params=params,
+        interpret=cfg.interpret,
+        name="nsa_slc_bwd_dq_band",
+    )(_pad_axis(q, 1, tp), k, v, *(_pad_axis(x, 1, tp) for x in (do, lse, delta)))
+    if tp != t:
+        dq_band = dq_band[:, :t]
+    scored, n_loop = _scored_indices(idx, bs)
+    if n_loop == 0:
+        return (dq_band * cfg.scale).astype(q.dtype)
+    specs = _per_query_specs(kh, gp, dkp, dvp, sp, scored.shape[-1])
+    return pl.pallas_call(
+        functools.partial(_bwd_dq_kernel, cfg=cfg, n_loop=n_loop),
+        grid=(t, b * kh),
+        in_specs=[specs["idx"](scored.shape[-1]), specs["q"], specs["k"], specs["v"],
+                  specs["do"], specs["row"], specs["row"], specs["q"]],
+        out_specs=specs["q"],
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=params,
+        interpret=cfg.interpret,
+        name="nsa_slc_bwd_dq_scored",
+    )(scored, q, k, v, do, lse, delta, dq_band)
+
+
 def _bwd_dq(q, k, v, idx, do, lse, delta, cfg: _Config):
+    if cfg.band:
+        return _bwd_dq_band(q, k, v, idx, do, lse, delta, cfg)
     b, t, ngp, dkp = q.shape
     sp, kh, dvp = k.shape[1], k.shape[2], v.shape[-1]
     gp = ngp // kh

@@ -247,8 +247,8 @@ _BAND_CASES = [
 @pytest.mark.parametrize("case", _BAND_CASES, ids=lambda c: c.id)
 def test_selected_forced_band(case, dtype):
     """The band path (forced blocks attended per tile of l' queries, the scored ones per query
-    starting from the band's softmax) against the reference: output, lse and gradients; and the
-    band kernel is really what runs."""
+    starting from the band's softmax; ``dq`` likewise) against the reference: output, lse and
+    gradients; and the band kernels are really what runs."""
     from pallas_kernels.selected import gpu as selected_gpu
     from pallas_kernels.selected import reference as selected_ref
     from tests.tolerances import assert_close
@@ -269,7 +269,9 @@ def test_selected_forced_band(case, dtype):
     def ref(q, k, v):
         return selected_ref.selected_attention(q, k, v, idx, **kw)
 
-    assert "nsa_slc_fwd_band" in str(jax.make_jaxpr(band)(q, k, v))
+    jaxpr = str(jax.make_jaxpr(lambda *a: jax.vjp(band, *a)[1](
+        (ct.astype(dtype), jnp.zeros(ct.shape[:3]))))(q, k, v))
+    assert "nsa_slc_fwd_band" in jaxpr and "nsa_slc_bwd_dq_band" in jaxpr
     outs = []
     for f in (band, ref):
         (o, lse), vjp = jax.vjp(f, q, k, v)

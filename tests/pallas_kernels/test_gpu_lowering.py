@@ -72,16 +72,16 @@ def test_attention_kernels_lower_for_h200(branch, t, dk, dv):
 @pytest.mark.parametrize("t,dk,dv", SHAPES + [(8000, 128, 128)])
 def test_selected_forced_band_lowers_for_h200(t, dk, dv):
     """The band path (``BlockSizes.forced_band`` with the caller's ``forced_included``): the
-    band and scored forward kernels, and the unchanged backward, at the paper's shapes and a
-    length off ``l'`` (padded tiles)."""
+    band and scored kernels of the forward and ``dq``, and the unchanged ``dk/dv``, at the
+    paper's shapes and a length off ``l'`` (padded tiles)."""
     fn = lambda q, k, v, idx: slc_gpu.selected_attention(  # noqa: E731
         q, k, v, idx, block_size=L_SLC, forced_included=True,
         block_sizes=slc_gpu.BlockSizes(forced_band=True))
     names, text = _lower(fwd_and_bwd(fn), _sds(B, t, HQ, dk), _sds(B, t, HKV, dk),
                          _sds(B, t, HKV, dv), _sds(B, t, HKV, TOP_N, dtype=jnp.int32))
-    assert {"nsa_slc_fwd_band", "nsa_slc_fwd_scored", "nsa_slc_bwd_dq",
-            "nsa_slc_bwd_dkv"} <= set(names), names
-    assert "nsa_slc_fwd" not in names, names
+    assert {"nsa_slc_fwd_band", "nsa_slc_fwd_scored", "nsa_slc_bwd_dq_band",
+            "nsa_slc_bwd_dq_scored", "nsa_slc_bwd_dkv"} <= set(names), names
+    assert "nsa_slc_fwd" not in names and "nsa_slc_bwd_dq" not in names, names
     assert text.count(TRITON_CALL) >= len(names), (t, names)
 
 
