@@ -48,7 +48,7 @@ from pallas_kernels.sliding_window import gpu as swa_gpu  # noqa: E402
 # default), for the same-run comparison.
 BANDED_CMP = "pallas_triton_banded_cmp"
 # The default GPU backend with the selected branch's forced blocks as a band (off by default
-# until measured), registered here for ``--band``; never a default.
+# until measured), for ``--band``.
 FORCED_BAND = "pallas_triton_forced_band"
 
 CFG = NSAConfig(cmp_block_size=32, cmp_stride=16, slc_block_size=64, slc_top_n=16,
@@ -154,18 +154,6 @@ def time_passes(fn, args, ct, reps):
 
 
 CMP_KW = dict(block_size=CFG.cmp_block_size, stride=CFG.cmp_stride)
-
-
-def _register_band_backend():
-    import dataclasses
-    import functools as ft
-
-    from nsa_jax import registry
-    base = gpu_backend.make_backend(name=FORCED_BAND)
-    sizes = slc_gpu.BlockSizes(**{**tuned_block_sizes.SELECTED, "forced_band": True})
-    registry.register_backend(dataclasses.replace(
-        base, platforms=(), selected_attention=ft.partial(
-            slc_gpu.selected_attention, block_sizes=sizes)))
 
 
 def stage_fns(t):
@@ -525,7 +513,6 @@ def main():
         for pas, r in time_passes(nsa, (q, k, v, gates), ct, args.reps).items():
             add("nsa", pas, r, fl["nsa"])
         if args.band:  # the same NSA with the forced blocks as a band, same run
-            _register_band_backend()
             for pas, r in time_passes(nsa_fn(FORCED_BAND), (q, k, v, gates), ct,
                                       args.reps).items():
                 add("nsa_forced_band", pas, r, fl["nsa"])

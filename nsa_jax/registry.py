@@ -135,4 +135,6 @@ def call_stage(chain: tuple[Backend, ...], stage: str, *args, **kwargs):
 # ``make_backend(interpret=...)`` for tests.
 register_backend("pallas_kernels.gpu_backend:BACKEND", name="pallas_triton", default_on=("gpu",))
 register_backend("pallas_kernels.gpu_backend:BANDED_CMP_BACKEND", name="pallas_triton_banded_cmp")
+register_backend("pallas_kernels.gpu_backend:FORCED_BAND_BACKEND",
+                 name="pallas_triton_forced_band")
 register_backend("pallas_kernels.tpu_backend:BACKEND", name="pallas_mosaic", default_on=("tpu",))

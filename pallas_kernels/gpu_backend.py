@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 
+from pallas_kernels import tuned_block_sizes
 from pallas_kernels.backend import Backend
 from pallas_kernels.compressed import gpu as compressed_gpu
 from pallas_kernels.selected import gpu as selected_gpu
@@ -29,12 +30,15 @@ from pallas_kernels.sliding_window import gpu as sliding_window_gpu
 
 
 def make_backend(interpret: bool = False, name: str | None = None,
-                 window: str = "cudnn", compressed: str = "cudnn") -> Backend:
+                 window: str = "cudnn", compressed: str = "cudnn",
+                 forced_band: bool = False) -> Backend:
     """The GPU stages, or their interpreted twins on CPU with ``interpret=True``.
 
     ``window``: ``"cudnn"`` (cuDNN for the window's output where it applies, the default) or
     ``"pallas"`` (the banded kernel only). ``compressed``: ``"cudnn"`` (cuDNN over the residue
     classes where it applies, the default) or ``"pallas"`` (the banded kernels only).
+    ``forced_band``: the selected branch's forced blocks as a band
+    (``selected.gpu.BlockSizes.forced_band``; off by default until timed).
     """
     for arg, val in (("window", window), ("compressed", compressed)):
         if val not in ("cudnn", "pallas"):
@@ -48,8 +52,10 @@ def make_backend(interpret: bool = False, name: str | None = None,
         platforms=() if interpret else ("gpu",),
         compressed_attention=functools.partial(cmp, interpret=interpret),
         select_blocks=functools.partial(selection_gpu.select_blocks, interpret=interpret),
-        selected_attention=functools.partial(selected_gpu.selected_attention,
-                                             interpret=interpret),
+        selected_attention=functools.partial(
+            selected_gpu.selected_attention, interpret=interpret,
+            block_sizes=selected_gpu.BlockSizes(**{**tuned_block_sizes.SELECTED,
+                                                   "forced_band": True}) if forced_band else None),
         sliding_window_attention=functools.partial(swa, interpret=interpret),
     )
 
@@ -59,3 +65,6 @@ BACKEND = make_backend()
 # about 2 GiB less peak memory at 64k (the cuDNN path keeps its per-residue copy of the
 # queries and its own output for the backward), slower (docs/gpu_kernels.md).
 BANDED_CMP_BACKEND = make_backend(compressed="pallas", name="pallas_triton_banded_cmp")
+# The default with the selected branch's forced blocks as a band ("pallas_triton_forced_band"),
+# for measuring it (docs/gpu_kernels.md); not a default until it has been timed.
+FORCED_BAND_BACKEND = make_backend(forced_band=True, name="pallas_triton_forced_band")

@@ -296,3 +296,39 @@ def test_selected_forced_band_needs_the_promise():
     jaxpr = str(jax.make_jaxpr(lambda q, k: selected_gpu.selected_attention(
         q, k, k, idx, block_size=16, block_sizes=sizes, interpret=True))(q, k))
     assert "nsa_slc_fwd_band" not in jaxpr and "nsa_slc_fwd" in jaxpr
+
+
+class _ForcedBandSuite(KernelSuite):
+    """The GPU backend with the forced-blocks band (not collected as a class: only its NSA test
+    runs, below)."""
+
+    cases = DEFAULT_CASES
+
+    @staticmethod
+    def make_backend():
+        return gpu_backend.make_backend(interpret=True, forced_band=True,
+                                        name="pallas_triton_forced_band_interpret")
+
+
+def test_full_nsa_with_forced_band():
+    """``nsa_attention`` gives the selected kernels its promise that the forced blocks are
+    selected, so the band kernels run, and the whole NSA (outputs and gradients of q, k, v,
+    gates and the compression MLP) still matches the reference, f32 and bf16."""
+    import dataclasses
+
+    from nsa_jax import NSAConfig, nsa_attention, registry
+
+    suite = _ForcedBandSuite()
+    suite.test_full_nsa_matches_reference()
+    backend = suite.make_backend()
+    registry.register_backend(dataclasses.replace(backend, name="band-jaxpr", platforms=()))
+    case = suite.cases[1]
+    cfg = NSAConfig(cmp_block_size=case.cmp_block_size, cmp_stride=case.cmp_stride,
+                    slc_block_size=case.slc_block_size, slc_top_n=case.top_n,
+                    window_size=case.window_size, cmp_kind="mean")
+    q = jnp.zeros((case.b, case.t, case.n, case.dk))
+    k = jnp.zeros((case.b, case.t, case.kh, case.dk))
+    gates = jnp.zeros((case.b, case.t, case.n, 3))
+    jaxpr = str(jax.make_jaxpr(lambda q, k: nsa_attention(
+        q, k, k, gates, None, config=cfg, implementation="band-jaxpr"))(q, k))
+    assert "nsa_slc_fwd_band" in jaxpr and "nsa_slc_fwd_scored" in jaxpr
