@@ -402,7 +402,7 @@ def _scored_indices(idx, block_size: int):
     return _pad_axis(scored, 3, _pow2(scored.shape[-1]), value=-1), n_loop
 
 
-def _fwd_band(q, k, v, idx, cfg: _Config):
+def _fwd_band(q, k, v, idx, cfg: _Config, scored=None):
     """The forward with the forced blocks as a band (``BlockSizes.forced_band``): the same
     outputs as ``_fwd`` when every row's indices hold its forced blocks."""
     b, t, ngp, dkp = q.shape
@@ -430,7 +430,9 @@ def _fwd_band(q, k, v, idx, cfg: _Config):
     )(qp, k, v)
     if tp != t:
         o_band, lse_band = o_band[:, :t], lse_band[:, :t]
-    scored, n_loop = _scored_indices(idx, bs)
+    n_loop = max(idx.shape[-1] - NUM_FORCED, 0)
+    if scored is None:
+        scored = _scored_indices(idx, bs)[0]
     if n_loop == 0:
         return o_band, lse_band
     specs = _per_query_specs(kh, gp, dkp, dvp, sp, scored.shape[-1])
@@ -448,15 +450,15 @@ def _fwd_band(q, k, v, idx, cfg: _Config):
     )(scored, q, k, v, o_band, lse_band)
 
 
-def _bwd(q, k, v, idx, o, lse, do, cfg: _Config):
+def _bwd(q, k, v, idx, o, lse, do, cfg: _Config, scored=None):
     delta = jnp.einsum("btnd,btnd->btn", o.astype(jnp.float32), do.astype(jnp.float32))
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
-    dq = _bwd_dq(q, k, v, idx, do, lse, delta, cfg)
+    dq = _bwd_dq(q, k, v, idx, do, lse, delta, cfg, scored)
     dk, dv = _bwd_dkv(q, k, v, idx, do, lse, delta, cfg)
     return dq, dk, dv
 
 
-def _bwd_dq_band(q, k, v, idx, do, lse, delta, cfg: _Config):
+def _bwd_dq_band(q, k, v, idx, do, lse, delta, cfg: _Config, scored=None):
     """``dq`` with the forced blocks as a band (``BlockSizes.forced_band``): a band kernel per
     tile of ``l'`` queries and head, then the per-query kernel over the scored blocks."""
     b, t, ngp, dkp = q.shape
@@ -483,7 +485,9 @@ def _bwd_dq_band(q, k, v, idx, do, lse, delta, cfg: _Config):
     )(_pad_axis(q, 1, tp), k, v, *(_pad_axis(x, 1, tp) for x in (do, lse, delta)))
     if tp != t:
         dq_band = dq_band[:, :t]
-    scored, n_loop = _scored_indices(idx, bs)
+    n_loop = max(idx.shape[-1] - NUM_FORCED, 0)
+    if scored is None:
+        scored = _scored_indices(idx, bs)[0]
     if n_loop == 0:
         return (dq_band * cfg.scale).astype(q.dtype)
     specs = _per_query_specs(kh, gp, dkp, dvp, sp, scored.shape[-1])
@@ -500,9 +504,9 @@ def _bwd_dq_band(q, k, v, idx, do, lse, delta, cfg: _Config):
     )(scored, q, k, v, do, lse, delta, dq_band)
 
 
-def _bwd_dq(q, k, v, idx, do, lse, delta, cfg: _Config):
+def _bwd_dq(q, k, v, idx, do, lse, delta, cfg: _Config, scored=None):
     if cfg.band:
-        return _bwd_dq_band(q, k, v, idx, do, lse, delta, cfg)
+        return _bwd_dq_band(q, k, v, idx, do, lse, delta, cfg, scored)
     b, t, ngp, dkp = q.shape
     sp, kh, dvp = k.shape[1], k.shape[2], v.shape[-1]
     gp = ngp // kh
@@ -617,23 +621,28 @@ def _sum_chunks_kernel(first_ref, num_ref, dk_part_ref, dv_part_ref, dk_ref, dv_
 
 
 def _forward(q, k, v, idx, cfg: _Config):
-    return (_fwd_band if cfg.band else _fwd)(q, k, v, idx, cfg)
+    """``(o, lse)`` and, on the band path, the scored indices (kept for the backward's ``dq``,
+    so the sort runs once)."""
+    if cfg.band:
+        scored = _scored_indices(idx, cfg.block_size)[0]
+        return _fwd_band(q, k, v, idx, cfg, scored), scored
+    return _fwd(q, k, v, idx, cfg), None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _selected(q, k, v, idx, cfg: _Config):
-    return _forward(q, k, v, idx, cfg)
+    return _forward(q, k, v, idx, cfg)[0]
 
 
 def _selected_fwd(q, k, v, idx, cfg):
-    o, lse = _forward(q, k, v, idx, cfg)
-    return (o, lse), (q, k, v, idx, o, lse)
+    (o, lse), scored = _forward(q, k, v, idx, cfg)
+    return (o, lse), (q, k, v, idx, o, lse, scored)
 
 
 def _selected_bwd(cfg, res, cts):
-    q, k, v, idx, o, lse = res
+    q, k, v, idx, o, lse, scored = res
     do, _ = cts  # no gradient flows back through the log-sum-exp output
-    dq, dk, dv = _bwd(q, k, v, idx, o, lse, do.astype(q.dtype), cfg)
+    dq, dk, dv = _bwd(q, k, v, idx, o, lse, do.astype(q.dtype), cfg, scored)
     return dq, dk, dv, None
 
 
