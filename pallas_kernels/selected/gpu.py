@@ -86,6 +86,12 @@ class _Config:
     block_sizes: BlockSizes
     interpret: bool
     band: bool = False  # the forced blocks as a band (forced_band and forced_included)
+    slots: int = 0  # the caller's n (the kernels see it padded to a power of two)
+
+    @property
+    def n_scored(self) -> int:
+        """Slots left for scored blocks once the forced ones are out (the band path)."""
+        return max(self.slots - NUM_FORCED, 0)
 
 
 def _precision(dtype):
@@ -388,18 +394,17 @@ def _fwd(q, k, v, idx, cfg: _Config):
     )(idx, q, k, v)
 
 
-def _scored_indices(idx, block_size: int):
+def _scored_indices(idx, block_size: int, n_loop: int):
     """Each row's indices without its forced blocks (0, ``t//l'``, ``t//l' - 1``), ascending,
-    ``-1`` after them, in ``max(n - 3, 0)`` slots (with the forced blocks present, as the caller
-    promised, no more remain), padded to a power of two."""
-    t, m = idx.shape[1], idx.shape[-1]
+    ``-1`` after them, in ``n_loop = max(n - 3, 0)`` slots (with the forced blocks present, as
+    the caller promised, no more remain), padded to a power of two."""
+    t = idx.shape[1]
     cur = (jnp.arange(t, dtype=jnp.int32) // block_size)[None, :, None, None]
     forced = (idx == 0) | (idx == cur) | (idx == cur - 1)
     big = jnp.iinfo(jnp.int32).max
     key = jnp.sort(jnp.where(forced | (idx < 0), big, idx), axis=-1)
-    n_loop = max(m - NUM_FORCED, 0)
     scored = jnp.where(key == big, -1, key)[..., :max(n_loop, 1)]
-    return _pad_axis(scored, 3, _pow2(scored.shape[-1]), value=-1), n_loop
+    return _pad_axis(scored, 3, _pow2(scored.shape[-1]), value=-1)
 
 
 def _fwd_band(q, k, v, idx, cfg: _Config, scored=None):
@@ -430,9 +435,9 @@ def _fwd_band(q, k, v, idx, cfg: _Config, scored=None):
     )(qp, k, v)
     if tp != t:
         o_band, lse_band = o_band[:, :t], lse_band[:, :t]
-    n_loop = max(idx.shape[-1] - NUM_FORCED, 0)
+    n_loop = cfg.n_scored
     if scored is None:
-        scored = _scored_indices(idx, bs)[0]
+        scored = _scored_indices(idx, bs, n_loop)
     if n_loop == 0:
         return o_band, lse_band
     specs = _per_query_specs(kh, gp, dkp, dvp, sp, scored.shape[-1])
@@ -485,9 +490,9 @@ def _bwd_dq_band(q, k, v, idx, do, lse, delta, cfg: _Config, scored=None):
     )(_pad_axis(q, 1, tp), k, v, *(_pad_axis(x, 1, tp) for x in (do, lse, delta)))
     if tp != t:
         dq_band = dq_band[:, :t]
-    n_loop = max(idx.shape[-1] - NUM_FORCED, 0)
+    n_loop = cfg.n_scored
     if scored is None:
-        scored = _scored_indices(idx, bs)[0]
+        scored = _scored_indices(idx, bs, n_loop)
     if n_loop == 0:
         return (dq_band * cfg.scale).astype(q.dtype)
     specs = _per_query_specs(kh, gp, dkp, dvp, sp, scored.shape[-1])
@@ -624,7 +629,7 @@ def _forward(q, k, v, idx, cfg: _Config):
     """``(o, lse)`` and, on the band path, the scored indices (kept for the backward's ``dq``,
     so the sort runs once)."""
     if cfg.band:
-        scored = _scored_indices(idx, cfg.block_size)[0]
+        scored = _scored_indices(idx, cfg.block_size, cfg.n_scored)
         return _fwd_band(q, k, v, idx, cfg, scored), scored
     return _fwd(q, k, v, idx, cfg), None
 
@@ -718,7 +723,8 @@ def selected_attention(
     idx = _pad_axis(indices.astype(jnp.int32), 3, mp, value=-1)
     cfg = _Config(block_size=int(block_size), scale=default_scale(dk, scale), g=g,
                   block_sizes=sizes, interpret=interpret,
-                  band=bool(forced_included and sizes.forced_band))
+                  band=bool(forced_included and sizes.forced_band),
+                  slots=int(indices.shape[-1]))
     o, lse = _selected(qp, kp, vp, idx, cfg)
     o = o.reshape(b, t, kh, gp, dvp)[:, :, :, :g, :dv].reshape(b, t, n, dv)
     lse = lse.reshape(b, t, kh, gp)[..., :g].reshape(b, t, n)

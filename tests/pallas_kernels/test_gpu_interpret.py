@@ -272,6 +272,9 @@ def test_selected_forced_band(case, dtype):
     jaxpr = str(jax.make_jaxpr(lambda *a: jax.vjp(band, *a)[1](
         (ct.astype(dtype), jnp.zeros(ct.shape[:3]))))(q, k, v))
     assert "nsa_slc_fwd_band" in jaxpr and "nsa_slc_bwd_dq_band" in jaxpr
+    # With n = 3 every slot is forced: the band alone, no per-query kernel.
+    scored = "nsa_slc_fwd_scored" in jaxpr and "nsa_slc_bwd_dq_scored" in jaxpr
+    assert scored == (case.top_n > 3), (case.top_n, scored)
     outs = []
     for f in (band, ref):
         (o, lse), vjp = jax.vjp(f, q, k, v)
