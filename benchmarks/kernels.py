@@ -183,12 +183,12 @@ def stage_fns(t):
 
 
 # ------------------------------------------------------------------------------------------
-def check(key) -> list[str]:
+def check(key, band: bool = False) -> list[str]:
     """Small-size agreement of the GPU backend with the reference: outputs and gradients."""
     lines, ok = [], True
     q, k, v, gates, ct = inputs(key, 1, 2000, 16, 1, 128, 128)
     o_ref, vjp_ref = jax.vjp(jax.jit(nsa_fn("reference")), q, k, v, gates)
-    for impl in ("pallas_triton", BANDED_CMP):
+    for impl in ("pallas_triton", BANDED_CMP) + ((FORCED_BAND,) if band else ()):
         o, vjp = jax.vjp(jax.jit(nsa_fn(impl)), q, k, v, gates)
         errs = {"out": rel_err(o, o_ref)}
         for nm, a, r in zip("q k v gates".split(), vjp(ct), vjp_ref(ct), strict=True):
@@ -485,7 +485,7 @@ def main():
 
     dev = jax.devices()[0]
     print(f"device {dev.device_kind}, jax {jax.__version__}", flush=True)
-    summary = check(jax.random.key(0))
+    summary = check(jax.random.key(0), band=args.band)
     print("\n".join(summary), flush=True)
 
     records, table = [], []
@@ -558,6 +558,8 @@ def main():
         for name, fn, a, f in (
             ("nsa/compressed", lambda q, kc, vc: gpu_backend.BACKEND.compressed_attention(
                 q, kc, vc, **CMP_KW), (q, k_cmp, v_cmp), fl["cmp"]),
+            ("nsa/compressed_cudnn", lambda q, kc, vc: cmp_gpu.compressed_attention_cudnn(
+                q, kc, vc, min_rows=0, **CMP_KW), (q, k_cmp, v_cmp), fl["cmp"]),
             ("nsa/compressed_banded", lambda q, kc, vc: cmp_gpu.compressed_attention(
                 q, kc, vc, **CMP_KW), (q, k_cmp, v_cmp), fl["cmp"]),
             ("nsa/selected", lambda q, k, v, idx=idx: slc_gpu.selected_attention(
@@ -714,9 +716,9 @@ def write_markdown(doc, path):
                     f" ({c['ms'] / r['ms']:.2f}x)" if c else ""))
             m = _get(recs, "nsa_banded_cmp", "memory", t, dk)
             cells.append("-" if m is None else f"{m['peak_bytes'] / 2.0 ** 30:.2f}")
-            for pas, a, b in (("fwd", "nsa/compressed_cudnn", "nsa/compressed_banded"),
-                              ("fwdbwd", "nsa/compressed", "nsa/compressed_banded")):
-                ra, rb = _get(recs, a, pas, t, dk), _get(recs, b, pas, t, dk)
+            for pas in ("fwd", "fwdbwd"):
+                ra, rb = (_get(recs, nm, pas, t, dk)
+                          for nm in ("nsa/compressed_cudnn", "nsa/compressed_banded"))
                 cells.append(f"{ra['ms']:.2f} / {rb['ms']:.2f}" if ra and rb else "-")
             lines.append(f"| {t} | {dk}/{dv} | " + " | ".join(cells) + " |")
     band = [k for k in keys if _get(recs, "nsa_forced_band", "fwd", k[0], k[1])]

@@ -108,7 +108,8 @@ def residue_causal_attention(
     attend: CausalAttention,
     length_multiple: int = 128,
 ) -> tuple[Float[Array, "B T N Hv"], Float[Array, "B T N"]]:
-    """Compressed attention through a causal attention function ``attend``.
+    """Compressed attention through a causal attention function ``attend``, for the spec's
+    token count ``C = (T - l) // d + 1`` (with fewer tokens, real rows would see padding).
 
     ``attend(q [B, L, N', Dk], k [B, L, K', Dk], v [B, L, K', Dv], scale)`` must return the
     causal attention (row ``i`` sees keys ``j <= i``, ``N' / K'`` query heads per KV head) and
@@ -203,7 +204,11 @@ def compressed_attention_cudnn(
         raise ValueError(f"compressed_attention: block_size={block_size} and stride={stride} "
                          "must be >= 1")
     kw = dict(block_size=block_size, stride=stride, scale=scale, block_sizes=block_sizes)
-    if (interpret or k_cmp.shape[1] == 0 or -(-q.shape[1] // stride) < min_rows
+    # The residue layout relies on the spec's token count C = (T - l) // d + 1: the last real
+    # query row then sees exactly token C - 1, and no padding token.
+    spec_c = max((q.shape[1] - block_size) // stride + 1, 0)
+    if (interpret or k_cmp.shape[1] == 0 or k_cmp.shape[1] != spec_c
+            or -(-q.shape[1] // stride) < min_rows
             or not cudnn_compressed_supported(q, k_cmp, v_cmp)):
         return compressed_attention(q, k_cmp, v_cmp, interpret=interpret, **kw)
     try:

@@ -723,7 +723,9 @@ def selected_attention(
     idx = _pad_axis(indices.astype(jnp.int32), 3, mp, value=-1)
     cfg = _Config(block_size=int(block_size), scale=default_scale(dk, scale), g=g,
                   block_sizes=sizes, interpret=interpret,
-                  band=bool(forced_included and sizes.forced_band),
+                  # The promise cannot hold with fewer slots than forced blocks.
+                  band=bool(forced_included and sizes.forced_band
+                            and indices.shape[-1] >= NUM_FORCED),
                   slots=int(indices.shape[-1]))
     o, lse = _selected(qp, kp, vp, idx, cfg)
     o = o.reshape(b, t, kh, gp, dvp)[:, :, :, :g, :dv].reshape(b, t, n, dv)

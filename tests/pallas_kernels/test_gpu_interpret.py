@@ -287,8 +287,8 @@ def test_selected_forced_band(case, dtype):
 
 
 def test_selected_forced_band_needs_the_promise():
-    """Without ``forced_included`` the band option changes nothing: the per-query kernel runs
-    (indices without forced blocks stay correct)."""
+    """Without ``forced_included`` (or with fewer than 3 slots) the band option changes
+    nothing: the per-query kernel runs (indices without forced blocks stay correct)."""
     from pallas_kernels.selected import gpu as selected_gpu
 
     case = _BAND_CASES[0]
@@ -298,6 +298,11 @@ def test_selected_forced_band_needs_the_promise():
     sizes = selected_gpu.BlockSizes(forced_band=True)
     jaxpr = str(jax.make_jaxpr(lambda q, k: selected_gpu.selected_attention(
         q, k, k, idx, block_size=16, block_sizes=sizes, interpret=True))(q, k))
+    assert "nsa_slc_fwd_band" not in jaxpr and "nsa_slc_fwd" in jaxpr
+    # With fewer slots than forced blocks the promise cannot hold: the per-query kernel.
+    jaxpr = str(jax.make_jaxpr(lambda q, k: selected_gpu.selected_attention(
+        q, k, k, idx[..., :2], block_size=16, block_sizes=sizes, interpret=True,
+        forced_included=True))(q, k))
     assert "nsa_slc_fwd_band" not in jaxpr and "nsa_slc_fwd" in jaxpr
 
 
