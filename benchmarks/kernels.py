@@ -701,6 +701,14 @@ def write_markdown(doc, path):
                          f"{c['peak_bytes'] / gib:.2f} | "
                          f"{(n['peak_bytes'] - c['peak_bytes']) / gib:+.3f} | "
                          f"{idx_bytes / gib:.3f} |")
+    def pass_cells(name, t, dk):  # ms (ratio to cuDNN dense) of fwd, bwd, fwdbwd
+        cells = []
+        for pas in ("fwd", "bwd", "fwdbwd"):
+            r, c = (_get(recs, nm, pas, t, dk) for nm in (name, "cudnn_dense"))
+            cells.append("-" if r is None else f"{r['ms']:.2f}" + (
+                f" ({c['ms'] / r['ms']:.2f}x)" if c else ""))
+        return cells
+
     banded = [k for k in keys if _get(recs, "nsa_banded_cmp", "fwd", k[0], k[1])]
     if banded:
         lines += ["", "The same NSA with the banded compressed kernels instead of cuDNN's "
@@ -709,16 +717,16 @@ def write_markdown(doc, path):
                   "| compressed fwdbwd cuDNN / banded |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for t, dk, dv in banded:
-            cells = []
-            for pas in ("fwd", "bwd", "fwdbwd"):
-                r, c = (_get(recs, nm, pas, t, dk) for nm in ("nsa_banded_cmp", "cudnn_dense"))
-                cells.append("-" if r is None else f"{r['ms']:.2f}" + (
-                    f" ({c['ms'] / r['ms']:.2f}x)" if c else ""))
+            cells = pass_cells("nsa_banded_cmp", t, dk)
             m = _get(recs, "nsa_banded_cmp", "memory", t, dk)
             cells.append("-" if m is None else f"{m['peak_bytes'] / 2.0 ** 30:.2f}")
             for pas in ("fwd", "fwdbwd"):
                 ra, rb = (_get(recs, nm, pas, t, dk)
                           for nm in ("nsa/compressed_cudnn", "nsa/compressed_banded"))
+                if ra is None and pas == "fwdbwd":
+                    # Runs before the cuDNN fwd+bwd was timed on its own (38422fd, a6fd260):
+                    # the default then took cuDNN at every length.
+                    ra = _get(recs, "nsa/compressed", pas, t, dk)
                 cells.append(f"{ra['ms']:.2f} / {rb['ms']:.2f}" if ra and rb else "-")
             lines.append(f"| {t} | {dk}/{dv} | " + " | ".join(cells) + " |")
     band = [k for k in keys if _get(recs, "nsa_forced_band", "fwd", k[0], k[1])]
@@ -727,12 +735,8 @@ def write_markdown(doc, path):
                   "(`BlockSizes.forced_band`, same run; ms, ratio to cuDNN dense):", "",
                   "| T | Dk/Dv | fwd | bwd | fwdbwd |", "| --- | --- | --- | --- | --- |"]
         for t, dk, dv in band:
-            cells = []
-            for pas in ("fwd", "bwd", "fwdbwd"):
-                r, c = (_get(recs, nm, pas, t, dk) for nm in ("nsa_forced_band", "cudnn_dense"))
-                cells.append("-" if r is None else f"{r['ms']:.2f}" + (
-                    f" ({c['ms'] / r['ms']:.2f}x)" if c else ""))
-            lines.append(f"| {t} | {dk}/{dv} | " + " | ".join(cells) + " |")
+            lines.append(f"| {t} | {dk}/{dv} | " + " | ".join(pass_cells("nsa_forced_band", t, dk))
+                         + " |")
     var = [r for r in recs if r["name"].startswith("variant/")]
     if var:
         lines += ["", "Tile variants (ms):", ""] + [f"- {r['name'][8:]}: {r['ms']:.3f}"

@@ -105,7 +105,56 @@ def _dot(a, b, trans_a=False, trans_b=False, precision=None):
 # ------------------------------------------------------------------------------------------
 # Forward and dq: one program per (query, KV head)
 # ------------------------------------------------------------------------------------------
-def _fwd_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
+def _softmax_step(carry, q, k, v, mask_fn, qk_scale, prec):
+    """One key block into the online softmax ``(acc, m, den)`` (base 2); ``mask_fn()`` gives
+    the visible keys (built after the logits, as the kernels always have)."""
+    acc, m, den = carry
+    s = _dot(q, k, trans_b=True, precision=prec) * qk_scale  # [rows, l']
+    mask = mask_fn()
+    s = jnp.where(mask, s, MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
+    den = den * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, precision=prec)
+    return acc, m_new, den
+
+
+def _dq_step(dq, q, do, k, v, lse, delta, mask_fn, qk_scale, prec):
+    """One key block's (unscaled) ``dq`` term, the probabilities recomputed from ``lse``
+    (base 2)."""
+    s = _dot(q, k, trans_b=True, precision=prec) * qk_scale  # [rows, l']
+    mask = mask_fn()
+    p = jnp.where(mask, jnp.exp2(jnp.minimum(s - lse[:, None], 0.0)), 0.0)
+    dp = _dot(do, v, trans_b=True, precision=prec)  # [rows, l']
+    ds = p * (dp - delta[:, None])
+    return dq + _dot(ds.astype(k.dtype), k, precision=prec)
+
+
+def _slot_mask(jc, j, t, bs):
+    """Keys of block ``jc`` visible to query ``t`` (none for an empty slot ``j < 0``)."""
+    key_pos = jc * bs + jnp.arange(bs, dtype=jnp.int32)
+    return ((key_pos <= t) & (j >= 0))[None, :]
+
+
+def _forced_blocks(cur):
+    """The forced blocks of selection block ``cur`` and whether each is attended: 0 always,
+    ``cur - 1`` from ``cur >= 2`` and ``cur`` from ``cur >= 1`` (no block twice)."""
+    return ((0, None), (cur - 1, cur >= 2), (cur, cur >= 1))
+
+
+def _band_mask(jc, ok, t, bs):
+    """Keys of block ``jc`` visible to the tile's queries ``t`` (causal; ``ok`` gates it)."""
+    key_pos = jc * bs + jnp.arange(bs, dtype=jnp.int32)
+    mask = key_pos[None, :] <= t[:, None]
+    return mask if ok is None else mask & ok
+
+
+def _fwd_kernel(idx_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, n_loop: int | None = None):
+    """One (query, KV head): online softmax over its slots. With ``n_loop`` (the band path)
+    over the first ``n_loop`` scored slots, starting from the band's output and log-sum-exp
+    (``refs[0]``, ``refs[1]``) instead of an empty softmax."""
+    o_ref, lse_ref = refs[-2:]
     bs = cfg.block_size
     t = pl.program_id(0)
     q = q_ref[...]  # [Gp, Dk]
@@ -114,27 +163,22 @@ def _fwd_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
     m_slots = idx_ref.shape[0]
 
     def body(slot, carry):
-        acc, m, den = carry
         j = idx_ref[slot]
         jc = jnp.maximum(j, 0)
         k = k_ref[pl.ds(jc * bs, bs), :]  # [l', Dk]
         v = v_ref[pl.ds(jc * bs, bs), :]  # [l', Dv]
-        s = _dot(q, k, trans_b=True, precision=prec) * qk_scale  # [Gp, l']
-        key_pos = jc * bs + jnp.arange(bs, dtype=jnp.int32)
-        mask = ((key_pos <= t) & (j >= 0))[None, :]
-        s = jnp.where(mask, s, MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
-        den = den * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, precision=prec)
-        return acc, m_new, den
+        return _softmax_step(carry, q, k, v, lambda: _slot_mask(jc, j, t, bs), qk_scale, prec)
 
     gp, dv = q.shape[0], v_ref.shape[-1]
-    acc = jnp.zeros((gp, dv), jnp.float32)
-    m = jnp.full((gp,), MASK_VALUE, jnp.float32)
-    den = jnp.zeros((gp,), jnp.float32)
-    acc, m, den = lax.fori_loop(0, m_slots, body, (acc, m, den))
+    if n_loop is None:
+        acc = jnp.zeros((gp, dv), jnp.float32)
+        m = jnp.full((gp,), MASK_VALUE, jnp.float32)
+        den = jnp.zeros((gp,), jnp.float32)
+        acc, m, den = lax.fori_loop(0, m_slots, body, (acc, m, den))
+    else:
+        m = refs[1][...] * LOG2E
+        carry = (refs[0][...].astype(jnp.float32), m, jnp.ones(m.shape, jnp.float32))
+        acc, m, den = lax.fori_loop(0, n_loop, body, carry)
     seen = den > 0
     o_ref[...] = (acc / jnp.where(seen, den, 1.0)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, (m + jnp.log2(jnp.where(seen, den, 1.0))) / LOG2E, -jnp.inf)
@@ -142,69 +186,23 @@ def _fwd_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
 
 def _band_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
     """The forced blocks of one tile of ``l'`` queries (one selection block ``cur``) and one
-    query head: block 0, ``cur - 1`` (from ``cur >= 2``) and ``cur`` (from ``cur >= 1``, causal),
-    each loaded once for the whole tile."""
+    query head (``_forced_blocks``), each loaded once for the whole tile."""
     bs = cfg.block_size
     cur = pl.program_id(0)
     q = q_ref[...]  # [l', Dk]
     prec = _precision(q.dtype)
     qk_scale = cfg.scale * LOG2E
     t = cur * bs + jnp.arange(bs, dtype=jnp.int32)
-    acc = jnp.zeros((bs, v_ref.shape[-1]), jnp.float32)
-    m = jnp.full((bs,), MASK_VALUE, jnp.float32)
-    den = jnp.zeros((bs,), jnp.float32)
-    for blk, ok in ((0, None), (cur - 1, cur >= 2), (cur, cur >= 1)):
+    carry = (jnp.zeros((bs, v_ref.shape[-1]), jnp.float32),
+             jnp.full((bs,), MASK_VALUE, jnp.float32), jnp.zeros((bs,), jnp.float32))
+    for blk, ok in _forced_blocks(cur):
         jc = jnp.maximum(blk, 0)
         k = k_ref[pl.ds(jc * bs, bs), :]  # [l', Dk]
         v = v_ref[pl.ds(jc * bs, bs), :]  # [l', Dv]
-        s = _dot(q, k, trans_b=True, precision=prec) * qk_scale  # [l', l']
-        key_pos = jc * bs + jnp.arange(bs, dtype=jnp.int32)
-        mask = key_pos[None, :] <= t[:, None]
-        if ok is not None:
-            mask = mask & ok
-        s = jnp.where(mask, s, MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
-        den = den * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, precision=prec)
-        m = m_new
+        carry = _softmax_step(carry, q, k, v,
+                              lambda jc=jc, ok=ok: _band_mask(jc, ok, t, bs), qk_scale, prec)
+    acc, m, den = carry
     # Key 0 is visible to every query, so ``den >= 1`` here.
-    o_ref[...] = (acc / den[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = (m + jnp.log2(den)) / LOG2E
-
-
-def _scored_kernel(idx_ref, q_ref, k_ref, v_ref, ob_ref, lb_ref, o_ref, lse_ref, *,
-                   cfg: _Config, n_loop: int):
-    """``_fwd_kernel`` over the first ``n_loop`` slots of the scored (non-forced) blocks,
-    starting from the band's output and log-sum-exp instead of an empty softmax."""
-    bs = cfg.block_size
-    t = pl.program_id(0)
-    q = q_ref[...]  # [Gp, Dk]
-    prec = _precision(q.dtype)
-    qk_scale = cfg.scale * LOG2E
-
-    def body(slot, carry):
-        acc, m, den = carry
-        j = idx_ref[slot]
-        jc = jnp.maximum(j, 0)
-        k = k_ref[pl.ds(jc * bs, bs), :]
-        v = v_ref[pl.ds(jc * bs, bs), :]
-        s = _dot(q, k, trans_b=True, precision=prec) * qk_scale  # [Gp, l']
-        key_pos = jc * bs + jnp.arange(bs, dtype=jnp.int32)
-        mask = ((key_pos <= t) & (j >= 0))[None, :]
-        s = jnp.where(mask, s, MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
-        den = den * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, precision=prec)
-        return acc, m_new, den
-
-    acc = ob_ref[...].astype(jnp.float32)
-    m = lb_ref[...] * LOG2E
-    den = jnp.ones(m.shape, jnp.float32)
-    acc, m, den = lax.fori_loop(0, n_loop, body, (acc, m, den))
     o_ref[...] = (acc / den[:, None]).astype(o_ref.dtype)
     lse_ref[...] = (m + jnp.log2(den)) / LOG2E
 
@@ -222,19 +220,12 @@ def _band_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, 
     qk_scale = cfg.scale * LOG2E
     t = cur * bs + jnp.arange(bs, dtype=jnp.int32)
     dq = jnp.zeros(q.shape, jnp.float32)
-    for blk, ok in ((0, None), (cur - 1, cur >= 2), (cur, cur >= 1)):
+    for blk, ok in _forced_blocks(cur):
         jc = jnp.maximum(blk, 0)
         k = k_ref[pl.ds(jc * bs, bs), :]
         v = v_ref[pl.ds(jc * bs, bs), :]
-        s = _dot(q, k, trans_b=True, precision=prec) * qk_scale  # [l', l']
-        key_pos = jc * bs + jnp.arange(bs, dtype=jnp.int32)
-        mask = key_pos[None, :] <= t[:, None]
-        if ok is not None:
-            mask = mask & ok
-        p = jnp.where(mask, jnp.exp2(jnp.minimum(s - lse[:, None], 0.0)), 0.0)
-        dp = _dot(do, v, trans_b=True, precision=prec)  # [l', l']
-        ds = p * (dp - delta[:, None])
-        dq = dq + _dot(ds.astype(k.dtype), k, precision=prec)
+        dq = _dq_step(dq, q, do, k, v, lse, delta, lambda jc=jc, ok=ok: _band_mask(jc, ok, t, bs),
+                      qk_scale, prec)
     dq_ref[...] = dq
 
 
@@ -257,13 +248,8 @@ def _bwd_dq_kernel(idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
         jc = jnp.maximum(j, 0)
         k = k_ref[pl.ds(jc * bs, bs), :]
         v = v_ref[pl.ds(jc * bs, bs), :]
-        s = _dot(q, k, trans_b=True, precision=prec) * qk_scale  # [Gp, l']
-        key_pos = jc * bs + jnp.arange(bs, dtype=jnp.int32)
-        mask = ((key_pos <= t) & (j >= 0))[None, :]
-        p = jnp.where(mask, jnp.exp2(jnp.minimum(s - lse[:, None], 0.0)), 0.0)
-        dp = _dot(do, v, trans_b=True, precision=prec)  # [Gp, l']
-        ds = p * (dp - delta[:, None])
-        return dq + _dot(ds.astype(k.dtype), k, precision=prec)
+        return _dq_step(dq, q, do, k, v, lse, delta, lambda: _slot_mask(jc, j, t, bs),
+                        qk_scale, prec)
 
     if n_loop is None:
         dq = lax.fori_loop(0, idx_ref.shape[0], body, jnp.zeros(q.shape, jnp.float32))
@@ -407,6 +393,27 @@ def _scored_indices(idx, block_size: int, n_loop: int):
     return _pad_axis(scored, 3, _pow2(scored.shape[-1]), value=-1)
 
 
+def _band_grid(q, k, cfg: _Config):
+    """Shared pieces of the band kernels' calls: grid ``(T_p / l', B * K * Gp)`` (a program per
+    tile of ``l'`` queries and query head), the padded length ``T_p``, BlockSpec makers for a
+    tile ``[l', D]``, a row ``[l']`` and a whole key sequence of the head's KV head, and the
+    compiler parameters."""
+    b, t, ngp, _ = q.shape
+    sp, kh = k.shape[1], k.shape[2]
+    gp = ngp // kh
+    bs = cfg.block_size
+    tp = -(-t // bs) * bs
+    sizes = cfg.block_sizes
+    return dict(
+        grid=(tp // bs, b * ngp), tp=tp,
+        tile=lambda d: pl.BlockSpec((None, bs, None, d),
+                                    lambda i, bh: (bh // ngp, i, bh % ngp, 0)),
+        row=pl.BlockSpec((None, bs, None), lambda i, bh: (bh // ngp, i, bh % ngp)),
+        kv=lambda d: pl.BlockSpec((None, sp, None, d),
+                                  lambda i, bh: (bh // ngp, 0, (bh % ngp) // gp, 0)),
+        params=plgpu.CompilerParams(num_warps=sizes.num_warps, num_stages=sizes.num_stages))
+
+
 def _fwd_band(q, k, v, idx, cfg: _Config, scored=None):
     """The forward with the forced blocks as a band (``BlockSizes.forced_band``): the same
     outputs as ``_fwd`` when every row's indices hold its forced blocks."""
@@ -414,25 +421,19 @@ def _fwd_band(q, k, v, idx, cfg: _Config, scored=None):
     sp, kh, dvp = k.shape[1], k.shape[2], v.shape[-1]
     gp = ngp // kh
     bs = cfg.block_size
-    sizes = cfg.block_sizes
-    tp = -(-t // bs) * bs
-    qp = _pad_axis(q, 1, tp)  # a copy only when T is not a multiple of l'
-    params = plgpu.CompilerParams(num_warps=sizes.num_warps, num_stages=sizes.num_stages)
-    kv_spec = lambda d: pl.BlockSpec((None, sp, None, d),  # noqa: E731
-                                     lambda i, bh: (bh // ngp, 0, (bh % ngp) // gp, 0))
+    g = _band_grid(q, k, cfg)
+    tp, params = g["tp"], g["params"]
     o_band, lse_band = pl.pallas_call(
         functools.partial(_band_kernel, cfg=cfg),
-        grid=(tp // bs, b * ngp),
-        in_specs=[pl.BlockSpec((None, bs, None, dkp), lambda i, bh: (bh // ngp, i, bh % ngp, 0)),
-                  kv_spec(dkp), kv_spec(dvp)],
-        out_specs=[pl.BlockSpec((None, bs, None, dvp), lambda i, bh: (bh // ngp, i, bh % ngp, 0)),
-                   pl.BlockSpec((None, bs, None), lambda i, bh: (bh // ngp, i, bh % ngp))],
+        grid=g["grid"],
+        in_specs=[g["tile"](dkp), g["kv"](dkp), g["kv"](dvp)],
+        out_specs=[g["tile"](dvp), g["row"]],
         out_shape=[jax.ShapeDtypeStruct((b, tp, ngp, dvp), q.dtype),
                    jax.ShapeDtypeStruct((b, tp, ngp), jnp.float32)],
         compiler_params=params,
         interpret=cfg.interpret,
         name="nsa_slc_fwd_band",
-    )(qp, k, v)
+    )(_pad_axis(q, 1, tp), k, v)  # a copy only when T is not a multiple of l'
     if tp != t:
         o_band, lse_band = o_band[:, :t], lse_band[:, :t]
     n_loop = cfg.n_scored
@@ -442,7 +443,7 @@ def _fwd_band(q, k, v, idx, cfg: _Config, scored=None):
         return o_band, lse_band
     specs = _per_query_specs(kh, gp, dkp, dvp, sp, scored.shape[-1])
     return pl.pallas_call(
-        functools.partial(_scored_kernel, cfg=cfg, n_loop=n_loop),
+        functools.partial(_fwd_kernel, cfg=cfg, n_loop=n_loop),
         grid=(t, b * kh),
         in_specs=[specs["idx"](scored.shape[-1]), specs["q"], specs["k"], specs["v"],
                   specs["do"], specs["row"]],
@@ -470,19 +471,14 @@ def _bwd_dq_band(q, k, v, idx, do, lse, delta, cfg: _Config, scored=None):
     sp, kh, dvp = k.shape[1], k.shape[2], v.shape[-1]
     gp = ngp // kh
     bs = cfg.block_size
-    sizes = cfg.block_sizes
-    tp = -(-t // bs) * bs
-    params = plgpu.CompilerParams(num_warps=sizes.num_warps, num_stages=sizes.num_stages)
-    tile = lambda d: pl.BlockSpec((None, bs, None, d),  # noqa: E731
-                                  lambda i, bh: (bh // ngp, i, bh % ngp, 0))
-    row = pl.BlockSpec((None, bs, None), lambda i, bh: (bh // ngp, i, bh % ngp))
-    kv_spec = lambda d: pl.BlockSpec((None, sp, None, d),  # noqa: E731
-                                     lambda i, bh: (bh // ngp, 0, (bh % ngp) // gp, 0))
+    g = _band_grid(q, k, cfg)
+    tp, params = g["tp"], g["params"]
     dq_band = pl.pallas_call(
         functools.partial(_band_dq_kernel, cfg=cfg),
-        grid=(tp // bs, b * ngp),
-        in_specs=[tile(dkp), kv_spec(dkp), kv_spec(dvp), tile(dvp), row, row],
-        out_specs=tile(dkp),
+        grid=g["grid"],
+        in_specs=[g["tile"](dkp), g["kv"](dkp), g["kv"](dvp), g["tile"](dvp), g["row"],
+                  g["row"]],
+        out_specs=g["tile"](dkp),
         out_shape=jax.ShapeDtypeStruct((b, tp, ngp, dkp), jnp.float32),
         compiler_params=params,
         interpret=cfg.interpret,
