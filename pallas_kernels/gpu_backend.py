@@ -31,14 +31,16 @@ from pallas_kernels.sliding_window import gpu as sliding_window_gpu
 
 def make_backend(interpret: bool = False, name: str | None = None,
                  window: str = "cudnn", compressed: str = "cudnn",
-                 forced_band: bool = False) -> Backend:
+                 forced_band: bool = False, queries_per_program: int | None = None) -> Backend:
     """The GPU stages, or their interpreted twins on CPU with ``interpret=True``.
 
     ``window``: ``"cudnn"`` (cuDNN for the window's output where it applies, the default) or
     ``"pallas"`` (the banded kernel only). ``compressed``: ``"cudnn"`` (cuDNN over the residue
     classes where it applies, the default) or ``"pallas"`` (the banded kernels only).
     ``forced_band``: the selected branch's forced blocks as a band
-    (``selected.gpu.BlockSizes.forced_band``; off by default until timed).
+    (``selected.gpu.BlockSizes.forced_band``; off by default). ``queries_per_program``: the
+    selected branch's queries per forward and ``dq`` program (``BlockSizes``; the tuned table's
+    by default).
     """
     for arg, val in (("window", window), ("compressed", compressed)):
         if val not in ("cudnn", "pallas"):
@@ -47,6 +49,11 @@ def make_backend(interpret: bool = False, name: str | None = None,
            else compressed_gpu.compressed_attention)
     swa = (sliding_window_gpu.sliding_window_attention_cudnn if window == "cudnn"
            else sliding_window_gpu.sliding_window_attention)
+    slc = {}
+    if forced_band:
+        slc["forced_band"] = True
+    if queries_per_program is not None:
+        slc["queries_per_program"] = queries_per_program
     return Backend(
         name=name or ("pallas_triton_interpret" if interpret else "pallas_triton"),
         platforms=() if interpret else ("gpu",),
@@ -54,8 +61,8 @@ def make_backend(interpret: bool = False, name: str | None = None,
         select_blocks=functools.partial(selection_gpu.select_blocks, interpret=interpret),
         selected_attention=functools.partial(
             selected_gpu.selected_attention, interpret=interpret,
-            block_sizes=selected_gpu.BlockSizes(**{**tuned_block_sizes.SELECTED,
-                                                   "forced_band": True}) if forced_band else None),
+            block_sizes=selected_gpu.BlockSizes(**{**tuned_block_sizes.SELECTED, **slc})
+            if slc else None),
         sliding_window_attention=functools.partial(swa, interpret=interpret),
     )
 
@@ -68,3 +75,6 @@ BANDED_CMP_BACKEND = make_backend(compressed="pallas", name="pallas_triton_bande
 # The default with the selected branch's forced blocks as a band ("pallas_triton_forced_band"),
 # for measuring it (docs/gpu_kernels.md); not a default until it has been timed.
 FORCED_BAND_BACKEND = make_backend(forced_band=True, name="pallas_triton_forced_band")
+# The selected branch's forward and dq over tiles of 4 or 8 queries ("pallas_triton_tile4/8").
+TILE4_BACKEND = make_backend(queries_per_program=4, name="pallas_triton_tile4")
+TILE8_BACKEND = make_backend(queries_per_program=8, name="pallas_triton_tile8")

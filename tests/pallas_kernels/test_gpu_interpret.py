@@ -286,6 +286,71 @@ def test_selected_forced_band(case, dtype):
         assert_close(a, r, dtype, f"{what} {name}")
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("tile", [2, 4, 16])
+@pytest.mark.parametrize("case", _BAND_CASES, ids=lambda c: c.id)
+def test_selected_query_tiles(case, tile, dtype):
+    """Tiles of queries (``queries_per_program``: the forced blocks loaded once per tile, each
+    query's scored blocks found in its shuffled index row) against the reference: output,
+    lse and gradients, T off the tile included; and the tiled kernels are what runs."""
+    from pallas_kernels.selected import gpu as selected_gpu
+    from pallas_kernels.selected import reference as selected_ref
+    from tests.tolerances import assert_close
+
+    ks = jax.random.split(jax.random.key(case.t + case.n + tile), 4)
+    q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)
+    k = _normal(ks[1], (case.b, case.t, case.kh, case.dk), dtype)
+    v = _normal(ks[2], (case.b, case.t, case.kh, case.dv), dtype)
+    ct = _normal(ks[3], (case.b, case.t, case.n, case.dv), jnp.float32)
+    idx = _nsa_indices(case, q, k, seed=case.t + tile)
+    sizes = selected_gpu.BlockSizes(queries_per_program=tile)
+    kw = dict(block_size=case.slc_block_size)
+
+    def tiled(q, k, v):
+        return selected_gpu.selected_attention(q, k, v, idx, block_sizes=sizes, interpret=True,
+                                               forced_included=True, **kw)
+
+    def ref(q, k, v):
+        return selected_ref.selected_attention(q, k, v, idx, **kw)
+
+    jaxpr = str(jax.make_jaxpr(lambda *a: jax.vjp(tiled, *a)[1](
+        (ct.astype(dtype), jnp.zeros(ct.shape[:3]))))(q, k, v))
+    assert "nsa_slc_fwd_tile" in jaxpr and "nsa_slc_bwd_dq_tile" in jaxpr
+    outs = []
+    for f in (tiled, ref):
+        (o, lse), vjp = jax.vjp(f, q, k, v)
+        outs.append((o, lse, *vjp((ct.astype(o.dtype), jnp.zeros_like(lse)))))
+    what = f"query tiles of {tile} {case.id} {jnp.dtype(dtype)}"
+    assert_close(outs[0][0], outs[1][0], dtype, what + " output")
+    assert_close(outs[0][1], outs[1][1], dtype, what + " lse")
+    for name, a, r in zip(("dq", "dk", "dv"), outs[0][2:], outs[1][2:], strict=True):
+        assert_close(a, r, dtype, f"{what} {name}")
+
+
+def test_selected_query_tiles_need_the_promise():
+    """Without ``forced_included`` the tile option changes nothing: the per-query kernels
+    run, and indices without their forced blocks stay correct."""
+    from pallas_kernels.selected import gpu as selected_gpu
+    from pallas_kernels.selected import reference as selected_ref
+
+    case = _BAND_CASES[0]
+    ks = jax.random.split(jax.random.key(3), 3)
+    q = _normal(ks[0], (1, case.t, case.n, case.dk), jnp.float32)
+    k = _normal(ks[1], (1, case.t, case.kh, case.dk), jnp.float32)
+    # Every query selects only its own block's predecessor pair, never block 0.
+    cur = jnp.arange(case.t) // case.slc_block_size
+    idx = jnp.stack([cur, jnp.where(cur >= 1, cur - 1, -1)], -1)[None, :, None, :]
+    sizes = selected_gpu.BlockSizes(queries_per_program=4)
+    f = lambda q, k: selected_gpu.selected_attention(  # noqa: E731
+        q, k, k, idx, block_size=case.slc_block_size, block_sizes=sizes, interpret=True)
+    jaxpr = str(jax.make_jaxpr(f)(q, k))
+    assert "nsa_slc_fwd_tile" not in jaxpr and "nsa_slc_fwd" in jaxpr
+    o, lse = f(q, k)
+    o_ref, lse_ref = selected_ref.selected_attention(q, k, k, idx, block_size=case.slc_block_size)
+    np.testing.assert_allclose(o, o_ref, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(lse, lse_ref, rtol=2e-5, atol=2e-5)
+
+
 def test_selected_forced_band_needs_the_promise():
     """Without ``forced_included`` (or with fewer than 3 slots) the band option changes
     nothing: the per-query kernel runs (indices without forced blocks stay correct)."""
