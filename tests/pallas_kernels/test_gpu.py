@@ -148,8 +148,8 @@ def test_compressed_paths_at_paper_shape(path, t):
 @pytest.mark.parametrize("t", [1500, 4096], ids=["t1500", "t4096"])
 def test_selected_forced_band_at_paper_shape(t, sizes):
     """The selected branch with its forced blocks shared (as a band, ``forced_band``, or per
-    tile of queries, ``queries_per_program``) on NSA's own selection at the paper's geometry, 16 heads per group, bf16: output, lse and
-    gradients against the twin."""
+    tile of queries, ``queries_per_program``) on NSA's own selection at the paper's geometry,
+    16 heads per group, bf16: output, lse and gradients against the twin."""
     from nsa_jax.compression import compress
     from pallas_kernels.selected import gpu as selected_gpu
     from pallas_kernels.selected import reference as selected_ref
