@@ -333,7 +333,7 @@ def run_variants(args, records, table):
         band_bs = slc_gpu.BlockSizes(**{**tuned_block_sizes.SELECTED, "forced_band": True})
         tiles = [(f"tile {qt}", slc_gpu.BlockSizes(**{**tuned_block_sizes.SELECTED,
                                                       "queries_per_program": qt}))
-                 for qt in (2, 4, 8, 16)]
+                 for qt in args.tiles]
         for tag, bs in [("per-query", None), ("forced band", band_bs)] + tiles:
             slc = lambda q, k, v, bs=bs: slc_gpu.selected_attention(  # noqa: E731
                 q, k, v, idx, block_size=64, block_sizes=bs, forced_included=True)
@@ -345,6 +345,15 @@ def run_variants(args, records, table):
             q, k, v, idx, block_size=64, block_sizes=bs)
         variant(f"slc fwd w{nw}", lambda *a, f=slc: f(*a)[0], q, k, v)
         variant(f"slc fwd+bwd w{nw} e{e}", grad_of(slc), q, k, v)
+    # Forward and dq launch parameters (dk/dv kept at the table's): fewer pipeline stages
+    # leave shared memory for more programs per SM.
+    for nw, st in chosen("selected", args.selected_launch_variants):
+        bs = slc_gpu.BlockSizes(**{**tuned_block_sizes.SELECTED, "num_warps": nw,
+                                   "num_stages": st})
+        slc = lambda q, k, v, bs=bs: slc_gpu.selected_attention(  # noqa: E731
+            q, k, v, idx, block_size=64, block_sizes=bs)
+        variant(f"slc fwd w{nw} s{st}", lambda *a, f=slc: f(*a)[0], q, k, v)
+        variant(f"slc fwd+bwd w{nw} s{st} (dq)", grad_of(slc), q, k, v)
     for kw in chosen("selection", args.selection_variants):
         kw = dict(kw)
         merge = kw.pop("merge", "dynamic")
@@ -479,11 +488,14 @@ def main():
                             (64, 64, 4, 2, True, False), (64, 64, 4, 3, True, False),
                             (128, 32, 4, 3, True, False), (128, 64, 4, 3, True, False)]
     args.selected_variants = [(2, 256), (8, 1024)]
+    args.selected_launch_variants = [(4, 1), (2, 1), (2, 2), (1, 1), (1, 2), (4, 3)]
     # BlockSizes fields over the tuned SELECTION entry (the first is the default itself);
     # "merge" picks the merge loop ("one" is a timing probe with wrong indices).
+    # (exp2=False, heavy_first=False, block_c=128, block_q=128 with 8 warps: measured slower at
+    # 0e82fad and b87e531, docs/gpu_kernels.md)
     args.selection_variants = [
-        {}, dict(exp2=False), dict(heavy_first=False), dict(merge="one"), dict(block_c=128),
-        dict(block_q=128, num_warps=8), dict(block_q=32)]
+        {}, dict(merge="one"), dict(block_q=32), dict(num_stages=1),
+        dict(num_stages=1, num_warps=8), dict(num_stages=3), dict(block_q=32, num_stages=1)]
     # (entries_per_chunk, entries_per_step, num_warps_bwd, num_stages_bwd); first = default
     args.dkv_variants = [(256, 4, 4, 2), (256, 4, 8, 2), (256, 8, 8, 2), (512, 8, 8, 3),
                          (256, 2, 4, 2), (1024, 4, 8, 2)]

@@ -278,9 +278,22 @@ def main() -> None:
                    help="steps slower than this are timed fewer times (at least 3)")
     p.add_argument("--budget-s", type=float, default=1e9,
                    help="skip the remaining shapes once this much time has passed")
+    p.add_argument("--tuned", action="append", default=[], metavar="TABLE.FIELD=VALUE",
+                   help="override an entry of pallas_kernels.tuned_block_sizes (an integer or "
+                        "true/false), e.g. SELECTED.num_stages=1, for timing a tiling")
     p.add_argument("--out", default=None)
     p.add_argument("--report", metavar="JSON", help="only write the Markdown table of JSON")
     args = p.parse_args()
+    for item in args.tuned:  # read when the kernels are traced, so before anything compiles
+        from pallas_kernels import tuned_block_sizes
+        key, _, val = item.partition("=")
+        table, _, field = key.partition(".")
+        if not hasattr(tuned_block_sizes, table) or not field or not val:
+            raise SystemExit(f"--tuned {item!r}: expected TABLE.FIELD=VALUE with TABLE one of "
+                             "the tables in pallas_kernels/tuned_block_sizes.py")
+        parsed = {"true": True, "false": False}.get(val.lower()) if val.isalpha() else int(val)
+        setattr(tuned_block_sizes, table, {**getattr(tuned_block_sizes, table), field: parsed})
+        print(f"tuned {table}.{field} = {parsed!r}", flush=True)
     if args.report:
         report(args.report)
         return
