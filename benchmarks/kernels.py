@@ -492,10 +492,10 @@ def main():
     # BlockSizes fields over the tuned SELECTION entry (the first is the default itself);
     # "merge" picks the merge loop ("one" is a timing probe with wrong indices).
     # (exp2=False, heavy_first=False, block_c=128, block_q=128 with 8 warps: measured slower at
-    # 0e82fad and b87e531, docs/gpu_kernels.md)
+    # 0e82fad and b87e531; one stage, 8 warps with one, block_q=32: at 140746f; docs/gpu_kernels.md)
     args.selection_variants = [
-        {}, dict(merge="one"), dict(block_q=32), dict(num_stages=1),
-        dict(num_stages=1, num_warps=8), dict(num_stages=3), dict(block_q=32, num_stages=1)]
+        {}, dict(merge="one"), dict(num_stages=2), dict(num_stages=4),
+        dict(block_q=128, num_warps=8)]
     # (entries_per_chunk, entries_per_step, num_warps_bwd, num_stages_bwd); first = default
     args.dkv_variants = [(256, 4, 4, 2), (256, 4, 8, 2), (256, 8, 8, 2), (512, 8, 8, 3),
                          (256, 2, 4, 2), (1024, 4, 8, 2)]

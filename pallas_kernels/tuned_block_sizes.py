@@ -24,11 +24,15 @@ COMPRESSED = dict(block_q=128, block_k=64, block_q_dkv=64, block_k_dkv=128,
 # ``entries_per_chunk`` queries per program in the inverted-index dK/dV pass, gathered
 # ``entries_per_step`` at a time. For dK/dV at 64k (commit 4d5fb60) 4 entries a step with 4
 # warps measured 15.6 ms, against 29.3 ms with 8 warps and 19.3 ms with 8 entries and 8 warps.
-SELECTED = dict(entries_per_chunk=256, entries_per_step=4, num_warps=4, num_stages=2,
+# Forward and dq with 2 warps (commit 140746f, docs/results/kernels_variants_140746f.md, 64k):
+# forward 15.75 against 16.24 ms with 4, forward + backward 47.0 against 50.4 ms; one stage
+# (more programs per SM) 25 ms, three 17 ms. A 32k training step: 177.2 against 184.5 ms.
+SELECTED = dict(entries_per_chunk=256, entries_per_step=4, num_warps=2, num_stages=2,
                 num_warps_bwd=4, num_stages_bwd=2)
 # Fused scores + top-n: ``block_q`` queries per program, ``block_c`` compressed tokens a step,
 # block scores by tf32x3 dots. At 64k (H200, commits e77f2e6 and 20a4330): 16.7 ms, against
 # 17.2 ms with float32 FMA dots and 25-35 ms with the head-packed layout (``pack_heads``); a
 # probe that merges one block a chunk took 15.3 ms, so the running top-n costs about 1.7 ms and
-# the rest is the per-head scores.
-SELECTION = dict(block_q=64, block_c=64, num_warps=4, num_stages=2, overlap_tf32x3=True)
+# the rest is the per-head scores. Three pipeline stages (commit 140746f): 10.9 against 13.2 ms
+# with two (one: 13.3; eight warps with one stage: 19.9).
+SELECTION = dict(block_q=64, block_c=64, num_warps=4, num_stages=3, overlap_tf32x3=True)

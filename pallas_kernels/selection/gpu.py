@@ -329,8 +329,14 @@ def select_blocks(
     itemsize = jnp.dtype(q.dtype).itemsize
     bc = max(bs.block_c, 16 * rp)
 
-    def fits(rows):  # the program's query tile and its pipelined key chunks in shared memory
-        return itemsize * dkp * (rows + bs.num_stages * bc) <= SMEM_BUDGET
+    def fits(rows, stages=None):  # the query tile and its pipelined key chunks in shared memory
+        return itemsize * dkp * (rows + (stages or num_stages) * bc) <= SMEM_BUDGET
+
+    # Pipeline stages past two are given up first where even the smallest tile would not fit
+    # (wide heads in float32).
+    num_stages = bs.num_stages
+    while num_stages > 2 and not fits(16, num_stages):
+        num_stages -= 1
 
     if packed:  # block_q rows = (block_q / G) positions x G heads
         rows = max(bs.block_q, 16, g)
@@ -363,7 +369,7 @@ def select_blocks(
     n_slots = max(_pow2(top_n), 16)
     cfg = _Config(l=l, d=d, lp=lp, top_n=top_n, scale=default_scale(dk, scale), g=g,
                   num_cmp=c, num_blocks=nb, block_q=bq, block_c=bc, num_chunks=num_chunks,
-                  interpret=interpret, num_warps=bs.num_warps, num_stages=bs.num_stages,
+                  interpret=interpret, num_warps=bs.num_warps, num_stages=num_stages,
                   overlap_tf32x3=bs.overlap_tf32x3 and not interpret,
                   heavy_first=bs.heavy_first, exp2=bs.exp2)
     w_in, w_next = (jnp.asarray(w) for w in overlap_tables(l, d, lp, bc))
@@ -390,7 +396,7 @@ def select_blocks(
         out_specs=pl.BlockSpec((None, bt, None, n_slots),
                                lambda bk, i: (bk // kh, row(i), bk % kh, 0)),
         out_shape=jax.ShapeDtypeStruct((b, tp, kh, n_slots), jnp.int32),
-        compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=num_stages),
         interpret=interpret,
         name="nsa_sel_topn_packed" if packed else "nsa_sel_topn",
     )(q, kc, lse, w_in, w_next)
