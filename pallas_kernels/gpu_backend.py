@@ -73,8 +73,10 @@ BACKEND = make_backend()
 # queries and its own output for the backward), slower (docs/gpu_kernels.md).
 BANDED_CMP_BACKEND = make_backend(compressed="pallas", name="pallas_triton_banded_cmp")
 # The default with the selected branch's forced blocks as a band ("pallas_triton_forced_band"),
-# for measuring it (docs/gpu_kernels.md); not a default until it has been timed.
+# measured slower than the per-query kernels on the H200 (docs/gpu_kernels.md); kept to
+# reproduce that measurement.
 FORCED_BAND_BACKEND = make_backend(forced_band=True, name="pallas_triton_forced_band")
-# The selected branch's forward and dq over tiles of 4 or 8 queries ("pallas_triton_tile4/8").
+# The selected branch's forward and dq over tiles of 4 or 8 queries ("pallas_triton_tile4/8"):
+# measured slower too (docs/gpu_kernels.md), kept likewise.
 TILE4_BACKEND = make_backend(queries_per_program=4, name="pallas_triton_tile4")
 TILE8_BACKEND = make_backend(queries_per_program=8, name="pallas_triton_tile8")

@@ -63,7 +63,8 @@ class BlockSizes:
         many consecutive queries (a power of two, at most ``l'``: they share their selection
         block, hence their forced blocks) of one KV head. Each forced block is loaded once for
         all of them; each query then walks its own scored blocks, found in its index row
-        without a sort. ``1`` keeps the per-query kernels.
+        without a sort. ``1`` keeps the per-query kernels (the default: tiles of 2 to 16 were
+        slower on the H200, ``docs/gpu_kernels.md``).
     """
 
     entries_per_chunk: int = 256
