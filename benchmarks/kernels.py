@@ -6,7 +6,8 @@ median of ``--reps`` timed repetitions after warm-up (compilation excluded) of
 
 * ``nsa`` fwd / bwd / fwdbwd (mean-pooling ``phi``, given gates, shared K/V),
 * the NSA forward stages ``nsa/compressed`` (``phi`` + compressed attention), ``nsa/topn``,
-  ``nsa/selected``, ``nsa/window``, ``nsa/combine``,
+  ``nsa/selected``, ``nsa/window``, ``nsa/combine``, ``nsa/selected_combined`` (selected and
+  combine in one kernel, as the forward alone runs them),
 * ``cudnn_dense`` (causal, GQA) and ``cudnn_window`` (``w``) fwd / bwd / fwdbwd,
 
 with achieved TFLOP/s (useful FLOPs: masked work not counted). ``bwd`` is the VJP applied to
@@ -191,7 +192,9 @@ def check(key, band: bool = False, tiles=()) -> list[str]:
     for impl in (("pallas_triton", BANDED_CMP) + ((FORCED_BAND,) if band else ())
                  + tuple(f"pallas_triton_tile{qt}" for qt in tiles)):
         o, vjp = jax.vjp(jax.jit(nsa_fn(impl)), q, k, v, gates)
-        errs = {"out": rel_err(o, o_ref)}
+        # "fwd": the forward alone, which may run other kernels (the folded combination)
+        errs = {"out": rel_err(o, o_ref),
+                "fwd": rel_err(jax.jit(nsa_fn(impl))(q, k, v, gates), o_ref)}
         for nm, a, r in zip("q k v gates".split(), vjp(ct), vjp_ref(ct), strict=True):
             errs["d" + nm] = rel_err(a, r)
         lines.append(f"check nsa {impl} T=2000 N=16 K=1 bf16: " +
@@ -568,6 +571,11 @@ def main():
         add("nsa/selected", "fwd", timeit(slc_s, q, k, v, idx, reps=args.reps), fl["slc"])
         add("nsa/window", "fwd", timeit(swa_s, q, k, v, reps=args.reps), fl["swa"])
         add("nsa/combine", "fwd", timeit(comb_s, gates, o_cmp, o_slc, o_swa, reps=args.reps))
+        # The selected stage with the combination folded in (what the forward alone runs).
+        add("nsa/selected_combined", "fwd", timeit(
+            jax.jit(lambda q, k, v, idx, g, oc, ow: slc_gpu.selected_attention_combined(
+                q, k, v, idx, g, oc, ow, block_size=CFG.slc_block_size, forced_included=True)),
+            q, k, v, idx, gates, o_cmp, o_swa, reps=args.reps), fl["slc"])
         # Each attention stage forward + backward (cotangent: its own output).
         v_cmp = compress(v, {}, kind="mean", block_size=CFG.cmp_block_size, stride=CFG.cmp_stride)
         add("nsa/compressed_banded", "fwd", timeit(
@@ -688,11 +696,12 @@ def write_markdown(doc, path):
                          f"{c['ms'] if c else float('nan'):.2f} | {ratio} | "
                          f"{w['ms'] if w else float('nan'):.2f} |")
     lines += ["", "NSA forward by stage (ms, TFLOP/s of useful work):", "",
-              "| T | compressed | top-n | selected | window | combine |",
-              "| --- | --- | --- | --- | --- | --- |"]
+              "| T | compressed | top-n | selected | window | combine | selected + combine "
+              "(one kernel) |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for t, dk, _ in keys:
         cells = []
-        for st in ("compressed", "topn", "selected", "window", "combine"):
+        for st in ("compressed", "topn", "selected", "window", "combine", "selected_combined"):
             r = _get(recs, "nsa/" + st, "fwd", t, dk)
             cells.append("-" if r is None else
                          f"{r['ms']:.2f}" + (f" ({r['tflops']:.0f})" if "tflops" in r else ""))

@@ -17,6 +17,7 @@ from jaxtyping import Array, Float, Int
 from nsa_jax import registry
 from nsa_jax.compression import compress, expected_param_shapes
 from nsa_jax.config import NSAConfig
+from pallas_kernels.common import combine_outputs
 
 # The selected blocks' name for ``jax.checkpoint`` policies.
 SELECTION_NAME = "nsa_selection"
@@ -185,16 +186,26 @@ def nsa_attention(
     # Named so that a rematerialised block can keep the selection (a few int32 per query) and
     # skip recomputing the top-n in the backward pass (``REMAT_POLICY``).
     indices = checkpoint_name(jax.lax.stop_gradient(indices), SELECTION_NAME)
-    # The selection always holds the forced blocks when there are slots for them (spec), a
-    # promise the selected-attention kernels may use to share their loads.
-    o_slc, _ = registry.call_stage(
-        chain, "selected_attention", q, k_slc, v_slc, indices,
-        block_size=cfg.slc_block_size, scale=scale, forced_included=cfg.slc_top_n >= 3,
-    )
     o_swa, _ = registry.call_stage(
         chain, "sliding_window_attention", q, k_swa, v_swa,
         window_size=cfg.window_size, scale=scale,
     )
+    # The selection always holds the forced blocks when there are slots for them (spec), a
+    # promise the selected-attention kernels may use to share their loads.
+    slc_kw = dict(block_size=cfg.slc_block_size, scale=scale, forced_included=cfg.slc_top_n >= 3)
+    if not return_aux:
+        # A backend may fold the gated sum into its selected-attention kernel (one pass over
+        # the outputs fewer when no gradient is taken); only the backend whose selected
+        # attention runs is asked, so the pair never mixes two backends.
+        slc_backend = next(b for b in chain if b.selected_attention is not None)
+        if slc_backend.selected_attention_combined is not None:
+            try:
+                return slc_backend.selected_attention_combined(
+                    q, k_slc, v_slc, indices, gates, o_cmp, o_swa, **slc_kw)
+            except NotImplementedError:
+                pass
+    o_slc, _ = registry.call_stage(chain, "selected_attention", q, k_slc, v_slc, indices,
+                                   **slc_kw)
     out = combine_branches(gates, o_cmp, o_slc, o_swa)
     if return_aux:
         return out, NSAAux(o_cmp, o_slc, o_swa, lse_cmp, indices, k_cmp, v_cmp)
@@ -208,10 +219,4 @@ def combine_branches(
     o_swa: Float[Array, "B T N Hv"],
 ) -> Float[Array, "B T N Hv"]:
     """``sum_b gates[..., b] * o_b``, accumulated in f32, returned in the branches' dtype."""
-    g = gates.astype(jnp.float32)[..., None]  # [B, T, N, 3, 1]
-    out = (
-        g[..., 0, :] * o_cmp.astype(jnp.float32)
-        + g[..., 1, :] * o_slc.astype(jnp.float32)
-        + g[..., 2, :] * o_swa.astype(jnp.float32)
-    )
-    return out.astype(o_cmp.dtype)
+    return combine_outputs(gates, o_cmp, o_slc, o_swa)

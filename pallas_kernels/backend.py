@@ -29,3 +29,4 @@ class Backend:
     select_blocks: Callable | None = None
     selected_attention: Callable | None = None
     sliding_window_attention: Callable | None = None
+    selected_attention_combined: Callable | None = None

@@ -49,6 +49,15 @@ def check_int32_offsets(what: str, **shapes: tuple[int, ...]) -> None:
     _check_int32(what, INT32_LIMIT, "at most 2**31", shapes)
 
 
+def combine_outputs(gates, o_cmp, o_slc, o_swa):
+    """NSA's gated sum ``sum_b gates[..., b] * o_b`` (gates ``[..., 3]`` in the order cmp, slc,
+    swa), accumulated in f32 and returned in ``o_cmp.dtype``."""
+    g = gates.astype(jnp.float32)[..., None]  # [..., 3, 1]
+    out = (g[..., 0, :] * o_cmp.astype(jnp.float32) + g[..., 1, :] * o_slc.astype(jnp.float32)
+           + g[..., 2, :] * o_swa.astype(jnp.float32))
+    return out.astype(o_cmp.dtype)
+
+
 def default_scale(head_dim: int, scale: float | None) -> float:
     """``1/sqrt(Dk)`` unless the caller gave a scale."""
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)

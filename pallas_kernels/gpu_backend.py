@@ -64,6 +64,10 @@ def make_backend(interpret: bool = False, name: str | None = None,
             block_sizes=selected_gpu.BlockSizes(**{**tuned_block_sizes.SELECTED, **slc})
             if slc else None),
         sliding_window_attention=functools.partial(swa, interpret=interpret),
+        selected_attention_combined=functools.partial(
+            selected_gpu.selected_attention_combined, interpret=interpret,
+            block_sizes=selected_gpu.BlockSizes(**{**tuned_block_sizes.SELECTED, **slc})
+            if slc else None),
     )
 
 

@@ -32,7 +32,7 @@ from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels import tuned_block_sizes
-from pallas_kernels.common import LOG2E, check_int32_extent, default_scale
+from pallas_kernels.common import LOG2E, check_int32_extent, combine_outputs, default_scale
 from pallas_kernels.selection.reference import NUM_FORCED
 from pallas_kernels.sliding_window.gpu import check_qkv
 
@@ -164,6 +164,27 @@ def _fwd_kernel(idx_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, n_loop: int |
     over the first ``n_loop`` scored slots, starting from the band's output and log-sum-exp
     (``refs[0]``, ``refs[1]``) instead of an empty softmax."""
     o_ref, lse_ref = refs[-2:]
+    acc, m, den = _query_walk(idx_ref, q_ref, k_ref, v_ref, refs, cfg, n_loop)
+    seen = den > 0
+    o_ref[...] = (acc / jnp.where(seen, den, 1.0)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, (m + jnp.log2(jnp.where(seen, den, 1.0))) / LOG2E, -jnp.inf)
+
+
+def _fwd_combined_kernel(idx_ref, q_ref, k_ref, v_ref, g_cmp_ref, g_slc_ref, g_swa_ref,
+                         o_cmp_ref, o_swa_ref, out_ref, *, cfg: _Config):
+    """``_fwd_kernel``'s walk, its output left in float32 and gated with the other two
+    branches' (NSA's combination, ``common.combine_outputs``) before the one store."""
+    acc, _, den = _query_walk(idx_ref, q_ref, k_ref, v_ref, (), cfg, None)
+    o_slc = acc / jnp.where(den > 0, den, 1.0)[:, None]
+    out = (g_cmp_ref[...][:, None] * o_cmp_ref[...].astype(jnp.float32)
+           + g_slc_ref[...][:, None] * o_slc
+           + g_swa_ref[...][:, None] * o_swa_ref[...].astype(jnp.float32))
+    out_ref[...] = out.astype(out_ref.dtype)
+
+
+def _query_walk(idx_ref, q_ref, k_ref, v_ref, refs, cfg: _Config, n_loop: int | None):
+    """The online softmax ``(acc, m, den)`` of one (query, KV head) over its slots (see
+    ``_fwd_kernel``; ``refs[:2]`` the band's output and lse when ``n_loop`` is given)."""
     bs = cfg.block_size
     t = pl.program_id(0)
     q = q_ref[...]  # [Gp, Dk]
@@ -188,9 +209,7 @@ def _fwd_kernel(idx_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, n_loop: int |
         m = refs[1][...] * LOG2E
         carry = (refs[0][...].astype(jnp.float32), m, jnp.ones(m.shape, jnp.float32))
         acc, m, den = lax.fori_loop(0, n_loop, body, carry)
-    seen = den > 0
-    o_ref[...] = (acc / jnp.where(seen, den, 1.0)[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, (m + jnp.log2(jnp.where(seen, den, 1.0))) / LOG2E, -jnp.inf)
+    return acc, m, den
 
 
 def _band_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
@@ -832,6 +851,51 @@ def _pad_axis(x, axis: int, size: int, value=0):
     return jnp.pad(x, pad, constant_values=value)
 
 
+def _prepare(q, k, v, indices, block_size, scale, block_sizes, interpret, forced_included,
+             what: str):
+    """Checks and pads the inputs for the kernels (heads per group to ``Gp``, head dims to
+    powers of two, keys to whole blocks, slots to a power of two); returns the padded
+    ``q, k, v, idx`` and the kernels' config."""
+    check_qkv(q, k, v, what)
+    b, t, n, dk = q.shape
+    s, kh, dv = k.shape[1], k.shape[2], v.shape[-1]
+    if indices.ndim != 4 or indices.shape[:3] != (b, t, kh):
+        raise ValueError(f"{what}: indices must be [B, T, K, n]={(b, t, kh, '*')}, "
+                         f"got {indices.shape=}")
+    if not jnp.issubdtype(indices.dtype, jnp.integer):
+        raise ValueError(f"{what}: integer indices expected, got {indices.dtype=}")
+    if s < t:
+        raise ValueError(f"{what}: keys shorter than queries: {q.shape=}, {k.shape=}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise NotImplementedError(f"{what} kernel needs a power-of-two "
+                                  f"block_size >= 16, got {block_size}")
+    g = n // kh
+    gp = max(16, _pow2(g))
+    dkp, dvp = max(16, _pow2(dk)), max(16, _pow2(dv))
+    sp = -(-s // block_size) * block_size
+    mp = _pow2(indices.shape[-1])
+    sizes = block_sizes or BlockSizes(**tuned_block_sizes.SELECTED)
+    per_chunk, num_chunks = _chunking(t, mp, sp // block_size, sizes)
+    check_int32_extent(what, q=(b, t, kh * gp, max(dkp, dvp)),
+                       k=(b, sp, kh, max(dkp, dvp)),
+                       dkv_partials=(b * kh, num_chunks, block_size, max(dkp, dvp)))
+    if gp != g:
+        q = _pad_axis(q.reshape(b, t, kh, g, dk), 3, gp).reshape(b, t, kh * gp, dk)
+    qp = _pad_axis(q, 3, dkp)
+    kp = _pad_axis(_pad_axis(k, 1, sp), 3, dkp)
+    vp = _pad_axis(_pad_axis(v, 1, sp), 3, dvp)
+    idx = _pad_axis(indices.astype(jnp.int32), 3, mp, value=-1)
+    # The promise cannot hold with fewer slots than forced blocks.
+    promised = bool(forced_included and indices.shape[-1] >= NUM_FORCED)
+    band = promised and sizes.forced_band
+    cfg = _Config(block_size=int(block_size), scale=default_scale(dk, scale), g=g,
+                  block_sizes=sizes, interpret=interpret, band=band,
+                  tile=(min(sizes.queries_per_program, int(block_size))
+                        if promised and not band else 1),
+                  slots=int(indices.shape[-1]))
+    return qp, kp, vp, idx, cfg
+
+
 def selected_attention(
     q: Float[Array, "B T N H"],
     k: Float[Array, "B S K H"],
@@ -862,44 +926,126 @@ def selected_attention(
     Returns:
       ``(o, lse)``: ``o [B, T, N, Dv]`` in ``q.dtype`` and ``lse [B, T, N]`` in f32.
     """
-    check_qkv(q, k, v, "selected_attention")
+    qp, kp, vp, idx, cfg = _prepare(q, k, v, indices, block_size, scale, block_sizes,
+                                    interpret, forced_included, "selected_attention")
     b, t, n, dk = q.shape
-    s, kh, dv = k.shape[1], k.shape[2], v.shape[-1]
-    if indices.ndim != 4 or indices.shape[:3] != (b, t, kh):
-        raise ValueError(f"selected_attention: indices must be [B, T, K, n]={(b, t, kh, '*')}, "
-                         f"got {indices.shape=}")
-    if not jnp.issubdtype(indices.dtype, jnp.integer):
-        raise ValueError(f"selected_attention: integer indices expected, got {indices.dtype=}")
-    if s < t:
-        raise ValueError(f"selected_attention: keys shorter than queries: {q.shape=}, {k.shape=}")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise NotImplementedError(f"selected_attention kernel needs a power-of-two "
-                                  f"block_size >= 16, got {block_size}")
+    kh, dv = k.shape[2], v.shape[-1]
     g = n // kh
-    gp = max(16, _pow2(g))
-    dkp, dvp = max(16, _pow2(dk)), max(16, _pow2(dv))
-    sp = -(-s // block_size) * block_size
-    mp = _pow2(indices.shape[-1])
-    sizes = block_sizes or BlockSizes(**tuned_block_sizes.SELECTED)
-    per_chunk, num_chunks = _chunking(t, mp, sp // block_size, sizes)
-    check_int32_extent("selected_attention", q=(b, t, kh * gp, max(dkp, dvp)),
-                       k=(b, sp, kh, max(dkp, dvp)),
-                       dkv_partials=(b * kh, num_chunks, block_size, max(dkp, dvp)))
-    if gp != g:
-        q = _pad_axis(q.reshape(b, t, kh, g, dk), 3, gp).reshape(b, t, kh * gp, dk)
-    qp = _pad_axis(q, 3, dkp)
-    kp = _pad_axis(_pad_axis(k, 1, sp), 3, dkp)
-    vp = _pad_axis(_pad_axis(v, 1, sp), 3, dvp)
-    idx = _pad_axis(indices.astype(jnp.int32), 3, mp, value=-1)
-    # The promise cannot hold with fewer slots than forced blocks.
-    promised = bool(forced_included and indices.shape[-1] >= NUM_FORCED)
-    band = promised and sizes.forced_band
-    cfg = _Config(block_size=int(block_size), scale=default_scale(dk, scale), g=g,
-                  block_sizes=sizes, interpret=interpret, band=band,
-                  tile=(min(sizes.queries_per_program, int(block_size))
-                        if promised and not band else 1),
-                  slots=int(indices.shape[-1]))
+    gp, dvp = qp.shape[2] // kh, vp.shape[-1]
     o, lse = _selected(qp, kp, vp, idx, cfg)
     o = o.reshape(b, t, kh, gp, dvp)[:, :, :, :g, :dv].reshape(b, t, n, dv)
     lse = lse.reshape(b, t, kh, gp)[..., :g].reshape(b, t, n)
     return o, lse
+
+
+# ------------------------------------------------------------------------------------------
+# The selected branch with NSA's gated combination folded in (the forward without gradients)
+# ------------------------------------------------------------------------------------------
+def _fwd_combined(q, k, v, idx, gates, o_cmp, o_swa, cfg: _Config):
+    """The per-query forward kernel storing ``combine_outputs(gates, o_cmp, o_slc, o_swa)``
+    instead of ``o_slc`` (padded operands; ``gates [B, T, K*Gp, 3]``)."""
+    b, t, ngp, dkp = q.shape
+    sp, kh, dvp = k.shape[1], k.shape[2], v.shape[-1]
+    gp = ngp // kh
+    specs = _per_query_specs(kh, gp, dkp, dvp, sp, idx.shape[-1])
+    bs = cfg.block_sizes
+    g = gates.astype(jnp.float32)
+    return pl.pallas_call(
+        functools.partial(_fwd_combined_kernel, cfg=cfg),
+        grid=(t, b * kh),
+        in_specs=[specs["idx"](idx.shape[-1]), specs["q"], specs["k"], specs["v"],
+                  specs["row"], specs["row"], specs["row"], specs["do"], specs["do"]],
+        out_specs=specs["do"],
+        out_shape=jax.ShapeDtypeStruct((b, t, ngp, dvp), o_cmp.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
+        interpret=cfg.interpret,
+        name="nsa_slc_fwd_combined",
+    )(idx, q, k, v, g[..., 0], g[..., 1], g[..., 2], o_cmp, o_swa)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _selected_combined(q, k, v, idx, gates, o_cmp, o_swa, cfg: _Config):
+    return _fwd_combined(q, k, v, idx, gates, o_cmp, o_swa, cfg)
+
+
+def _selected_combined_fwd(q, k, v, idx, gates, o_cmp, o_swa, cfg):
+    # Under differentiation: the selected kernels as ever, the combination in XLA, so the
+    # backward has the branch output it needs.
+    (o_slc, lse), scored = _forward(q, k, v, idx, cfg)
+    out = combine_outputs(gates, o_cmp, o_slc, o_swa)
+    return out, (q, k, v, idx, o_slc, lse, scored, gates, o_cmp, o_swa)
+
+
+def _selected_combined_bwd(cfg, res, d_out):
+    q, k, v, idx, o_slc, lse, scored, gates, o_cmp, o_swa = res
+    _, vjp = jax.vjp(combine_outputs, gates, o_cmp, o_slc, o_swa)
+    d_gates, d_cmp, d_slc, d_swa = vjp(d_out)
+    dq, dk, dv = _bwd(q, k, v, idx, o_slc, lse, d_slc.astype(q.dtype), cfg, scored)
+    return dq, dk, dv, None, d_gates, d_cmp, d_swa
+
+
+_selected_combined.defvjp(_selected_combined_fwd, _selected_combined_bwd)
+
+
+def selected_attention_combined(
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B S K H"],
+    v: Float[Array, "B S K Hv"],
+    indices: Int[Array, "B T K M"],
+    gates: Float[Array, "B T N 3"],
+    o_cmp: Float[Array, "B T N Hv"],
+    o_swa: Float[Array, "B T N Hv"],
+    *,
+    block_size: int,
+    scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+    forced_included: bool = False,
+) -> Float[Array, "B T N Hv"]:
+    """NSA's output ``combine_outputs(gates, o_cmp, selected_attention(...)[0], o_swa)``.
+
+    Evaluated without differentiation, one kernel walks the selected blocks and stores the
+    gated sum (the selected output never reaches HBM, and no separate pass reads the three
+    outputs back); its selected output is not rounded to the input dtype before the sum, one
+    rounding fewer than the two-step path. Under differentiation the forward is the two-step
+    path (``selected_attention``, whose kernels honour ``block_sizes`` and
+    ``forced_included`` as ever, then the sum in XLA), so the gradients are exactly its.
+
+    Args:
+      q, k, v, indices, block_size, scale, block_sizes, interpret, forced_included: as for
+        :func:`selected_attention`.
+      gates: ``[B, T, N, 3]`` branch gates (cmp, slc, swa).
+      o_cmp, o_swa: ``[B, T, N, Dv]`` the compressed and window branches' outputs (one dtype).
+
+    Returns:
+      ``[B, T, N, Dv]`` in ``o_cmp.dtype``.
+    """
+    what = "selected_attention_combined"
+    b, t, n, _ = q.shape
+    dv = v.shape[-1]
+    for name, x in (("o_cmp", o_cmp), ("o_swa", o_swa)):
+        if x.shape != (b, t, n, dv):
+            raise ValueError(f"{what}: {name} must be [B, T, N, Dv]={(b, t, n, dv)}, got "
+                             f"{name}.shape={x.shape}")
+    if o_swa.dtype != o_cmp.dtype:
+        raise ValueError(f"{what}: o_cmp and o_swa must share a dtype, got {o_cmp.dtype=}, "
+                         f"{o_swa.dtype=}")
+    if gates.shape != (b, t, n, 3):
+        raise ValueError(f"{what}: gates must be [B, T, N, 3]={(b, t, n, 3)}, got "
+                         f"{gates.shape=}")
+    qp, kp, vp, idx, cfg = _prepare(q, k, v, indices, block_size, scale, block_sizes,
+                                    interpret, forced_included, what)
+    kh = k.shape[2]
+    g = n // kh
+    gp, dvp = qp.shape[2] // kh, vp.shape[-1]
+
+    def pad_heads(x):  # [B, T, N, D] -> [B, T, K*Gp, D] (zero heads; zero gates for them)
+        if gp != g:
+            x = _pad_axis(x.reshape(b, t, kh, g, x.shape[-1]), 3, gp)
+            x = x.reshape(b, t, kh * gp, x.shape[-1])
+        return x
+
+    out = _selected_combined(qp, kp, vp, idx, pad_heads(gates),
+                             _pad_axis(pad_heads(o_cmp), 3, dvp),
+                             _pad_axis(pad_heads(o_swa), 3, dvp), cfg)
+    return out.reshape(b, t, kh, gp, dvp)[:, :, :, :g, :dv].reshape(b, t, n, dv)

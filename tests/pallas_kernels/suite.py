@@ -16,6 +16,7 @@ leaves as ``None`` are skipped with a reason, never counted as passing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -265,3 +266,11 @@ class KernelSuite:
             self._vjp_check(lambda *a: (run(name, *a),), lambda *a: (run("reference", *a),),
                             (q, k, v, gates, params), (0, 1, 2, 3, 4), dtype,
                             f"nsa {backend.name} {jnp.dtype(dtype)}")
+            # Without differentiation a backend may run another forward (the GPU backend folds
+            # the gated sum into its selected-attention kernel): check that one as well.
+            wrap = jax.jit if self.jit else (lambda f: f)
+            args = (q, k, v, gates, params)
+            o = wrap(functools.partial(run, name))(*args)
+            o_ref = wrap(functools.partial(run, "reference"))(*args)
+            assert o.dtype == o_ref.dtype
+            assert_close(o, o_ref, dtype, f"nsa {backend.name} {jnp.dtype(dtype)} forward alone")

@@ -287,7 +287,7 @@ def test_selected_forced_band(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("tile", [2, 4, 16])
+@pytest.mark.parametrize("tile", [4, 16])
 @pytest.mark.parametrize("case", _BAND_CASES, ids=lambda c: c.id)
 def test_selected_query_tiles(case, tile, dtype):
     """Tiles of queries (``queries_per_program``: the forced blocks loaded once per tile, each
@@ -351,6 +351,107 @@ def test_selected_query_tiles_need_the_promise():
     np.testing.assert_allclose(lse, lse_ref, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", _BAND_CASES, ids=lambda c: c.id)
+def test_selected_attention_combined(case, dtype):
+    """The selected kernel with NSA's gated sum folded in equals the reference branch followed
+    by the sum (``combine_outputs``), without differentiation (the folded kernel runs) and
+    in its gradients w.r.t. q, k, v, the gates and the other two outputs (the two-step path
+    runs); G 16, 4 and 1 (padded heads), T off l', Dk != Dv."""
+    from pallas_kernels.common import combine_outputs
+    from pallas_kernels.selected import gpu as selected_gpu
+    from pallas_kernels.selected import reference as selected_ref
+    from tests.tolerances import assert_close
+
+    ks = jax.random.split(jax.random.key(case.t + 7), 7)
+    q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)
+    k = _normal(ks[1], (case.b, case.t, case.kh, case.dk), dtype)
+    v = _normal(ks[2], (case.b, case.t, case.kh, case.dv), dtype)
+    o_cmp = _normal(ks[3], (case.b, case.t, case.n, case.dv), dtype)
+    o_swa = _normal(ks[4], (case.b, case.t, case.n, case.dv), dtype)
+    gates = jax.nn.sigmoid(_normal(ks[5], (case.b, case.t, case.n, 3), jnp.float32))
+    ct = _normal(ks[6], (case.b, case.t, case.n, case.dv), dtype)
+    idx = _nsa_indices(case, q, k, seed=case.t + 1)
+    kw = dict(block_size=case.slc_block_size)
+
+    def fused(q, k, v, gates, o_cmp, o_swa):
+        return selected_gpu.selected_attention_combined(
+            q, k, v, idx, gates, o_cmp, o_swa, interpret=True, forced_included=True, **kw)
+
+    def ref(q, k, v, gates, o_cmp, o_swa):
+        return combine_outputs(gates, o_cmp, selected_ref.selected_attention(q, k, v, idx, **kw)[0],
+                               o_swa)
+
+    args = (q, k, v, gates, o_cmp, o_swa)
+    assert "nsa_slc_fwd_combined" in str(jax.make_jaxpr(fused)(*args))
+    grad_jaxpr = str(jax.make_jaxpr(lambda *a: jax.vjp(fused, *a)[1](ct))(*args))
+    assert "nsa_slc_fwd_combined" not in grad_jaxpr and "nsa_slc_bwd_dq" in grad_jaxpr
+    what = f"combined {case.id} {jnp.dtype(dtype)}"
+    out, out_ref = fused(*args), ref(*args)
+    assert out.dtype == out_ref.dtype == dtype
+    assert_close(out, out_ref, dtype, what + " output")
+    o_d, vjp = jax.vjp(fused, *args)
+    o_r, vjp_r = jax.vjp(ref, *args)
+    assert_close(o_d, o_r, dtype, what + " output under vjp")
+    for name, a, r in zip(("dq", "dk", "dv", "dgates", "do_cmp", "do_swa"), vjp(ct), vjp_r(ct),
+                          strict=True):
+        assert_close(a, r, dtype, f"{what} {name}")
+
+
+def test_selected_attention_combined_rejects_bad_operands():
+    """Mismatched branch outputs or gates raise a ValueError naming the shapes."""
+    from pallas_kernels.selected import gpu as selected_gpu
+
+    b, t, n, kh, d = 1, 32, 4, 1, 16
+    q = jnp.zeros((b, t, n, d))
+    k = jnp.zeros((b, t, kh, d))
+    idx = jnp.zeros((b, t, kh, 3), jnp.int32)
+    o = jnp.zeros((b, t, n, d))
+    g = jnp.zeros((b, t, n, 3))
+    kw = dict(block_size=16, interpret=True)
+    with pytest.raises(ValueError, match=r"o_swa must be \[B, T, N, Dv\]"):
+        selected_gpu.selected_attention_combined(q, k, k, idx, g, o, o[:, :, :2], **kw)
+    with pytest.raises(ValueError, match="gates must be"):
+        selected_gpu.selected_attention_combined(q, k, k, idx, g[..., :2], o, o, **kw)
+    with pytest.raises(ValueError, match="share a dtype"):
+        selected_gpu.selected_attention_combined(q, k, k, idx, g, o, o.astype(jnp.bfloat16),
+                                                 **kw)
+
+
+def test_nsa_uses_the_combined_kernel_only_without_gradients():
+    """``nsa_attention`` on the GPU backend (interpreted) runs the folded kernel for a plain
+    forward, the two-step path under differentiation and with ``return_aux``, and never pairs
+    one backend's folded kernel with another's selected attention."""
+    import dataclasses
+
+    from nsa_jax import NSAConfig, nsa_attention, registry
+
+    case = DEFAULT_CASES[1]
+    backend = gpu_backend.make_backend(interpret=True)
+    registry.register_backend(dataclasses.replace(backend, name="combined-jaxpr", platforms=()))
+    # Selected attention from the reference, everything else (the folded kernel too) here.
+    registry.register_backend(dataclasses.replace(backend, name="combined-no-slc",
+                                                  platforms=(), selected_attention=None))
+    cfg = NSAConfig(cmp_block_size=case.cmp_block_size, cmp_stride=case.cmp_stride,
+                    slc_block_size=case.slc_block_size, slc_top_n=case.top_n,
+                    window_size=case.window_size, cmp_kind="mean")
+    q = jnp.zeros((case.b, case.t, case.n, case.dk))
+    k = jnp.zeros((case.b, case.t, case.kh, case.dk))
+    gates = jnp.zeros((case.b, case.t, case.n, 3))
+
+    def run(impl, **kw):
+        return lambda q, k: nsa_attention(q, k, k, gates, None, config=cfg, implementation=impl,
+                                          **kw)
+
+    assert "nsa_slc_fwd_combined" in str(jax.make_jaxpr(run("combined-jaxpr"))(q, k))
+    grad = str(jax.make_jaxpr(jax.grad(lambda q, k: run("combined-jaxpr")(q, k).sum()))(q, k))
+    assert "nsa_slc_fwd_combined" not in grad and "nsa_slc_fwd" in grad
+    aux = str(jax.make_jaxpr(run("combined-jaxpr", return_aux=True))(q, k))
+    assert "nsa_slc_fwd_combined" not in aux and "nsa_slc_fwd" in aux
+    no_slc = str(jax.make_jaxpr(run("combined-no-slc"))(q, k))
+    assert "nsa_slc_fwd" not in no_slc
+
+
 def test_selected_forced_band_needs_the_promise():
     """Without ``forced_included`` (or with fewer than 3 slots) the band option changes
     nothing: the per-query kernel runs (indices without forced blocks stay correct)."""
@@ -385,7 +486,8 @@ class _ForcedBandSuite(KernelSuite):
 
 def test_full_nsa_with_forced_band():
     """``nsa_attention`` gives the selected kernels its promise that the forced blocks are
-    selected, so the band kernels run, and the whole NSA (outputs and gradients of q, k, v,
+    selected, so the band kernels run under differentiation, and the whole NSA (outputs and
+    gradients of q, k, v,
     gates and the compression MLP) still matches the reference, f32 and bf16."""
     import dataclasses
 
@@ -402,6 +504,7 @@ def test_full_nsa_with_forced_band():
     q = jnp.zeros((case.b, case.t, case.n, case.dk))
     k = jnp.zeros((case.b, case.t, case.kh, case.dk))
     gates = jnp.zeros((case.b, case.t, case.n, 3))
-    jaxpr = str(jax.make_jaxpr(lambda q, k: nsa_attention(
-        q, k, k, gates, None, config=cfg, implementation="band-jaxpr"))(q, k))
+    # Under differentiation (a plain forward folds the gated sum into the per-query kernel).
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda q, k: nsa_attention(
+        q, k, k, gates, None, config=cfg, implementation="band-jaxpr").sum()))(q, k))
     assert "nsa_slc_fwd_band" in jaxpr and "nsa_slc_fwd_scored" in jaxpr

@@ -85,6 +85,19 @@ def test_selected_forced_band_lowers_for_h200(t, dk, dv):
     assert text.count(TRITON_CALL) >= len(names), (t, names)
 
 
+@pytest.mark.parametrize("t,dk,dv", SHAPES + [(8002, 128, 128)])
+def test_selected_combined_lowers_for_h200(t, dk, dv):
+    """The selected kernel with NSA's gated sum folded in (the forward without gradients)."""
+    fn = lambda q, k, v, idx, g, oc, ow: slc_gpu.selected_attention_combined(  # noqa: E731
+        q, k, v, idx, g, oc, ow, block_size=L_SLC, forced_included=True)
+    names, text = _lower(fn, _sds(B, t, HQ, dk), _sds(B, t, HKV, dk), _sds(B, t, HKV, dv),
+                         _sds(B, t, HKV, TOP_N, dtype=jnp.int32),
+                         _sds(B, t, HQ, 3, dtype=jnp.float32), _sds(B, t, HQ, dv),
+                         _sds(B, t, HQ, dv))
+    assert names == ["nsa_slc_fwd_combined"], names
+    assert text.count(TRITON_CALL) >= 1, (t, names)
+
+
 @pytest.mark.parametrize("tile", [2, 4, 8])
 @pytest.mark.parametrize("t,dk,dv", SHAPES + [(8002, 128, 128)])
 def test_selected_query_tiles_lower_for_h200(t, dk, dv, tile):
