@@ -184,13 +184,12 @@ def stage_fns(t):
 
 
 # ------------------------------------------------------------------------------------------
-def check(key, band: bool = False, tiles=()) -> list[str]:
+def check(key, band: bool = False) -> list[str]:
     """Small-size agreement of the GPU backend with the reference: outputs and gradients."""
     lines, ok = [], True
     q, k, v, gates, ct = inputs(key, 1, 2000, 16, 1, 128, 128)
     o_ref, vjp_ref = jax.vjp(jax.jit(nsa_fn("reference")), q, k, v, gates)
-    for impl in (("pallas_triton", BANDED_CMP) + ((FORCED_BAND,) if band else ())
-                 + tuple(f"pallas_triton_tile{qt}" for qt in tiles)):
+    for impl in ("pallas_triton", BANDED_CMP) + ((FORCED_BAND,) if band else ()):
         o, vjp = jax.vjp(jax.jit(nsa_fn(impl)), q, k, v, gates)
         # "fwd": the forward alone, which may run other kernels (the folded combination)
         errs = {"out": rel_err(o, o_ref),
@@ -334,10 +333,7 @@ def run_variants(args, records, table):
         variant(f"cmp fwd+bwd {tag}", grad_of(cmpf), q, k_cmp, v_cmp)
     if "selected" in groups:  # the forced blocks as a band, forward and forward+backward
         band_bs = slc_gpu.BlockSizes(**{**tuned_block_sizes.SELECTED, "forced_band": True})
-        tiles = [(f"tile {qt}", slc_gpu.BlockSizes(**{**tuned_block_sizes.SELECTED,
-                                                      "queries_per_program": qt}))
-                 for qt in args.tiles]
-        for tag, bs in [("per-query", None), ("forced band", band_bs)] + tiles:
+        for tag, bs in (("per-query", None), ("forced band", band_bs)):
             slc = lambda q, k, v, bs=bs: slc_gpu.selected_attention(  # noqa: E731
                 q, k, v, idx, block_size=64, block_sizes=bs, forced_included=True)
             variant(f"slc fwd {tag}", lambda *a, f=slc: f(*a)[0], q, k, v)
@@ -459,8 +455,6 @@ def main():
     ap.add_argument("--skip-main", action="store_true", help="only the check and the variants")
     ap.add_argument("--band", action="store_true",
                     help="also time NSA with the selected branch's forced blocks as a band")
-    ap.add_argument("--tiles", type=int, nargs="*", default=[], choices=[4, 8],
-                    help="also time NSA with the selected branch over tiles of these many queries")
     ap.add_argument("--banded-cmp", action=argparse.BooleanOptionalAction, default=True,
                     help="also time NSA with the banded compressed kernels (same run)")
     ap.add_argument("--slc-parts", action="store_true",
@@ -506,7 +500,7 @@ def main():
 
     dev = jax.devices()[0]
     print(f"device {dev.device_kind}, jax {jax.__version__}", flush=True)
-    summary = check(jax.random.key(0), band=args.band, tiles=args.tiles)
+    summary = check(jax.random.key(0), band=args.band)
     print("\n".join(summary), flush=True)
 
     records, table = [], []
@@ -537,10 +531,6 @@ def main():
             for pas, r in time_passes(nsa_fn(FORCED_BAND), (q, k, v, gates), ct,
                                       args.reps).items():
                 add("nsa_forced_band", pas, r, fl["nsa"])
-        for qt in args.tiles:  # the same NSA with the selected branch over query tiles
-            for pas, r in time_passes(nsa_fn(f"pallas_triton_tile{qt}"), (q, k, v, gates), ct,
-                                      args.reps).items():
-                add(f"nsa_tile{qt}", pas, r, fl["nsa"])
         if args.banded_cmp:  # the same NSA with the banded compressed kernels, same run
             for pas, r in time_passes(nsa_fn(BANDED_CMP), (q, k, v, gates), ct,
                                       args.reps).items():

@@ -31,16 +31,14 @@ from pallas_kernels.sliding_window import gpu as sliding_window_gpu
 
 def make_backend(interpret: bool = False, name: str | None = None,
                  window: str = "cudnn", compressed: str = "cudnn",
-                 forced_band: bool = False, queries_per_program: int | None = None) -> Backend:
+                 forced_band: bool = False) -> Backend:
     """The GPU stages, or their interpreted twins on CPU with ``interpret=True``.
 
     ``window``: ``"cudnn"`` (cuDNN for the window's output where it applies, the default) or
     ``"pallas"`` (the banded kernel only). ``compressed``: ``"cudnn"`` (cuDNN over the residue
     classes where it applies, the default) or ``"pallas"`` (the banded kernels only).
     ``forced_band``: the selected branch's forced blocks as a band
-    (``selected.gpu.BlockSizes.forced_band``; off by default). ``queries_per_program``: the
-    selected branch's queries per forward and ``dq`` program (``BlockSizes``; the tuned table's
-    by default).
+    (``selected.gpu.BlockSizes.forced_band``; off by default).
     """
     for arg, val in (("window", window), ("compressed", compressed)):
         if val not in ("cudnn", "pallas"):
@@ -52,8 +50,6 @@ def make_backend(interpret: bool = False, name: str | None = None,
     slc = {}
     if forced_band:
         slc["forced_band"] = True
-    if queries_per_program is not None:
-        slc["queries_per_program"] = queries_per_program
     return Backend(
         name=name or ("pallas_triton_interpret" if interpret else "pallas_triton"),
         platforms=() if interpret else ("gpu",),
@@ -80,7 +76,3 @@ BANDED_CMP_BACKEND = make_backend(compressed="pallas", name="pallas_triton_bande
 # measured slower than the per-query kernels on the H200 (docs/gpu_kernels.md); kept to
 # reproduce that measurement.
 FORCED_BAND_BACKEND = make_backend(forced_band=True, name="pallas_triton_forced_band")
-# The selected branch's forward and dq over tiles of 4 or 8 queries ("pallas_triton_tile4/8"):
-# measured slower too (docs/gpu_kernels.md), kept likewise.
-TILE4_BACKEND = make_backend(queries_per_program=4, name="pallas_triton_tile4")
-TILE8_BACKEND = make_backend(queries_per_program=8, name="pallas_triton_tile8")

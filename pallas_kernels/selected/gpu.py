@@ -59,12 +59,6 @@ class BlockSizes:
         them, and only the scored blocks in the per-query kernel, which starts from the band's
         output and log-sum-exp; ``dq`` likewise. Off by default: timed on the H200 no faster
         than the per-query kernel (``docs/gpu_kernels.md``).
-      queries_per_program: with the same promise, one forward and ``dq`` program owns this
-        many consecutive queries (a power of two, at most ``l'``: they share their selection
-        block, hence their forced blocks) of one KV head. Each forced block is loaded once for
-        all of them; each query then walks its own scored blocks, found in its index row
-        without a sort. ``1`` keeps the per-query kernels (the default: tiles of 2 to 16 were
-        slower on the H200, ``docs/gpu_kernels.md``).
     """
 
     entries_per_chunk: int = 256
@@ -74,10 +68,9 @@ class BlockSizes:
     num_warps_bwd: int = 4
     num_stages_bwd: int = 2
     forced_band: bool = False
-    queries_per_program: int = 1
 
     def __post_init__(self):
-        for f in ("entries_per_chunk", "entries_per_step", "queries_per_program"):
+        for f in ("entries_per_chunk", "entries_per_step"):
             e = getattr(self, f)
             if e < 1 or e & (e - 1):
                 raise ValueError(f"BlockSizes.{f}={e} must be a power of two")
@@ -94,7 +87,6 @@ class _Config:
     block_sizes: BlockSizes
     interpret: bool
     band: bool = False  # the forced blocks as a band (forced_band and forced_included)
-    tile: int = 1  # queries per forward / dq program (queries_per_program and forced_included)
     slots: int = 0  # the caller's n (the kernels see it padded to a power of two)
 
     @property
@@ -303,167 +295,6 @@ def _per_query_specs(b_k, gp, dkp, dvp, sp, mp):
         v=pl.BlockSpec((None, sp, None, dvp), kv_map),
         row=pl.BlockSpec((None, None, gp), lambda t, bk: (bk // b_k, t, bk % b_k)),
     )
-
-
-# ------------------------------------------------------------------------------------------
-# Forward and dq over tiles of queries: the forced blocks loaded once per tile
-# ------------------------------------------------------------------------------------------
-def _scored_slots(row, cur):
-    """A query's scored blocks, compacted to the front of its index row ``[M]`` (``-1``
-    after them), in registers: the entries that are not forced blocks of selection block
-    ``cur`` (0, ``cur - 1``, ``cur``) nor empty, in their row order."""
-    m = row.shape[0]
-    ar = jnp.arange(m, dtype=jnp.int32)
-    keep = (row > 0) & (row != cur) & (row != cur - 1)
-    # pos[j]: kept entries before j; the scored block of slot s is the kept entry at pos s.
-    pos = jnp.sum(jnp.where((ar[None, :] < ar[:, None]) & keep[None, :], 1, 0), axis=1)
-    return jnp.max(jnp.where((pos[None, :] == ar[:, None]) & keep[None, :], row[None, :], -1),
-                   axis=1)
-
-
-def _slot(comp, s):
-    """Entry ``s`` (a traced loop index) of the register vector ``comp``."""
-    return jnp.max(jnp.where(jnp.arange(comp.shape[0], dtype=jnp.int32) == s, comp, -1))
-
-
-def _query_mask(jc, ok, t, bs):
-    """Keys of block ``jc`` visible to query ``t`` (``[1, l']``; ``ok`` gates it)."""
-    key_pos = jc * bs + jnp.arange(bs, dtype=jnp.int32)
-    mask = (key_pos <= t)[None, :]
-    return mask if ok is None else mask & ok
-
-
-def _tile_walk(step, carries, idx_ref, k_ref, v_ref, t0, cfg: _Config):
-    """The walk both tiled kernels share: the tile's forced blocks, each loaded once and
-    stepped into every query's carry, then each query's own scored blocks.
-    ``step(carry, i, k, v, mask_fn)`` folds one key block into query ``i``'s carry."""
-    bs = cfg.block_size
-    cur = t0 // bs  # the tile's selection block (tiles never straddle two)
-    carries = list(carries)
-    for blk, ok in _forced_blocks(cur):
-        jc = jnp.maximum(blk, 0)
-        k = k_ref[pl.ds(jc * bs, bs), :]  # [l', Dk]
-        v = v_ref[pl.ds(jc * bs, bs), :]  # [l', Dv]
-        for i in range(cfg.tile):
-            carries[i] = step(carries[i], i, k, v,
-                              lambda jc=jc, ok=ok, i=i: _query_mask(jc, ok, t0 + i, bs))
-    for i in range(cfg.tile):
-        comp = _scored_slots(idx_ref[i, :], cur)
-
-        def body(s, carry, comp=comp, i=i):
-            j = _slot(comp, s)
-            jc = jnp.maximum(j, 0)
-            k = k_ref[pl.ds(jc * bs, bs), :]
-            v = v_ref[pl.ds(jc * bs, bs), :]
-            return step(carry, i, k, v, lambda: _slot_mask(jc, j, t0 + i, bs))
-
-        if cfg.n_scored:
-            carries[i] = lax.fori_loop(0, cfg.n_scored, body, carries[i])
-    return carries
-
-
-def _fwd_tile_kernel(idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
-    """One tile of ``queries_per_program`` queries and one KV head (``_tile_walk``)."""
-    t0 = pl.program_id(0) * cfg.tile
-    qs = [q_ref[i, :, :] for i in range(cfg.tile)]  # [Gp, Dk] each
-    prec = _precision(qs[0].dtype)
-    qk_scale = cfg.scale * LOG2E
-    gp, dv = qs[0].shape[0], v_ref.shape[-1]
-
-    def step(carry, i, k, v, mask_fn):
-        return _softmax_step(carry, qs[i], k, v, mask_fn, qk_scale, prec)
-
-    init = (jnp.zeros((gp, dv), jnp.float32), jnp.full((gp,), MASK_VALUE, jnp.float32),
-            jnp.zeros((gp,), jnp.float32))
-    carries = _tile_walk(step, [init] * cfg.tile, idx_ref, k_ref, v_ref, t0, cfg)
-    for i, (acc, m, den) in enumerate(carries):
-        # Key 0 is visible to every query, so ``den >= 1`` here.
-        o_ref[i, :, :] = (acc / den[:, None]).astype(o_ref.dtype)
-        lse_ref[i, :] = (m + jnp.log2(den)) / LOG2E
-
-
-def _bwd_dq_tile_kernel(idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
-                        cfg: _Config):
-    """``dq`` of one tile of queries and one KV head, walked as ``_fwd_tile_kernel`` does."""
-    t0 = pl.program_id(0) * cfg.tile
-    qs = [q_ref[i, :, :] for i in range(cfg.tile)]
-    dos = [do_ref[i, :, :] for i in range(cfg.tile)]
-    lses = [lse_ref[i, :] * LOG2E for i in range(cfg.tile)]
-    deltas = [delta_ref[i, :] for i in range(cfg.tile)]
-    prec = _precision(qs[0].dtype)
-    qk_scale = cfg.scale * LOG2E
-
-    def step(dq, i, k, v, mask_fn):
-        return _dq_step(dq, qs[i], dos[i], k, v, lses[i], deltas[i], mask_fn, qk_scale, prec)
-
-    dqs = _tile_walk(step, [jnp.zeros(qs[0].shape, jnp.float32)] * cfg.tile, idx_ref, k_ref,
-                     v_ref, t0, cfg)
-    for i, dq in enumerate(dqs):
-        dq_ref[i, :, :] = (dq * cfg.scale).astype(dq_ref.dtype)
-
-
-def _tile_specs(b_k, tile, gp, dkp, dvp, sp, mp):
-    """BlockSpecs of the (tile of queries, KV head) grid: ``grid = (T_p / tile, B*K)``."""
-    def q_map(i, bk):
-        return (bk // b_k, i, bk % b_k, 0)
-
-    def kv_map(i, bk):
-        return (bk // b_k, 0, bk % b_k, 0)
-
-    return dict(
-        idx=pl.BlockSpec((None, tile, None, mp), q_map),
-        q=pl.BlockSpec((None, tile, gp, dkp), q_map),
-        do=pl.BlockSpec((None, tile, gp, dvp), q_map),
-        k=pl.BlockSpec((None, sp, None, dkp), kv_map),
-        v=pl.BlockSpec((None, sp, None, dvp), kv_map),
-        row=pl.BlockSpec((None, tile, gp), lambda i, bk: (bk // b_k, i, bk % b_k)),
-    )
-
-
-def _fwd_tiled(q, k, v, idx, cfg: _Config):
-    """The forward over tiles of queries (``BlockSizes.queries_per_program``): the same
-    outputs as ``_fwd`` when every row's indices hold its forced blocks."""
-    b, t, ngp, dkp = q.shape
-    sp, kh, dvp = k.shape[1], k.shape[2], v.shape[-1]
-    gp = ngp // kh
-    tp = -(-t // cfg.tile) * cfg.tile
-    specs = _tile_specs(kh, cfg.tile, gp, dkp, dvp, sp, idx.shape[-1])
-    bs = cfg.block_sizes
-    o, lse = pl.pallas_call(
-        functools.partial(_fwd_tile_kernel, cfg=cfg),
-        grid=(tp // cfg.tile, b * kh),
-        in_specs=[specs["idx"], specs["q"], specs["k"], specs["v"]],
-        out_specs=[specs["do"], specs["row"]],
-        out_shape=[jax.ShapeDtypeStruct((b, tp, ngp, dvp), q.dtype),
-                   jax.ShapeDtypeStruct((b, tp, ngp), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
-        interpret=cfg.interpret,
-        name="nsa_slc_fwd_tile",
-    )(_pad_axis(idx, 1, tp, value=-1), _pad_axis(q, 1, tp), k, v)  # copies only if T % tile
-    return (o[:, :t], lse[:, :t]) if tp != t else (o, lse)
-
-
-def _bwd_dq_tiled(q, k, v, idx, do, lse, delta, cfg: _Config):
-    """``dq`` over tiles of queries, as ``_fwd_tiled`` walks them."""
-    b, t, ngp, dkp = q.shape
-    sp, kh, dvp = k.shape[1], k.shape[2], v.shape[-1]
-    gp = ngp // kh
-    tp = -(-t // cfg.tile) * cfg.tile
-    specs = _tile_specs(kh, cfg.tile, gp, dkp, dvp, sp, idx.shape[-1])
-    bs = cfg.block_sizes
-    dq = pl.pallas_call(
-        functools.partial(_bwd_dq_tile_kernel, cfg=cfg),
-        grid=(tp // cfg.tile, b * kh),
-        in_specs=[specs["idx"], specs["q"], specs["k"], specs["v"], specs["do"], specs["row"],
-                  specs["row"]],
-        out_specs=specs["q"],
-        out_shape=jax.ShapeDtypeStruct((b, tp, ngp, dkp), q.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
-        interpret=cfg.interpret,
-        name="nsa_slc_bwd_dq_tile",
-    )(_pad_axis(idx, 1, tp, value=-1), _pad_axis(q, 1, tp), k, v,
-      *(_pad_axis(x, 1, tp) for x in (do, lse, delta)))
-    return dq[:, :t] if tp != t else dq
 
 
 # ------------------------------------------------------------------------------------------
@@ -697,8 +528,6 @@ def _bwd_dq_band(q, k, v, idx, do, lse, delta, cfg: _Config, scored=None):
 def _bwd_dq(q, k, v, idx, do, lse, delta, cfg: _Config, scored=None):
     if cfg.band:
         return _bwd_dq_band(q, k, v, idx, do, lse, delta, cfg, scored)
-    if cfg.tile > 1:
-        return _bwd_dq_tiled(q, k, v, idx, do, lse, delta, cfg)
     b, t, ngp, dkp = q.shape
     sp, kh, dvp = k.shape[1], k.shape[2], v.shape[-1]
     gp = ngp // kh
@@ -818,8 +647,6 @@ def _forward(q, k, v, idx, cfg: _Config):
     if cfg.band:
         scored = _scored_indices(idx, cfg.block_size, cfg.n_scored)
         return _fwd_band(q, k, v, idx, cfg, scored), scored
-    if cfg.tile > 1:
-        return _fwd_tiled(q, k, v, idx, cfg), None
     return _fwd(q, k, v, idx, cfg), None
 
 
@@ -885,13 +712,11 @@ def _prepare(q, k, v, indices, block_size, scale, block_sizes, interpret, forced
     kp = _pad_axis(_pad_axis(k, 1, sp), 3, dkp)
     vp = _pad_axis(_pad_axis(v, 1, sp), 3, dvp)
     idx = _pad_axis(indices.astype(jnp.int32), 3, mp, value=-1)
-    # The promise cannot hold with fewer slots than forced blocks.
-    promised = bool(forced_included and indices.shape[-1] >= NUM_FORCED)
-    band = promised and sizes.forced_band
     cfg = _Config(block_size=int(block_size), scale=default_scale(dk, scale), g=g,
-                  block_sizes=sizes, interpret=interpret, band=band,
-                  tile=(min(sizes.queries_per_program, int(block_size))
-                        if promised and not band else 1),
+                  block_sizes=sizes, interpret=interpret,
+                  # The promise cannot hold with fewer slots than forced blocks.
+                  band=bool(forced_included and sizes.forced_band
+                            and indices.shape[-1] >= NUM_FORCED),
                   slots=int(indices.shape[-1]))
     return qp, kp, vp, idx, cfg
 

@@ -98,22 +98,6 @@ def test_selected_combined_lowers_for_h200(t, dk, dv):
     assert text.count(TRITON_CALL) >= 1, (t, names)
 
 
-@pytest.mark.parametrize("tile", [2, 4, 8])
-@pytest.mark.parametrize("t,dk,dv", SHAPES + [(8002, 128, 128)])
-def test_selected_query_tiles_lower_for_h200(t, dk, dv, tile):
-    """Tiles of queries (``BlockSizes.queries_per_program`` with the caller's
-    ``forced_included``): the tiled forward and ``dq`` and the unchanged ``dk/dv``, at the
-    paper's shapes and a length off the tile (padded queries)."""
-    fn = lambda q, k, v, idx: slc_gpu.selected_attention(  # noqa: E731
-        q, k, v, idx, block_size=L_SLC, forced_included=True,
-        block_sizes=slc_gpu.BlockSizes(queries_per_program=tile))
-    names, text = _lower(fwd_and_bwd(fn), _sds(B, t, HQ, dk), _sds(B, t, HKV, dk),
-                         _sds(B, t, HKV, dv), _sds(B, t, HKV, TOP_N, dtype=jnp.int32))
-    assert {"nsa_slc_fwd_tile", "nsa_slc_bwd_dq_tile", "nsa_slc_bwd_dkv"} <= set(names), names
-    assert "nsa_slc_fwd" not in names and "nsa_slc_bwd_dq" not in names, names
-    assert text.count(TRITON_CALL) >= len(names), (t, names)
-
-
 @pytest.mark.parametrize("packed", [False, True], ids=["per_head", "packed"])
 @pytest.mark.parametrize("tf32x3", [False, True], ids=["ieee", "tf32x3"])
 @pytest.mark.parametrize("t", [8192, 65536])
