@@ -298,7 +298,8 @@ def grad_of(f):
 def run_variants(args, records, table):
     """Tile variants of each stage at the largest length (forward and backward)."""
     t = max(args.seq)
-    q, k, v, gates, ct = inputs(jax.random.key(99), 1, t, 64, 4, 128, 128)
+    hq, hkv, d = args.variant_heads
+    q, k, v, gates, ct = inputs(jax.random.key(99), 1, t, hq, hkv, d, d)
     k_cmp, v_cmp, lse, idx = _paper_selection(q, k, v, t)
 
     def variant(name, fn, *a):
@@ -308,7 +309,8 @@ def run_variants(args, records, table):
             print(f"variant {name}: {type(err).__name__}: {str(err)[:200]}", flush=True)
             return
         pas = "fwdbwd" if "bwd" in name else "fwd"
-        records.append(dict(name="variant/" + name, **{"pass": pas}, T=t, **r))
+        records.append(dict(name="variant/" + name, **{"pass": pas}, T=t, HQ=hq, HKV=hkv, Dk=d,
+                            Dv=d, **r))
         table.append((f"variant {name}", t, r["ms"]))
         print(f"variant {name:60s} {r['ms']:8.3f} ms", flush=True)
 
@@ -353,6 +355,14 @@ def run_variants(args, records, table):
             q, k, v, idx, block_size=64, block_sizes=bs)
         variant(f"slc fwd w{nw} s{st}", lambda *a, f=slc: f(*a)[0], q, k, v)
         variant(f"slc fwd+bwd w{nw} s{st} (dq)", grad_of(slc), q, k, v)
+    # The selected branch's dk/dv tilings, timed as its forward+backward.
+    for e, per_step, nw, st in chosen("dkv", args.dkv_variants):
+        bs = slc_gpu.BlockSizes(**{**tuned_block_sizes.SELECTED, "entries_per_chunk": e,
+                                   "entries_per_step": per_step, "num_warps_bwd": nw,
+                                   "num_stages_bwd": st})
+        slc = lambda q, k, v, bs=bs: slc_gpu.selected_attention(  # noqa: E731
+            q, k, v, idx, block_size=64, block_sizes=bs)
+        variant(f"slc fwd+bwd dkv e{e} step{per_step} w{nw} s{st}", grad_of(slc), q, k, v)
     for kw in chosen("selection", args.selection_variants):
         kw = dict(kw)
         merge = kw.pop("merge", "dynamic")
@@ -450,9 +460,12 @@ def main():
                     help="T for the Dk=192, Dv=128 run (0: skip)")
     ap.add_argument("--variants", action="store_true", help="also time tile variants")
     ap.add_argument("--variant-groups", nargs="+", default=["banded", "selected", "selection"],
-                    choices=["banded", "selected", "selection"],
+                    choices=["banded", "selected", "selection", "dkv"],
                     help="which stages' variants --variants times")
     ap.add_argument("--skip-main", action="store_true", help="only the check and the variants")
+    ap.add_argument("--variant-heads", type=lambda x: tuple(int(y) for y in x.split(",")),
+                    default=(64, 4, 128), metavar="HQ,HKV,D",
+                    help="heads and head dim of the variant timings (16,1,64: the 125M model)")
     ap.add_argument("--band", action="store_true",
                     help="also time NSA with the selected branch's forced blocks as a band")
     ap.add_argument("--banded-cmp", action=argparse.BooleanOptionalAction, default=True,
@@ -760,8 +773,10 @@ def write_markdown(doc, path):
                          + " |")
     var = [r for r in recs if r["name"].startswith("variant/")]
     if var:
-        lines += ["", "Tile variants (ms):", ""] + [f"- {r['name'][8:]}: {r['ms']:.3f}"
-                                                    for r in var]
+        heads = sorted({(r.get("HQ", 64), r.get("HKV", 4), r.get("Dk", 128)) for r in var})
+        lines += ["", "Tile variants (ms; " + ", ".join(
+            f"HQ={a}, HKV={b}, D={c}" for a, b, c in heads) + f", T={var[0]['T']}):", ""]
+        lines += [f"- {r['name'][8:]}: {r['ms']:.3f}" for r in var]
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
 
