@@ -121,6 +121,7 @@ def throughput(args) -> None:
     result = header("train", preset.model)
     result["model"] = dataclasses.asdict(preset.model)
     result["overrides"] = list(args.set)
+    result["tuned"] = dict(args.tuned_applied)  # --tuned kernel tile overrides
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     t_start = time.time()
     for seq_len in args.seq_lens:
@@ -239,6 +240,10 @@ def report(path: str) -> None:
              f"`{res['nsa_config']}`.", ""]
     if res.get("note"):
         lines += [res["note"], ""]
+    if res.get("overrides") or res.get("tuned"):
+        lines += ["Overrides: " + ", ".join([f"`--set {o}`" for o in res.get("overrides", [])]
+                                            + [f"`--tuned {k}={v}`"
+                                               for k, v in res.get("tuned", {}).items()]), ""]
     if res["benchmark"] == "train":
         lines += ["| attention | T | ms / step | tokens/s | model TFLOP/s | keys / query | "
                   "compile s |", "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -259,6 +264,44 @@ def report(path: str) -> None:
                          f"{r['max_rel_diff_vs_1_device']:.2e} |")
     with open(os.path.splitext(path)[0] + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def apply_tuned(items: list[str]) -> dict:
+    """Applies ``--tuned TABLE.FIELD=VALUE`` overrides to ``pallas_kernels.tuned_block_sizes``
+    (read when the kernels are traced, so before anything compiles); returns them. A value is
+    an integer, ``true`` or ``false``; the field must be one of the table's ``BlockSizes``."""
+    import dataclasses
+
+    from pallas_kernels import tuned_block_sizes
+    from pallas_kernels.selected import gpu as slc_gpu
+    from pallas_kernels.selection import gpu as sel_gpu
+    from pallas_kernels.sliding_window import gpu as swa_gpu
+
+    classes = {"SELECTED": slc_gpu.BlockSizes, "SELECTION": sel_gpu.BlockSizes,
+               "COMPRESSED": swa_gpu.BlockSizes, "SLIDING_WINDOW": swa_gpu.BlockSizes}
+    done = {}
+    for item in items:
+        key, _, val = item.partition("=")
+        table, _, field = key.partition(".")
+        if table not in classes:
+            raise SystemExit(f"--tuned {item!r}: TABLE must be one of {sorted(classes)}")
+        fields = {f.name for f in dataclasses.fields(classes[table])}
+        if field not in fields:
+            raise SystemExit(f"--tuned {item!r}: {table} has no field {field!r}; fields: "
+                             f"{sorted(fields)}")
+        low = val.strip().lower()
+        if low in ("true", "false"):
+            parsed = low == "true"
+        else:
+            try:
+                parsed = int(val)
+            except ValueError:
+                raise SystemExit(f"--tuned {item!r}: VALUE must be an integer, true or "
+                                 "false") from None
+        setattr(tuned_block_sizes, table, {**getattr(tuned_block_sizes, table), field: parsed})
+        done[f"{table}.{field}"] = parsed
+        print(f"tuned {table}.{field} = {parsed!r}", flush=True)
+    return done
 
 
 def main() -> None:
@@ -284,16 +327,10 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--report", metavar="JSON", help="only write the Markdown table of JSON")
     args = p.parse_args()
-    for item in args.tuned:  # read when the kernels are traced, so before anything compiles
-        from pallas_kernels import tuned_block_sizes
-        key, _, val = item.partition("=")
-        table, _, field = key.partition(".")
-        if not hasattr(tuned_block_sizes, table) or not field or not val:
-            raise SystemExit(f"--tuned {item!r}: expected TABLE.FIELD=VALUE with TABLE one of "
-                             "the tables in pallas_kernels/tuned_block_sizes.py")
-        parsed = {"true": True, "false": False}.get(val.lower()) if val.isalpha() else int(val)
-        setattr(tuned_block_sizes, table, {**getattr(tuned_block_sizes, table), field: parsed})
-        print(f"tuned {table}.{field} = {parsed!r}", flush=True)
+    args.tuned_applied = apply_tuned(args.tuned)
+    if args.tuned and args.out is None:
+        raise SystemExit("--tuned needs --out: a run with overridden tiles must not replace "
+                         "the committed docs/results/train.json")
     if args.report:
         report(args.report)
         return

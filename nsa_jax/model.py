@@ -133,7 +133,8 @@ class NSATransformer(nnx.Module):
         cache: tuple[NSACache, ...],
         lengths: Int[Array, " B"] | None = None,
     ) -> tuple[Float[Array, "B T V"], tuple[NSACache, ...]]:
-        """Logits of right-padded prompts (exactly ``self(tokens)``) and the filled caches.
+        """Logits of right-padded prompts (``self(tokens)``; see
+        :meth:`NativeSparseAttention.prefill` for the last bit) and the filled caches.
 
         Args:
           tokens: prompts ``[B, T]``; sequence ``b`` is ``tokens[b, :lengths[b]]``.

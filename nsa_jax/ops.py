@@ -196,12 +196,12 @@ def nsa_attention(
     if not return_aux:
         # A backend may fold the gated sum into its selected-attention kernel (one pass over
         # the outputs fewer when no gradient is taken); only the backend whose selected
-        # attention runs is asked, so the pair never mixes two backends.
+        # attention runs is asked, and only a fold made for that selected attention is used.
         slc_backend = next(b for b in chain if b.selected_attention is not None)
-        if slc_backend.selected_attention_combined is not None:
+        fold = slc_backend.selected_attention_combined
+        if fold is not None and getattr(fold, "pairs_with", None) is slc_backend.selected_attention:
             try:
-                return slc_backend.selected_attention_combined(
-                    q, k_slc, v_slc, indices, gates, o_cmp, o_swa, **slc_kw)
+                return fold(q, k_slc, v_slc, indices, gates, o_cmp, o_swa, **slc_kw)
             except NotImplementedError:
                 pass
     o_slc, _ = registry.call_stage(chain, "selected_attention", q, k_slc, v_slc, indices,

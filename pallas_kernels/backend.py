@@ -21,6 +21,13 @@ class Backend:
       compressed_attention, select_blocks, selected_attention, sliding_window_attention: the
         stage functions (signatures of the twins in ``<branch>/reference.py``), or ``None`` to
         use the next backend's.
+      selected_attention_combined: optional; ``f(q, k, v, indices, gates, o_cmp, o_swa, *,
+        block_size, scale, forced_included)`` returning NSA's gated output
+        ``combine(gates, o_cmp, selected_attention(...)[0], o_swa)`` with the same gradients,
+        for a backend that can fold the combination into its selected-attention kernel.
+        ``nsa_attention`` uses it only from the backend that supplies ``selected_attention``,
+        and only when its ``pairs_with`` attribute is that very ``selected_attention`` (so a
+        backend copied with another selected attention does not fold with the old kernel).
     """
 
     name: str

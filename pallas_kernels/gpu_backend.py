@@ -50,20 +50,21 @@ def make_backend(interpret: bool = False, name: str | None = None,
     slc = {}
     if forced_band:
         slc["forced_band"] = True
+    slc_sizes = (selected_gpu.BlockSizes(**{**tuned_block_sizes.SELECTED, **slc})
+                 if slc else None)
+    selected = functools.partial(selected_gpu.selected_attention, interpret=interpret,
+                                 block_sizes=slc_sizes)
+    combined = functools.partial(selected_gpu.selected_attention_combined, interpret=interpret,
+                                 block_sizes=slc_sizes)
+    combined.pairs_with = selected  # nsa_attention folds only with this selected attention
     return Backend(
         name=name or ("pallas_triton_interpret" if interpret else "pallas_triton"),
         platforms=() if interpret else ("gpu",),
         compressed_attention=functools.partial(cmp, interpret=interpret),
         select_blocks=functools.partial(selection_gpu.select_blocks, interpret=interpret),
-        selected_attention=functools.partial(
-            selected_gpu.selected_attention, interpret=interpret,
-            block_sizes=selected_gpu.BlockSizes(**{**tuned_block_sizes.SELECTED, **slc})
-            if slc else None),
+        selected_attention=selected,
         sliding_window_attention=functools.partial(swa, interpret=interpret),
-        selected_attention_combined=functools.partial(
-            selected_gpu.selected_attention_combined, interpret=interpret,
-            block_sizes=selected_gpu.BlockSizes(**{**tuned_block_sizes.SELECTED, **slc})
-            if slc else None),
+        selected_attention_combined=combined,
     )
 
 

@@ -164,10 +164,12 @@ def _fwd_kernel(idx_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, n_loop: int |
 
 def _fwd_combined_kernel(idx_ref, q_ref, k_ref, v_ref, g_cmp_ref, g_slc_ref, g_swa_ref,
                          o_cmp_ref, o_swa_ref, out_ref, *, cfg: _Config):
-    """``_fwd_kernel``'s walk, its output left in float32 and gated with the other two
-    branches' (NSA's combination, ``common.combine_outputs``) before the one store."""
+    """``_fwd_kernel``'s walk, its output gated with the other two branches' (NSA's
+    combination, ``common.combine_outputs``) before the one store. The selected output is
+    rounded to the input dtype first, as the two-step path stores it."""
     acc, _, den = _query_walk(idx_ref, q_ref, k_ref, v_ref, (), cfg, None)
-    o_slc = acc / jnp.where(den > 0, den, 1.0)[:, None]
+    o_slc = (acc / jnp.where(den > 0, den, 1.0)[:, None]).astype(q_ref.dtype)
+    o_slc = o_slc.astype(jnp.float32)
     out = (g_cmp_ref[...][:, None] * o_cmp_ref[...].astype(jnp.float32)
            + g_slc_ref[...][:, None] * o_slc
            + g_swa_ref[...][:, None] * o_swa_ref[...].astype(jnp.float32))
@@ -831,9 +833,10 @@ def selected_attention_combined(
 
     Evaluated without differentiation, one kernel walks the selected blocks and stores the
     gated sum (the selected output never reaches HBM, and no separate pass reads the three
-    outputs back); its selected output is not rounded to the input dtype before the sum, one
-    rounding fewer than the two-step path. Under differentiation the forward is the two-step
-    path (``selected_attention``, whose kernels honour ``block_sizes`` and
+    outputs back), with the two-step path's roundings (the selected output to the input
+    dtype, the sum in float32); the compilers may contract the sum's multiply-adds
+    differently, so the last bit can differ. Under differentiation the forward is the
+    two-step path (``selected_attention``, whose kernels honour ``block_sizes`` and
     ``forced_included`` as ever, then the sum in XLA), so the gradients are exactly its.
 
     Args:

@@ -385,6 +385,13 @@ def test_nsa_uses_the_combined_kernel_only_without_gradients():
     assert "nsa_slc_fwd_combined" not in aux and "nsa_slc_fwd" in aux
     no_slc = str(jax.make_jaxpr(run("combined-no-slc"))(q, k))
     assert "nsa_slc_fwd" not in no_slc
+    # A copy with another selected attention keeps the old fold: it is not used.
+    other = dataclasses.replace(backend, name="combined-other-slc", platforms=(),
+                                selected_attention=lambda *a, **kw: backend.selected_attention(
+                                    *a, **kw))
+    registry.register_backend(other)
+    other_jaxpr = str(jax.make_jaxpr(run("combined-other-slc"))(q, k))
+    assert "nsa_slc_fwd_combined" not in other_jaxpr and "nsa_slc_fwd" in other_jaxpr
 
 
 def test_selected_forced_band_needs_the_promise():
