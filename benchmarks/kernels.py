@@ -369,7 +369,8 @@ def run_variants(args, records, table):
         bs = sel_gpu.BlockSizes(**{**tuned_block_sizes.SELECTION, **kw})
         tag = (f"{'packed rows' if bs.pack_heads else 'bq'}{bs.block_q} bc{bs.block_c} "
                f"w{bs.num_warps} s{bs.num_stages}" + (" tf32x3" if bs.overlap_tf32x3 else "")
-               + ("" if bs.heavy_first else " light-first") + ("" if bs.exp2 else " expf"))
+               + ("" if bs.heavy_first else " light-first") + ("" if bs.exp2 else " expf")
+               + (" fill-first-chunk" if bs.fill_first_chunk else ""))
         if merge != "dynamic":  # a timing probe only: "one" merges one block a chunk
             tag += f" merge={merge}"
         old_merge, sel_gpu._VARIANT = sel_gpu._VARIANT, merge  # read when the kernel traces
@@ -504,8 +505,8 @@ def main():
     # (exp2=False, heavy_first=False, block_c=128, block_q=128 with 8 warps: measured slower at
     # 0e82fad and b87e531; one stage, 8 warps with one, block_q=32: at 140746f; docs/gpu_kernels.md)
     args.selection_variants = [
-        {}, dict(merge="one"), dict(num_stages=2), dict(num_stages=4),
-        dict(block_q=128, num_warps=8)]
+        {}, dict(merge="one"), dict(fill_first_chunk=True), dict(num_stages=2),
+        dict(num_stages=4), dict(block_q=128, num_warps=8)]
     # (entries_per_chunk, entries_per_step, num_warps_bwd, num_stages_bwd); first = default
     args.dkv_variants = [(256, 4, 4, 2), (256, 4, 8, 2), (256, 8, 8, 2), (512, 8, 8, 3),
                          (256, 2, 4, 2), (1024, 4, 8, 2)]

@@ -74,6 +74,11 @@ class BlockSizes:
       exp2: compute each probability as ``2 ** (s log2(e) - lse log2(e))`` (Triton's ``ex2``, one
         instruction) rather than ``exp(s - lse)`` (libdevice's ``expf``, a range reduction
         around the same instruction). Both round differently in the last bits only.
+      fill_first_chunk: when ``top_n`` equals the blocks of a chunk (``block_c * d / l'``; 16
+        for the paper's sizes with 64-token chunks), chunk 0's blocks fill the empty top-n list
+        directly (every candidate that is not ``-inf`` would enter it, one merge round each)
+        instead of through up to ``top_n`` merge rounds. The same selected set; the slots'
+        order differs. Other sizes ignore it.
     """
 
     block_q: int = 64
@@ -84,6 +89,7 @@ class BlockSizes:
     pack_heads: bool = False
     heavy_first: bool = True
     exp2: bool = True
+    fill_first_chunk: bool = False
 
     def __post_init__(self):
         for f in ("block_q", "block_c"):
@@ -113,6 +119,7 @@ class _Config:
     overlap_tf32x3: bool = False
     heavy_first: bool = True
     exp2: bool = False
+    fill_first_chunk: bool = False
 
     @property
     def logit_scale(self) -> float:
@@ -153,14 +160,16 @@ def _walk(chunk_scores, q0, n_pos: int, idx_ref, cfg: _Config):
     slot_col = jnp.arange(n_slots, dtype=jnp.int32)[None, :]
     blk_col = jnp.arange(nbc, dtype=jnp.int32)[None, :]
 
+    def priorities(score, j):  # forced blocks +inf, blocks no position may select -inf
+        valid = (j <= cur[:, None]) & (j < cfg.num_blocks)
+        forced = (j == 0) | (j == cur[:, None]) | (j == cur[:, None] - 1)
+        return jnp.where(valid, jnp.where(forced, jnp.inf, score), -jnp.inf)
+
     def chunk_body(c, carry, masked: bool):
         vals, ids, pending = carry
         score, pending = chunk_scores(c, pending, masked)
         j = c * nbc + blk_col  # [1, nbc]
-        valid = (j <= cur[:, None]) & (j < cfg.num_blocks)
-        forced = (j == 0) | (j == cur[:, None]) | (j == cur[:, None] - 1)
-        pri = jnp.where(valid, jnp.where(forced, jnp.inf, score), -jnp.inf)
-        vals, ids = _merge(pri, vals, ids, j, slot_col, cfg, nbc)
+        vals, ids = _merge(priorities(score, j), vals, ids, j, slot_col, cfg, nbc)
         return vals, ids, pending
 
     # Slots past top_n start at +inf so they are never replaced; they stay -1.
@@ -174,7 +183,17 @@ def _walk(chunk_scores, q0, n_pos: int, idx_ref, cfg: _Config):
     full = jnp.where(first_tok >= 0, lax.div(lax.div(jnp.maximum(first_tok, 0), cfg.d) + 1,
                                              cfg.block_c), 0)
     full = jnp.minimum(jnp.minimum(full, cfg.num_cmp // cfg.block_c), hi)
-    carry = lax.fori_loop(0, full, functools.partial(chunk_body, masked=False),
+    lo = 0
+    if cfg.fill_first_chunk and cfg.top_n == nbc == n_slots:
+        # Every slot is empty and there are as many as chunk 0's blocks: each of them above
+        # -inf would enter in its own merge round, so take them all at once (chunk 0 always
+        # runs: the masked form is right for any chunk).
+        score, pending = chunk_scores(0, pending, True)
+        vals = priorities(score, blk_col)
+        ids = jnp.where(vals > -jnp.inf, blk_col + jnp.zeros_like(ids), -1)
+        lo = 1
+        full = jnp.maximum(full, 1)
+    carry = lax.fori_loop(lo, full, functools.partial(chunk_body, masked=False),
                           (vals, ids, pending))
     _, ids, _ = lax.fori_loop(full, hi, functools.partial(chunk_body, masked=True), carry)
     idx_ref[...] = ids
@@ -371,7 +390,8 @@ def select_blocks(
                   num_cmp=c, num_blocks=nb, block_q=bq, block_c=bc, num_chunks=num_chunks,
                   interpret=interpret, num_warps=bs.num_warps, num_stages=num_stages,
                   overlap_tf32x3=bs.overlap_tf32x3 and not interpret,
-                  heavy_first=bs.heavy_first, exp2=bs.exp2)
+                  heavy_first=bs.heavy_first, exp2=bs.exp2,
+                  fill_first_chunk=bs.fill_first_chunk)
     w_in, w_next = (jnp.asarray(w) for w in overlap_tables(l, d, lp, bc))
     kc_spec = pl.BlockSpec((None, num_chunks * bc, None, dkp),
                            lambda bk, i: (bk // kh, 0, bk % kh, 0))

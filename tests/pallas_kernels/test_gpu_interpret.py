@@ -95,6 +95,42 @@ def test_select_blocks_long_walks(case, sizes, short):
                  block_sizes=selection_gpu.BlockSizes(**sizes))
 
 
+_FILL_CASES = [
+    # The paper's geometry with n = 16 = a 64-token chunk's blocks; two chunks, and a short
+    # sequence inside chunk 0.
+    Case(b=1, t=1400, n=4, kh=1, dk=16, dv=16, cmp_block_size=32, cmp_stride=16,
+         slc_block_size=64, top_n=16),
+    Case(b=1, t=300, n=4, kh=1, dk=16, dv=16, cmp_block_size=32, cmp_stride=16,
+         slc_block_size=64, top_n=16),
+    # l = d = l' = 16, 16-token chunks: many chunks, G = 2, batch 2.
+    Case(b=2, t=700, n=4, kh=2, dk=16, dv=16, cmp_block_size=16, cmp_stride=16,
+         slc_block_size=16, top_n=16),
+]
+
+
+@pytest.mark.parametrize("case", _FILL_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("sizes", [dict(), dict(heavy_first=False),
+                                   dict(pack_heads=True, block_q=16)],
+                         ids=["default", "light_first", "packed"])
+def test_select_blocks_fill_first_chunk(case, sizes):
+    """``fill_first_chunk`` (chunk 0's blocks fill the empty top-n list without merge rounds,
+    where n equals a chunk's blocks) selects the reference's blocks exactly, and really
+    changes the kernel."""
+    rp = case.slc_block_size // case.cmp_stride
+    sizes = dict(block_c=16 * rp, **sizes)
+    fill = selection_gpu.BlockSizes(fill_first_chunk=True, **sizes)
+    _check_top_n(case, seed=case.t + 5, block_sizes=fill)
+    q = jnp.zeros((case.b, case.t, case.n, case.dk))
+    kc = jnp.zeros((case.b, case.num_cmp, case.kh, case.dk))
+    lse = jnp.zeros((case.b, case.t, case.n))
+    kw = dict(seq_len=case.t, cmp_block_size=case.cmp_block_size, cmp_stride=case.cmp_stride,
+              slc_block_size=case.slc_block_size, top_n=case.top_n, interpret=True)
+    jaxprs = [str(jax.make_jaxpr(lambda q, kc, lse, bs=bs: selection_gpu.select_blocks(
+        q, kc, lse, block_sizes=bs, **kw))(q, kc, lse))
+        for bs in (fill, selection_gpu.BlockSizes(**sizes))]
+    assert jaxprs[0] != jaxprs[1]
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_compressed_dkv_split(monkeypatch, dtype):
     """The compressed-key dk/dv pass split over programs (float32 partials, summed) agrees with

@@ -114,7 +114,9 @@ def test_selection_kernel_lowers_for_h200(t, tf32x3, packed):
     assert text.count(TRITON_CALL) == 1
 
 
-@pytest.mark.parametrize("sizes", [dict(heavy_first=False)], ids=["light_first"])
+@pytest.mark.parametrize("sizes", [dict(heavy_first=False), dict(fill_first_chunk=True),
+                                   dict(fill_first_chunk=True, pack_heads=True, block_q=128)],
+                         ids=["light_first", "fill_first_chunk", "fill_first_chunk_packed"])
 def test_selection_kernel_options_lower_for_h200(sizes):
     t = 65536
     c = (t - L_CMP) // D_CMP + 1
@@ -123,7 +125,7 @@ def test_selection_kernel_options_lower_for_h200(sizes):
         top_n=TOP_N, block_sizes=sel_gpu.BlockSizes(overlap_tf32x3=True, **sizes))
     names, text = _lower(fn, _sds(B, t, HQ, 128), _sds(B, c, HKV, 128),
                          _sds(B, t, HQ, dtype=jnp.float32))
-    assert names == ["nsa_sel_topn"], names
+    assert names == ["nsa_sel_topn_packed" if sizes.get("pack_heads") else "nsa_sel_topn"], names
     assert text.count(TRITON_CALL) == 1
 
 
