@@ -47,11 +47,8 @@ def make_backend(interpret: bool = False, name: str | None = None,
            else compressed_gpu.compressed_attention)
     swa = (sliding_window_gpu.sliding_window_attention_cudnn if window == "cudnn"
            else sliding_window_gpu.sliding_window_attention)
-    slc = {}
-    if forced_band:
-        slc["forced_band"] = True
-    slc_sizes = (selected_gpu.BlockSizes(**{**tuned_block_sizes.SELECTED, **slc})
-                 if slc else None)
+    slc_sizes = (selected_gpu.BlockSizes(**{**tuned_block_sizes.SELECTED, "forced_band": True})
+                 if forced_band else None)
     selected = functools.partial(selected_gpu.selected_attention, interpret=interpret,
                                  block_sizes=slc_sizes)
     combined = functools.partial(selected_gpu.selected_attention_combined, interpret=interpret,

@@ -680,6 +680,21 @@ def _pad_axis(x, axis: int, size: int, value=0):
     return jnp.pad(x, pad, constant_values=value)
 
 
+def _pad_heads(x, kh: int, gp: int):
+    """``[B, T, K*G, D] -> [B, T, K*Gp, D]``: each group's heads padded with zero heads."""
+    b, t, n, dim = x.shape
+    if n // kh == gp:
+        return x
+    return _pad_axis(x.reshape(b, t, kh, n // kh, dim), 3, gp).reshape(b, t, kh * gp, dim)
+
+
+def _unpad_heads(x, kh: int, g: int, d: int):
+    """The inverse of ``_pad_heads`` (and of the head-dim padding to ``d``) on an output
+    ``[B, T, K*Gp, Dp]``."""
+    b, t, ngp, dp = x.shape
+    return x.reshape(b, t, kh, ngp // kh, dp)[:, :, :, :g, :d].reshape(b, t, kh * g, d)
+
+
 def _prepare(q, k, v, indices, block_size, scale, block_sizes, interpret, forced_included,
              what: str):
     """Checks and pads the inputs for the kernels (heads per group to ``Gp``, head dims to
@@ -708,9 +723,7 @@ def _prepare(q, k, v, indices, block_size, scale, block_sizes, interpret, forced
     check_int32_extent(what, q=(b, t, kh * gp, max(dkp, dvp)),
                        k=(b, sp, kh, max(dkp, dvp)),
                        dkv_partials=(b * kh, num_chunks, block_size, max(dkp, dvp)))
-    if gp != g:
-        q = _pad_axis(q.reshape(b, t, kh, g, dk), 3, gp).reshape(b, t, kh * gp, dk)
-    qp = _pad_axis(q, 3, dkp)
+    qp = _pad_axis(_pad_heads(q, kh, gp), 3, dkp)
     kp = _pad_axis(_pad_axis(k, 1, sp), 3, dkp)
     vp = _pad_axis(_pad_axis(v, 1, sp), 3, dvp)
     idx = _pad_axis(indices.astype(jnp.int32), 3, mp, value=-1)
@@ -755,12 +768,11 @@ def selected_attention(
     """
     qp, kp, vp, idx, cfg = _prepare(q, k, v, indices, block_size, scale, block_sizes,
                                     interpret, forced_included, "selected_attention")
-    b, t, n, dk = q.shape
-    kh, dv = k.shape[2], v.shape[-1]
-    g = n // kh
-    gp, dvp = qp.shape[2] // kh, vp.shape[-1]
+    b, t, n, _ = q.shape
+    kh = k.shape[2]
+    g, gp = n // kh, qp.shape[2] // kh
     o, lse = _selected(qp, kp, vp, idx, cfg)
-    o = o.reshape(b, t, kh, gp, dvp)[:, :, :, :g, :dv].reshape(b, t, n, dv)
+    o = _unpad_heads(o, kh, g, v.shape[-1])
     lse = lse.reshape(b, t, kh, gp)[..., :g].reshape(b, t, n)
     return o, lse
 
@@ -867,13 +879,8 @@ def selected_attention_combined(
     g = n // kh
     gp, dvp = qp.shape[2] // kh, vp.shape[-1]
 
-    def pad_heads(x):  # [B, T, N, D] -> [B, T, K*Gp, D] (zero heads; zero gates for them)
-        if gp != g:
-            x = _pad_axis(x.reshape(b, t, kh, g, x.shape[-1]), 3, gp)
-            x = x.reshape(b, t, kh * gp, x.shape[-1])
-        return x
-
-    out = _selected_combined(qp, kp, vp, idx, pad_heads(gates),
-                             _pad_axis(pad_heads(o_cmp), 3, dvp),
-                             _pad_axis(pad_heads(o_swa), 3, dvp), cfg)
-    return out.reshape(b, t, kh, gp, dvp)[:, :, :, :g, :dv].reshape(b, t, n, dv)
+    # Padded heads get zero gates and zero branch outputs, and are dropped afterwards.
+    out = _selected_combined(qp, kp, vp, idx, _pad_heads(gates, kh, gp),
+                             _pad_axis(_pad_heads(o_cmp, kh, gp), 3, dvp),
+                             _pad_axis(_pad_heads(o_swa, kh, gp), 3, dvp), cfg)
+    return _unpad_heads(out, kh, g, dv)
