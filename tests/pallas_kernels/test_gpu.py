@@ -51,13 +51,14 @@ class TestTritonGpu(KernelSuite):
 
 
 @pytest.mark.parametrize("variant", [dict(), dict(pack_heads=True, block_q=128),
-                                     dict(heavy_first=False)],
-                         ids=["per_head", "packed", "light_first"])
+                                     dict(heavy_first=False), dict(fill_first_chunk=True)],
+                         ids=["per_head", "packed", "light_first", "fill_first_chunk"])
 @pytest.mark.parametrize("tf32x3", [False, True], ids=["ieee", "tf32x3"])
 def test_select_blocks_long_sequence(tf32x3, variant):
     """Fused top-n at 8k tokens (many chunks per program, most seen whole) matches the
     reference exactly, with full-precision and with tf32x3 block-score dots, per head, with the
-    heads packed, and launched lightest first."""
+    heads packed, launched lightest first, and with chunk 0 filling the empty list (n = 16 is
+    one 64-token chunk's blocks here, so the option takes effect)."""
     case = Case(b=1, t=8192, n=16, kh=1, dk=128, dv=128, cmp_block_size=32, cmp_stride=16,
                 slc_block_size=64, top_n=16)
     ks = jax.random.split(jax.random.key(5), 3)
