@@ -355,6 +355,23 @@ def run_variants(args, records, table):
             q, k, v, idx, block_size=64, block_sizes=bs)
         variant(f"slc fwd w{nw} s{st}", lambda *a, f=slc: f(*a)[0], q, k, v)
         variant(f"slc fwd+bwd w{nw} s{st} (dq)", grad_of(slc), q, k, v)
+    # Several selected blocks gathered a step in the forward and dq walks (blocks_per_step),
+    # with their launch parameters; the folded forward (NSA's gated sum in the kernel) too.
+    if "steps" in groups:  # stand-ins for the other two branches' outputs
+        o_other = [jax.random.normal(kk, ct.shape, ct.dtype)
+                   for kk in jax.random.split(jax.random.key(6), 2)]
+    for per_step, nw, st in chosen("steps", args.step_variants):
+        bs = slc_gpu.BlockSizes(**{**tuned_block_sizes.SELECTED, "blocks_per_step": per_step,
+                                   "num_warps": nw, "num_stages": st})
+        slc = lambda q, k, v, bs=bs: slc_gpu.selected_attention(  # noqa: E731
+            q, k, v, idx, block_size=64, block_sizes=bs)
+        folded = lambda q, k, v, g, oc, ow, bs=bs: (  # noqa: E731
+            slc_gpu.selected_attention_combined(q, k, v, idx, g, oc, ow, block_size=64,
+                                                block_sizes=bs, forced_included=True))
+        tag = f"step{per_step} w{nw} s{st}"
+        variant(f"slc fwd {tag}", lambda *a, f=slc: f(*a)[0], q, k, v)
+        variant(f"slc fwd folded {tag}", folded, q, k, v, gates, *o_other)
+        variant(f"slc fwd+bwd {tag} (dq)", grad_of(slc), q, k, v)
     # The selected branch's dk/dv tilings, timed as its forward+backward.
     for e, per_step, nw, st in chosen("dkv", args.dkv_variants):
         bs = slc_gpu.BlockSizes(**{**tuned_block_sizes.SELECTED, "entries_per_chunk": e,
@@ -461,7 +478,7 @@ def main():
                     help="T for the Dk=192, Dv=128 run (0: skip)")
     ap.add_argument("--variants", action="store_true", help="also time tile variants")
     ap.add_argument("--variant-groups", nargs="+", default=["banded", "selected", "selection"],
-                    choices=["banded", "selected", "selection", "dkv"],
+                    choices=["banded", "selected", "selection", "dkv", "steps"],
                     help="which stages' variants --variants times")
     ap.add_argument("--skip-main", action="store_true", help="only the check and the variants")
     ap.add_argument("--variant-heads", type=lambda x: tuple(int(y) for y in x.split(",")),
@@ -507,6 +524,9 @@ def main():
     args.selection_variants = [
         {}, dict(merge="one"), dict(fill_first_chunk=True), dict(num_stages=2),
         dict(num_stages=4), dict(block_q=128, num_warps=8)]
+    # (blocks_per_step, num_warps, num_stages) of the selected forward and dq; first = default
+    args.step_variants = [(1, 2, 2), (2, 2, 2), (2, 4, 2), (4, 4, 2), (2, 4, 3), (4, 4, 3),
+                          (4, 8, 2), (2, 2, 3)]
     # (entries_per_chunk, entries_per_step, num_warps_bwd, num_stages_bwd); first = default
     args.dkv_variants = [(256, 4, 4, 2), (256, 4, 8, 2), (256, 8, 8, 2), (512, 8, 8, 3),
                          (256, 2, 4, 2), (1024, 4, 8, 2)]

@@ -59,6 +59,10 @@ class BlockSizes:
         them, and only the scored blocks in the per-query kernel, which starts from the band's
         output and log-sum-exp; ``dq`` likewise. Off by default: timed on the H200 no faster
         than the per-query kernel (``docs/gpu_kernels.md``).
+      blocks_per_step: selected blocks one step of the forward and ``dq`` walks gathers into a
+        ``[blocks_per_step * l', D]`` key (and value) tile (a power of two; clamped to the
+        padded slots): fewer, larger steps, more loads in flight per program. The band path
+        keeps one block a step.
     """
 
     entries_per_chunk: int = 256
@@ -68,9 +72,10 @@ class BlockSizes:
     num_warps_bwd: int = 4
     num_stages_bwd: int = 2
     forced_band: bool = False
+    blocks_per_step: int = 1
 
     def __post_init__(self):
-        for f in ("entries_per_chunk", "entries_per_step"):
+        for f in ("entries_per_chunk", "entries_per_step", "blocks_per_step"):
             e = getattr(self, f)
             if e < 1 or e & (e - 1):
                 raise ValueError(f"BlockSizes.{f}={e} must be a power of two")
@@ -138,6 +143,28 @@ def _slot_mask(jc, j, t, bs):
     return ((key_pos <= t) & (j >= 0))[None, :]
 
 
+def _step_blocks(idx_ref, k_ref, v_ref, step, per_step: int, t, bs: int):
+    """Keys and values of slots ``step * per_step ...`` (``per_step`` of them) as one
+    ``[per_step * l', D]`` tile each, and a function giving their visibility ``[1, R]`` to query
+    ``t`` (causal; an empty ``-1`` slot's rows, read from block 0, are invisible)."""
+    if per_step == 1:
+        j = idx_ref[step]
+        jc = jnp.maximum(j, 0)
+        return (k_ref[pl.ds(jc * bs, bs), :], v_ref[pl.ds(jc * bs, bs), :],
+                lambda: _slot_mask(jc, j, t, bs))
+    r = jnp.arange(per_step * bs, dtype=jnp.int32)
+    which, rows, live = r // bs, r % bs, jnp.zeros(r.shape, jnp.bool_)
+    for i in range(per_step):  # the step's slots, read as scalars
+        j = idx_ref[step * per_step + i]
+        rows = jnp.where(which == i, rows + jnp.maximum(j, 0) * bs, rows)
+        live = jnp.where(which == i, j >= 0, live)
+    return k_ref[rows], v_ref[rows], lambda: ((rows <= t) & live)[None, :]
+
+
+def _per_step(cfg: _Config, m_slots: int) -> int:
+    return min(cfg.block_sizes.blocks_per_step, m_slots)
+
+
 def _forced_blocks(cur):
     """The forced blocks of selection block ``cur`` and whether each is attended: 0 always,
     ``cur - 1`` from ``cur >= 2`` and ``cur`` from ``cur >= 1`` (no block twice)."""
@@ -185,20 +212,18 @@ def _query_walk(idx_ref, q_ref, k_ref, v_ref, refs, cfg: _Config, n_loop: int | 
     prec = _precision(q.dtype)
     qk_scale = cfg.scale * LOG2E
     m_slots = idx_ref.shape[0]
+    per_step = 1 if n_loop is not None else _per_step(cfg, m_slots)
 
-    def body(slot, carry):
-        j = idx_ref[slot]
-        jc = jnp.maximum(j, 0)
-        k = k_ref[pl.ds(jc * bs, bs), :]  # [l', Dk]
-        v = v_ref[pl.ds(jc * bs, bs), :]  # [l', Dv]
-        return _softmax_step(carry, q, k, v, lambda: _slot_mask(jc, j, t, bs), qk_scale, prec)
+    def body(step, carry):
+        k, v, mask_fn = _step_blocks(idx_ref, k_ref, v_ref, step, per_step, t, bs)
+        return _softmax_step(carry, q, k, v, mask_fn, qk_scale, prec)
 
     gp, dv = q.shape[0], v_ref.shape[-1]
     if n_loop is None:
         acc = jnp.zeros((gp, dv), jnp.float32)
         m = jnp.full((gp,), MASK_VALUE, jnp.float32)
         den = jnp.zeros((gp,), jnp.float32)
-        acc, m, den = lax.fori_loop(0, m_slots, body, (acc, m, den))
+        acc, m, den = lax.fori_loop(0, m_slots // per_step, body, (acc, m, den))
     else:
         m = refs[1][...] * LOG2E
         carry = (refs[0][...].astype(jnp.float32), m, jnp.ones(m.shape, jnp.float32))
@@ -264,17 +289,15 @@ def _bwd_dq_kernel(idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *re
     lse = lse_ref[...] * LOG2E  # [Gp]
     delta = delta_ref[...]  # [Gp]
     qk_scale = cfg.scale * LOG2E
+    m_slots = idx_ref.shape[0]
+    per_step = 1 if n_loop is not None else _per_step(cfg, m_slots)
 
-    def body(slot, dq):
-        j = idx_ref[slot]
-        jc = jnp.maximum(j, 0)
-        k = k_ref[pl.ds(jc * bs, bs), :]
-        v = v_ref[pl.ds(jc * bs, bs), :]
-        return _dq_step(dq, q, do, k, v, lse, delta, lambda: _slot_mask(jc, j, t, bs),
-                        qk_scale, prec)
+    def body(step, dq):
+        k, v, mask_fn = _step_blocks(idx_ref, k_ref, v_ref, step, per_step, t, bs)
+        return _dq_step(dq, q, do, k, v, lse, delta, mask_fn, qk_scale, prec)
 
     if n_loop is None:
-        dq = lax.fori_loop(0, idx_ref.shape[0], body, jnp.zeros(q.shape, jnp.float32))
+        dq = lax.fori_loop(0, m_slots // per_step, body, jnp.zeros(q.shape, jnp.float32))
     else:
         dq = lax.fori_loop(0, n_loop, body, refs[0][...])
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)

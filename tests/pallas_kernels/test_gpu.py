@@ -178,6 +178,55 @@ def test_selected_forced_band_at_paper_shape(t):
         assert_close(g, g_r, jnp.bfloat16, f"band d{name}")
 
 
+@pytest.mark.parametrize("per_step", [2, 4])
+def test_selected_blocks_per_step_at_paper_shape(per_step):
+    """The forward and ``dq`` walks gathering ``per_step`` selected blocks a step
+    (``BlockSizes.blocks_per_step``) on NSA's own selection at the paper's geometry, with one
+    slot per row emptied, bf16: output, lse and gradients against the twin; and the folded
+    forward against the twin followed by the gated sum."""
+    from nsa_jax.compression import compress
+    from pallas_kernels.common import combine_outputs
+    from pallas_kernels.selected import gpu as selected_gpu
+    from pallas_kernels.selected import reference as selected_ref
+
+    ks = jax.random.split(jax.random.key(19), 7)
+    b, t, n, kh, d = 1, 1500, 32, 2, 128
+    q = _normal(ks[0], (b, t, n, d), jnp.bfloat16)
+    k = _normal(ks[1], (b, t, kh, d), jnp.bfloat16)
+    v = _normal(ks[2], (b, t, kh, d), jnp.bfloat16)
+    ct = _normal(ks[3], (b, t, n, d), jnp.bfloat16)
+    k_cmp = compress(k, {}, kind="mean", block_size=32, stride=16)
+    _, lse = compressed_ref.compressed_attention(q, k_cmp, k_cmp, block_size=32, stride=16)
+    idx = np.asarray(selection_ref.select_blocks(q, k_cmp, lse, seq_len=t, cmp_block_size=32,
+                                                 cmp_stride=16, slc_block_size=64, top_n=16))
+    drop = np.random.default_rng(per_step).integers(0, idx.shape[-1], idx.shape[:-1])
+    own = (np.arange(t) // 64)[None, :, None, None]
+    idx = jnp.asarray(np.where((np.arange(idx.shape[-1]) == drop[..., None]) & (idx != own),
+                               -1, idx))
+    sizes = selected_gpu.BlockSizes(blocks_per_step=per_step)
+
+    def run(f):
+        (o, lse), vjp = jax.vjp(f, q, k, v)
+        return o, lse, vjp((ct, jnp.zeros_like(lse)))
+
+    o, lse_o, grads = jax.jit(lambda: run(lambda q, k, v: selected_gpu.selected_attention(
+        q, k, v, idx, block_size=64, block_sizes=sizes)))()
+    o_r, lse_r, grads_r = jax.jit(lambda: run(lambda q, k, v: selected_ref.selected_attention(
+        q, k, v, idx, block_size=64)))()
+    what = f"blocks_per_step={per_step}"
+    assert_close(o, o_r, jnp.bfloat16, f"{what} output")
+    assert_close(lse_o, lse_r, jnp.bfloat16, f"{what} lse")
+    for name, g, g_r in zip("qkv", grads, grads_r, strict=True):
+        assert_close(g, g_r, jnp.bfloat16, f"{what} d{name}")
+    gates = jax.nn.sigmoid(_normal(ks[4], (b, t, n, 3), jnp.float32))
+    o_cmp = _normal(ks[5], (b, t, n, d), jnp.bfloat16)
+    o_swa = _normal(ks[6], (b, t, n, d), jnp.bfloat16)
+    folded = jax.jit(lambda: selected_gpu.selected_attention_combined(
+        q, k, v, idx, gates, o_cmp, o_swa, block_size=64, block_sizes=sizes))()
+    assert_close(folded, combine_outputs(gates, o_cmp, o_r, o_swa), jnp.bfloat16,
+                 f"{what} folded forward")
+
+
 def test_decode_at_the_int32_offset_limit():
     """Raw caches of exactly 2**31 elements (batch 64 x 64k tokens x 4 heads x 128, 4 GiB each
     in bf16), the largest the decode kernels' int32 offsets address: the kernel chain equals

@@ -369,6 +369,69 @@ def test_selected_attention_combined(case, dtype):
         assert_close(a, r, dtype, f"{what} {name}")
 
 
+@pytest.mark.parametrize("per_step", [2, 4, 16])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", _BAND_CASES, ids=lambda c: c.id)
+def test_selected_blocks_per_step(case, dtype, per_step):
+    """Forward and ``dq`` walks gathering several selected blocks a step
+    (``BlockSizes.blocks_per_step``; 16 is clamped to the padded slots) against the reference:
+    output, lse and gradients, shuffled slots with empty ones among them; and the folded
+    forward with the same walk. The kernels differ from the one-block walk."""
+    from pallas_kernels.common import combine_outputs
+    from pallas_kernels.selected import gpu as selected_gpu
+    from pallas_kernels.selected import reference as selected_ref
+    from tests.tolerances import assert_close
+
+    ks = jax.random.split(jax.random.key(case.t + per_step), 7)
+    q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)
+    k = _normal(ks[1], (case.b, case.t, case.kh, case.dk), dtype)
+    v = _normal(ks[2], (case.b, case.t, case.kh, case.dv), dtype)
+    ct = _normal(ks[3], (case.b, case.t, case.n, case.dv), jnp.float32)
+    # Empty one slot per row at a random position (-1), except the query's own block (which
+    # keeps every row's softmax non-empty): empty slots anywhere in a step.
+    idx = np.asarray(_nsa_indices(case, q, k, seed=case.t + 3))
+    rng = np.random.default_rng(per_step)
+    drop = rng.integers(0, idx.shape[-1], idx.shape[:-1])
+    own = (np.arange(case.t) // case.slc_block_size)[None, :, None, None]
+    hit = (np.arange(idx.shape[-1]) == drop[..., None]) & (idx != own)
+    idx = jnp.asarray(np.where(hit, -1, idx))
+    sizes = selected_gpu.BlockSizes(blocks_per_step=per_step)
+    kw = dict(block_size=case.slc_block_size)
+
+    def gathered(q, k, v):
+        return selected_gpu.selected_attention(q, k, v, idx, block_sizes=sizes, interpret=True,
+                                               **kw)
+
+    def one(q, k, v):
+        return selected_gpu.selected_attention(q, k, v, idx, interpret=True, **kw,
+                                               block_sizes=selected_gpu.BlockSizes())
+
+    def ref(q, k, v):
+        return selected_ref.selected_attention(q, k, v, idx, **kw)
+
+    def vjp_jaxpr(f):
+        return str(jax.make_jaxpr(lambda *a: jax.vjp(f, *a)[1](
+            (ct.astype(dtype), jnp.zeros(ct.shape[:3]))))(q, k, v))
+
+    assert vjp_jaxpr(gathered) != vjp_jaxpr(one)
+    outs = []
+    for f in (gathered, ref):
+        (o, lse), vjp = jax.vjp(f, q, k, v)
+        outs.append((o, lse, *vjp((ct.astype(o.dtype), jnp.zeros_like(lse)))))
+    what = f"blocks_per_step={per_step} {case.id} {jnp.dtype(dtype)}"
+    assert_close(outs[0][0], outs[1][0], dtype, what + " output")
+    assert_close(outs[0][1], outs[1][1], dtype, what + " lse")
+    for name, a, r in zip(("dq", "dk", "dv"), outs[0][2:], outs[1][2:], strict=True):
+        assert_close(a, r, dtype, f"{what} {name}")
+    gates = jax.nn.sigmoid(_normal(ks[4], (case.b, case.t, case.n, 3), jnp.float32))
+    o_cmp = _normal(ks[5], (case.b, case.t, case.n, case.dv), dtype)
+    o_swa = _normal(ks[6], (case.b, case.t, case.n, case.dv), dtype)
+    folded = selected_gpu.selected_attention_combined(q, k, v, idx, gates, o_cmp, o_swa,
+                                                      block_sizes=sizes, interpret=True, **kw)
+    assert_close(folded, combine_outputs(gates, o_cmp, outs[1][0], o_swa), dtype,
+                 what + " folded forward")
+
+
 def test_selected_attention_combined_rejects_bad_operands():
     """Mismatched branch outputs or gates raise a ValueError naming the shapes."""
     from pallas_kernels.selected import gpu as selected_gpu

@@ -98,6 +98,26 @@ def test_selected_combined_lowers_for_h200(t, dk, dv):
     assert text.count(TRITON_CALL) >= 1, (t, names)
 
 
+@pytest.mark.parametrize("per_step", [2, 4])
+@pytest.mark.parametrize("t,dk,dv", [(65536, 128, 128), (8002, 192, 128)])
+def test_selected_blocks_per_step_lowers_for_h200(t, dk, dv, per_step):
+    """Forward, ``dq`` and the folded forward gathering several blocks a step
+    (``BlockSizes.blocks_per_step``): a gather of rows by an index vector."""
+    sizes = slc_gpu.BlockSizes(blocks_per_step=per_step)
+    fn = lambda q, k, v, idx: slc_gpu.selected_attention(  # noqa: E731
+        q, k, v, idx, block_size=L_SLC, block_sizes=sizes)
+    args = (_sds(B, t, HQ, dk), _sds(B, t, HKV, dk), _sds(B, t, HKV, dv),
+            _sds(B, t, HKV, TOP_N, dtype=jnp.int32))
+    names, text = _lower(fwd_and_bwd(fn), *args)
+    assert {"nsa_slc_fwd", "nsa_slc_bwd_dq", "nsa_slc_bwd_dkv"} <= set(names), names
+    assert text.count(TRITON_CALL) >= len(names), (t, names)
+    folded = lambda q, k, v, idx, g, oc, ow: slc_gpu.selected_attention_combined(  # noqa: E731
+        q, k, v, idx, g, oc, ow, block_size=L_SLC, block_sizes=sizes)
+    names, _ = _lower(folded, *args, _sds(B, t, HQ, 3, dtype=jnp.float32), _sds(B, t, HQ, dv),
+                      _sds(B, t, HQ, dv))
+    assert names == ["nsa_slc_fwd_combined"], names
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["per_head", "packed"])
 @pytest.mark.parametrize("tf32x3", [False, True], ids=["ieee", "tf32x3"])
 @pytest.mark.parametrize("t", [8192, 65536])
