@@ -521,9 +521,11 @@ def main():
     # "merge" picks the merge loop ("one" is a timing probe with wrong indices).
     # (exp2=False, heavy_first=False, block_c=128, block_q=128 with 8 warps: measured slower at
     # 0e82fad and b87e531; one stage, 8 warps with one, block_q=32: at 140746f; docs/gpu_kernels.md)
+    # (fill_first_chunk: 10.59 against 10.53 ms at fb636a6; num_stages=2: 12.84, block_q=128
+    # with 8 warps: 12.07, docs/results/kernels_fb636a6.md)
     args.selection_variants = [
-        {}, dict(merge="one"), dict(fill_first_chunk=True), dict(num_stages=2),
-        dict(num_stages=4), dict(block_q=128, num_warps=8)]
+        {}, dict(merge="one"), dict(num_stages=4), dict(num_warps=8),
+        dict(num_warps=8, num_stages=4), dict(block_c=128), dict(block_c=32, num_stages=4)]
     # (blocks_per_step, num_warps, num_stages) of the selected forward and dq; first = default
     args.step_variants = [(1, 2, 2), (2, 2, 2), (2, 4, 2), (4, 4, 2), (2, 4, 3), (4, 4, 3),
                           (4, 8, 2), (2, 2, 3)]
