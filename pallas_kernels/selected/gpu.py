@@ -372,8 +372,16 @@ def _bwd_dkv_kernel(blk_ref, cnt_ref, tab_ref, q_ref, k_ref, v_ref, do_ref, lse_
     dv_ref[...] = dv
 
 
+_PACK_LIMIT = 2**31 - 1  # largest packed (block, query) key of the one-operand sort
+
+
 def _invert_one(idx_tm, num_blocks: int, per_chunk: int, num_chunks: int):
     """Inverted index of one (batch, KV head).
+
+    The ``(block, query)`` pairs are sorted as one packed int32 key where it fits (a single
+    sort operand: the GPU's radix sort, instead of a two-key comparison sort), and everything
+    else is read off the sorted list with binary searches and gathers: no scatter, so no
+    atomics piling up on block 0, which every query selects.
 
     Args:
       idx_tm: ``int32 [T, M]`` selected blocks, ``-1`` empty.
@@ -384,22 +392,31 @@ def _invert_one(idx_tm, num_blocks: int, per_chunk: int, num_chunks: int):
       ``first [nb]`` and number of chunks ``num [nb]`` (a block's chunks are consecutive).
     """
     t, m = idx_tm.shape
-    key = jnp.where(idx_tm >= 0, idx_tm, num_blocks).reshape(-1)  # [P]
+    key = jnp.where(idx_tm >= 0, idx_tm, num_blocks).reshape(-1)  # [P], empty slots last
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, m)).reshape(-1)
-    key, pos = lax.sort((key, pos), num_keys=2)  # by block, then query
-    valid = key < num_blocks
-    kc = jnp.minimum(key, num_blocks - 1)
-    cnt = jnp.zeros((num_blocks + 1,), jnp.int32).at[key].add(1)[:num_blocks]
+    if (num_blocks + 1) * t <= _PACK_LIMIT:
+        packed = lax.sort(key * t + pos)  # by block, then query
+        key, pos = packed // t, packed % t
+    else:
+        key, pos = lax.sort((key, pos), num_keys=2)
+    search = functools.partial(jnp.searchsorted, method="scan_unrolled")
+    # Block b's entries are [start[b], start[b + 1]) of the sorted list.
+    start = search(key, jnp.arange(num_blocks + 1, dtype=key.dtype)).astype(jnp.int32)
+    cnt = start[1:] - start[:-1]
     chunks = -(-cnt // per_chunk)
-    chunk_start = jnp.cumsum(chunks) - chunks
-    blk_start = jnp.cumsum(cnt) - cnt
-    rank = jnp.arange(key.shape[0], dtype=jnp.int32) - blk_start[kc]
-    cid = jnp.where(valid, chunk_start[kc] + rank // per_chunk, num_chunks)
-    slot = rank % per_chunk
-    tab = jnp.full((num_chunks, per_chunk), -1, jnp.int32).at[cid, slot].set(pos, mode="drop")
-    blk = jnp.full((num_chunks,), -1, jnp.int32).at[cid].set(kc, mode="drop")
-    ccnt = jnp.zeros((num_chunks,), jnp.int32).at[cid].add(1, mode="drop")
-    return blk, ccnt, tab, chunk_start.astype(jnp.int32), chunks.astype(jnp.int32)
+    ends = jnp.cumsum(chunks)
+    chunk_start = ends - chunks
+    c = jnp.arange(num_chunks, dtype=jnp.int32)
+    blk = search(ends, c, side="right").astype(jnp.int32)  # num_blocks past the last chunk
+    used = blk < num_blocks
+    b = jnp.minimum(blk, num_blocks - 1)
+    skip = (c - chunk_start[b]) * per_chunk  # the block's entries in its earlier chunks
+    ccnt = jnp.where(used, jnp.clip(cnt[b] - skip, 0, per_chunk), 0)
+    e = start[b][:, None] + skip[:, None] + jnp.arange(per_chunk, dtype=jnp.int32)[None, :]
+    tab = jnp.where(jnp.arange(per_chunk)[None, :] < ccnt[:, None],
+                    pos[jnp.clip(e, 0, pos.shape[0] - 1)], -1)
+    return (jnp.where(used, blk, -1), ccnt, tab, chunk_start.astype(jnp.int32),
+            chunks.astype(jnp.int32))
 
 
 # ------------------------------------------------------------------------------------------

@@ -432,6 +432,49 @@ def test_selected_blocks_per_step(case, dtype, per_step):
                  what + " folded forward")
 
 
+def _inverted_index_oracle(idx, num_blocks, per_chunk, num_chunks):
+    """Per key block, its queries in ascending order, cut into chunks of ``per_chunk``."""
+    blk, cnt = np.full(num_chunks, -1), np.zeros(num_chunks, np.int64)
+    tab = np.full((num_chunks, per_chunk), -1)
+    first, num = np.zeros(num_blocks, np.int64), np.zeros(num_blocks, np.int64)
+    c = 0
+    for b in range(num_blocks):
+        queries = [t for t in range(idx.shape[0]) if b in idx[t]]
+        first[b] = c
+        for i in range(0, len(queries), per_chunk):
+            part = queries[i:i + per_chunk]
+            blk[c], cnt[c], tab[c, :len(part)] = b, len(part), part
+            c += 1
+        num[b] = c - first[b]
+    return blk, cnt, tab, first, num
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed_sort", "two_key_sort"])
+@pytest.mark.parametrize("t,m,nb,per_chunk", [(300, 8, 7, 4), (1000, 16, 16, 64), (77, 4, 5, 1),
+                                              (300, 16, 5, 256), (1, 4, 1, 2)])
+def test_inverted_index(monkeypatch, t, m, nb, per_chunk, packed):
+    """The ``dk/dv`` pass's inverted index (block -> chunks of the queries that selected it)
+    against a loop over blocks: causal rows with shuffled, partly empty slots; the packed
+    one-operand sort and the two-key sort it falls back to past int32."""
+    from pallas_kernels.selected import gpu as selected_gpu
+
+    if not packed:
+        monkeypatch.setattr(selected_gpu, "_PACK_LIMIT", 0)
+    rng = np.random.default_rng(t + m)
+    idx = np.full((t, m), -1, np.int32)
+    for i in range(t):
+        cur = min(i * nb // t, nb - 1)
+        pick = rng.choice(cur + 1, size=min(int(rng.integers(0, m + 1)), cur + 1), replace=False)
+        idx[i, :len(pick)] = pick
+        rng.shuffle(idx[i])
+    counts = np.bincount(idx[idx >= 0], minlength=nb)
+    num_chunks = int(np.sum(-(-counts // per_chunk))) + 3  # spare chunks stay unused
+    got = selected_gpu._invert_one(jnp.asarray(idx), nb, per_chunk, num_chunks)
+    want = _inverted_index_oracle(idx, nb, per_chunk, num_chunks)
+    for name, g, w in zip(("blk", "cnt", "tab", "first", "num"), got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), w, err_msg=name)
+
+
 def test_selected_attention_combined_rejects_bad_operands():
     """Mismatched branch outputs or gates raise a ValueError naming the shapes."""
     from pallas_kernels.selected import gpu as selected_gpu
