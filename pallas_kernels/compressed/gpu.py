@@ -10,13 +10,13 @@ A query with no visible token gets output 0 and log-sum-exp ``-inf``; when the s
 no compressed token at all (``T < l``) the kernels are not launched.
 
 ``compressed_attention_cudnn`` (the GPU default where it applies) runs the same function as
-causal attention in cuDNN, by splitting the queries by residue. Query ``t = u*d + r`` sees the
-tokens ``i <= u + floor((r - l + 1) / d)``: for a fixed residue ``r`` that is ordinary causal
-attention between the query rows ``u`` and the tokens, shifted by a constant. The offset takes
-two values over the residues, so two causal calls cover every query: each takes the residues
-of one offset as extra heads (the keys repeated per residue, so grouped-query attention maps
-each of them to its KV head), drops the rows that see nothing, and pads queries and tokens to
-one length, which makes top-left and bottom-right causal alignment the same mask.
+one causal attention in cuDNN, by splitting the queries by residue. Counted from the first
+query that sees a token, ``t = (l - 1) + u*d + r`` with ``0 <= r < d``, query ``t`` sees
+exactly the tokens ``i <= u``, whatever its residue ``r``: ordinary causal attention between
+the query rows ``u`` and the tokens, with the ``d`` residues of a row as extra heads (the keys
+repeated per residue, so grouped-query attention maps each of them to its KV head). Queries
+and tokens are padded to one length, which makes top-left and bottom-right causal alignment
+the same mask; the first ``l - 1`` queries see nothing.
 """
 
 from __future__ import annotations
@@ -81,22 +81,6 @@ def compressed_attention(
 CausalAttention = Callable[..., tuple[Array, Array]]
 
 
-def residue_classes(block_size: int, stride: int) -> list[tuple[int, int, int]]:
-    """``(first residue, end residue, rows dropped)`` for each offset class.
-
-    Query ``t = u*d + r`` sees tokens ``i <= u - s_r`` with ``s_r = -floor((r - l + 1) / d)``;
-    ``s_r`` is ``s`` for ``r < r*`` and ``s - 1`` from ``r* = l - 1 - (s - 1) d`` on (one class
-    when ``r* = d``).
-    """
-    l, d = block_size, stride  # noqa: E741 (the paper's symbols)
-    s = -((1 - l) // d)
-    r_star = l - 1 - (s - 1) * d
-    classes = [(0, r_star, s)]
-    if r_star < d:
-        classes.append((r_star, d, s - 1))
-    return classes
-
-
 def residue_causal_attention(
     q: Float[Array, "B T N H"],
     k_cmp: Float[Array, "B C K H"],
@@ -108,7 +92,7 @@ def residue_causal_attention(
     attend: CausalAttention,
     length_multiple: int = 128,
 ) -> tuple[Float[Array, "B T N Hv"], Float[Array, "B T N"]]:
-    """Compressed attention through a causal attention function ``attend``, for the spec's
+    """Compressed attention through one causal attention call ``attend``, for the spec's
     token count ``C = (T - l) // d + 1`` (with fewer tokens, real rows would see padding).
 
     ``attend(q [B, L, N', Dk], k [B, L, K', Dk], v [B, L, K', Dv], scale)`` must return the
@@ -119,31 +103,20 @@ def residue_causal_attention(
     b, t, n, dk = q.shape
     c, dv = k_cmp.shape[1], v_cmp.shape[-1]
     d = stride
-    u_rows = -(-t // d)
-    qv = jnp.pad(q, [(0, 0), (0, u_rows * d - t), (0, 0), (0, 0)]).reshape(b, u_rows, d, n, dk)
-    outs, lses = [], []
-    for r0, r1, s in residue_classes(block_size, stride):
-        nr = r1 - r0
-        rows = u_rows - s  # query rows that see at least token 0
-        if rows <= 0 or c == 0:
-            outs.append(jnp.zeros((b, u_rows, nr, n, dv), q.dtype))
-            lses.append(jnp.full((b, u_rows, nr, n), -jnp.inf, jnp.float32))
-            continue
-        # One length for rows and tokens (padding rows are dropped, padding tokens come after
-        # every real row's last visible token), a multiple of ``length_multiple``.
-        length = -(-max(rows, c) // length_multiple) * length_multiple
-        qc = qv[:, s:, r0:r1].reshape(b, rows, nr * n, dk)
-        qc = jnp.pad(qc, [(0, 0), (0, length - rows), (0, 0), (0, 0)])
-
-        o, lse = attend(qc, _per_residue(k_cmp, length, nr), _per_residue(v_cmp, length, nr),
-                        scale)
-        o = o[:, :rows].reshape(b, rows, nr, n, dv).astype(q.dtype)
-        lse = lse[:, :rows].reshape(b, rows, nr, n).astype(jnp.float32)
-        outs.append(jnp.pad(o, [(0, 0), (s, 0), (0, 0), (0, 0), (0, 0)]))
-        lses.append(jnp.pad(lse, [(0, 0), (s, 0), (0, 0), (0, 0)], constant_values=-jnp.inf))
-    o = jnp.concatenate(outs, axis=2).reshape(b, u_rows * d, n, dv)[:, :t]
-    lse = jnp.concatenate(lses, axis=2).reshape(b, u_rows * d, n)[:, :t]
-    return o, lse
+    first = block_size - 1  # the first query that sees a token (when there is one)
+    if c == 0 or t <= first:
+        return (jnp.zeros((b, t, n, dv), q.dtype), jnp.full((b, t, n), -jnp.inf, jnp.float32))
+    # Rows u of d queries each, t = first + u*d + r; the last real row is u = C - 1, so real
+    # rows see real tokens only. One length for rows and tokens, a multiple of length_multiple.
+    rows = -(-(t - first) // d)
+    length = -(-max(rows, c) // length_multiple) * length_multiple
+    qr = jnp.pad(q[:, first:], [(0, 0), (0, length * d - (t - first)), (0, 0), (0, 0)])
+    o, lse = attend(qr.reshape(b, length, d * n, dk), _per_residue(k_cmp, length, d),
+                    _per_residue(v_cmp, length, d), scale)
+    o = o.reshape(b, length * d, n, dv)[:, : t - first].astype(q.dtype)
+    lse = lse.reshape(b, length * d, n)[:, : t - first].astype(jnp.float32)
+    return (jnp.pad(o, [(0, 0), (first, 0), (0, 0), (0, 0)]),
+            jnp.pad(lse, [(0, 0), (first, 0), (0, 0)], constant_values=-jnp.inf))
 
 
 def _per_residue(x, length: int, nr: int):

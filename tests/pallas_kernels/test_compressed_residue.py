@@ -1,7 +1,8 @@
 """The compressed branch as causal attention over residue classes (the cuDNN path's layout),
 checked on CPU with a plain causal attention in place of cuDNN: outputs, lse and gradients
-against the compressed reference, for block geometries with one and two offset classes, any T
-(multiples of ``d`` or not, shorter than ``l``), and G in {1, 4, 16}."""
+against the compressed reference, for several block geometries (``l - 1`` a multiple of ``d``
+or not, ``l = d``, ``d = 1``), any T (multiples of ``d`` or not, shorter than ``l``), and G in
+{1, 3, 4, 16}."""
 
 from __future__ import annotations
 
@@ -36,27 +37,27 @@ def _causal(q, k, v, scale):
 
 @pytest.mark.parametrize("l,d", [(32, 16), (16, 16), (8, 4), (12, 4), (9, 4), (5, 2), (1, 1),
                                  (3, 1)])
-def test_residue_classes_cover_every_offset(l, d):  # noqa: E741
-    """Each residue lands in the class whose row shift is ``-floor((r - l + 1) / d)``."""
-    classes = compressed_gpu.residue_classes(l, d)
-    seen = []
-    for r0, r1, s in classes:
-        for r in range(r0, r1):
-            assert s == -((r - l + 1) // d), (l, d, r, s)
-            seen.append(r)
-    assert seen == list(range(d))
-    assert 1 <= len(classes) <= 2
+def test_one_causal_shift_for_every_residue(l, d):  # noqa: E741
+    """Query ``t = (l - 1) + u*d + r`` sees exactly the tokens ``i <= u`` for every residue
+    ``r`` (the visibility rule ``i*d + l - 1 <= t`` checked by enumeration)."""
+    for t in range(l - 1, l - 1 + 6 * d):
+        u = (t - (l - 1)) // d
+        visible = [i for i in range(t + 1) if i * d + l - 1 <= t]
+        assert visible == list(range(u + 1)), (l, d, t)
+    assert not [i for i in range(l) if i * d + l - 1 <= l - 2]  # earlier queries see none
 
 
 CASES = [
     # (B, T, N, K, Dk, Dv, l, d)
     (1, 160, 16, 1, 32, 32, 32, 16),  # the paper's l, d; G = 16; T a multiple of d
     (2, 150, 8, 2, 16, 24, 32, 16),  # G = 4, T off d, Dk != Dv
-    (1, 77, 4, 4, 16, 16, 16, 16),  # G = 1, l = d: two classes (r = d - 1 sees one more)
+    (1, 77, 4, 4, 16, 16, 16, 16),  # G = 1, l = d
     (1, 45, 6, 2, 8, 8, 12, 4),  # G = 3, l = 3d
-    (1, 50, 4, 2, 8, 8, 9, 4),  # l - 1 a multiple of d: one class
+    (1, 50, 4, 2, 8, 8, 9, 4),  # l - 1 a multiple of d
     (1, 20, 4, 1, 8, 8, 32, 16),  # T < l: no compressed token
     (1, 33, 4, 2, 8, 8, 32, 16),  # one compressed token, visible to the last two queries
+    (1, 47, 4, 1, 8, 8, 32, 16),  # T - (l - 1) a multiple of d: the last row full
+    (1, 40, 4, 2, 8, 8, 1, 1),  # l = d = 1: every query its own row
 ]
 
 
