@@ -174,10 +174,26 @@ def nsa_attention(
     v_cmp = compress(v, params["v"], **geom)  # [B, C, K, Dv]
     scale = cfg.softmax_scale
 
-    o_cmp, lse_cmp = registry.call_stage(
-        chain, "compressed_attention", q, k_cmp, v_cmp,
-        block_size=cfg.cmp_block_size, stride=cfg.cmp_stride, scale=scale,
-    )
+    # A backend may fold the gated sum into its selected-attention kernel (one pass over the
+    # outputs fewer when no gradient is taken); only the backend whose selected attention
+    # runs is asked, and only a fold made for that selected attention is used. The fold can
+    # read the compressed branch's output rows in place (``compressed_attention_rows``).
+    fold = None if return_aux else _paired(chain, "selected_attention",
+                                           "selected_attention_combined")
+    cmp_rows = None if fold is None else _paired(chain, "compressed_attention",
+                                                 "compressed_attention_rows")
+    cmp_kw = dict(block_size=cfg.cmp_block_size, stride=cfg.cmp_stride, scale=scale)
+    o_cmp_rows, cmp_first = None, 0
+    if cmp_rows is not None:
+        try:
+            o_cmp_rows, lse_cmp, cmp_first = cmp_rows(q, k_cmp, v_cmp, **cmp_kw)
+        except NotImplementedError:
+            pass
+    if o_cmp_rows is None:
+        o_cmp, lse_cmp = registry.call_stage(chain, "compressed_attention", q, k_cmp, v_cmp,
+                                             **cmp_kw)
+    else:
+        o_cmp = None  # padded to every query only if the fold does not run
     indices = registry.call_stage(
         chain, "select_blocks", q, k_cmp, lse_cmp, seq_len=q.shape[1],
         cmp_block_size=cfg.cmp_block_size, cmp_stride=cfg.cmp_stride,
@@ -193,23 +209,32 @@ def nsa_attention(
     # The selection always holds the forced blocks when there are slots for them (spec), a
     # promise the selected-attention kernels may use to share their loads.
     slc_kw = dict(block_size=cfg.slc_block_size, scale=scale, forced_included=cfg.slc_top_n >= 3)
-    if not return_aux:
-        # A backend may fold the gated sum into its selected-attention kernel (one pass over
-        # the outputs fewer when no gradient is taken); only the backend whose selected
-        # attention runs is asked, and only a fold made for that selected attention is used.
-        slc_backend = next(b for b in chain if b.selected_attention is not None)
-        fold = slc_backend.selected_attention_combined
-        if fold is not None and getattr(fold, "pairs_with", None) is slc_backend.selected_attention:
-            try:
-                return fold(q, k_slc, v_slc, indices, gates, o_cmp, o_swa, **slc_kw)
-            except NotImplementedError:
-                pass
+    if fold is not None:
+        try:
+            if o_cmp_rows is not None:
+                return fold(q, k_slc, v_slc, indices, gates, o_cmp_rows, o_swa,
+                            cmp_first=cmp_first, **slc_kw)
+            return fold(q, k_slc, v_slc, indices, gates, o_cmp, o_swa, **slc_kw)
+        except NotImplementedError:
+            pass
+    if o_cmp is None:
+        o_cmp = jnp.pad(o_cmp_rows[:, : q.shape[1] - cmp_first],
+                        [(0, 0), (cmp_first, 0), (0, 0), (0, 0)])
     o_slc, _ = registry.call_stage(chain, "selected_attention", q, k_slc, v_slc, indices,
                                    **slc_kw)
     out = combine_branches(gates, o_cmp, o_slc, o_swa)
     if return_aux:
         return out, NSAAux(o_cmp, o_slc, o_swa, lse_cmp, indices, k_cmp, v_cmp)
     return out
+
+
+def _paired(chain, stage: str, extra: str):
+    """``extra`` of the backend that runs ``stage`` (the first in the chain that supplies
+    it), if that backend made it for that very stage function (its ``pairs_with``)."""
+    backend = next(b for b in chain if getattr(b, stage) is not None)
+    fn = getattr(backend, extra)
+    return fn if fn is not None and getattr(fn, "pairs_with", None) is getattr(backend, stage) \
+        else None
 
 
 def combine_branches(

@@ -28,6 +28,14 @@ class Backend:
         ``nsa_attention`` uses it only from the backend that supplies ``selected_attention``,
         and only when its ``pairs_with`` attribute is that very ``selected_attention`` (so a
         backend copied with another selected attention does not fold with the old kernel).
+        It takes ``cmp_first`` (see ``compressed_attention_rows``).
+      compressed_attention_rows: optional; ``f(q, k_cmp, v_cmp, *, block_size, stride, scale)
+        -> (o_rows, lse, first)``, the compressed stage with its output as rows ``[B, R, N,
+        Dv]``, row ``j`` query ``first + j``'s for ``j < T - first`` (earlier queries' outputs
+        are 0; rows past them are ignored), where leaving the others out saves a copy.
+        ``nsa_attention`` uses it only when it folds the combination, from the backend that
+        supplies ``compressed_attention``, and only when its ``pairs_with`` attribute is that
+        ``compressed_attention``; the fold then gets ``cmp_first=first``.
     """
 
     name: str
@@ -37,3 +45,4 @@ class Backend:
     selected_attention: Callable | None = None
     sliding_window_attention: Callable | None = None
     selected_attention_combined: Callable | None = None
+    compressed_attention_rows: Callable | None = None

@@ -54,14 +54,21 @@ def make_backend(interpret: bool = False, name: str | None = None,
     combined = functools.partial(selected_gpu.selected_attention_combined, interpret=interpret,
                                  block_sizes=slc_sizes)
     combined.pairs_with = selected  # nsa_attention folds only with this selected attention
+    compressed_attention = functools.partial(cmp, interpret=interpret)
+    cmp_rows = None
+    if compressed == "cudnn":  # its output rows read in place by the fold
+        cmp_rows = functools.partial(compressed_gpu.compressed_attention_cudnn_rows,
+                                     interpret=interpret)
+        cmp_rows.pairs_with = compressed_attention
     return Backend(
         name=name or ("pallas_triton_interpret" if interpret else "pallas_triton"),
         platforms=() if interpret else ("gpu",),
-        compressed_attention=functools.partial(cmp, interpret=interpret),
+        compressed_attention=compressed_attention,
         select_blocks=functools.partial(selection_gpu.select_blocks, interpret=interpret),
         selected_attention=selected,
         sliding_window_attention=functools.partial(swa, interpret=interpret),
         selected_attention_combined=combined,
+        compressed_attention_rows=cmp_rows,
     )
 
 

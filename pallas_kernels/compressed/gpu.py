@@ -31,7 +31,7 @@ from pallas_kernels.common import default_scale
 from pallas_kernels.sliding_window.gpu import BlockSizes, banded_attention, check_qkv
 
 __all__ = ["BlockSizes", "compressed_attention", "compressed_attention_cudnn",
-           "residue_causal_attention"]
+           "compressed_attention_cudnn_rows", "residue_causal_attention", "residue_causal_rows"]
 
 
 def compressed_attention(
@@ -100,12 +100,33 @@ def residue_causal_attention(
     its log-sum-exp ``[B, L, N']``. Gradients flow through ``attend``'s output only, as for
     the kernels' ``lse``.
     """
+    o, lse, first = residue_causal_rows(q, k_cmp, v_cmp, block_size=block_size, stride=stride,
+                                        scale=scale, attend=attend,
+                                        length_multiple=length_multiple)
+    return jnp.pad(o[:, : q.shape[1] - first], [(0, 0), (first, 0), (0, 0), (0, 0)]), lse
+
+
+def residue_causal_rows(
+    q: Float[Array, "B T N H"],
+    k_cmp: Float[Array, "B C K H"],
+    v_cmp: Float[Array, "B C K Hv"],
+    *,
+    block_size: int,
+    stride: int,
+    scale: float,
+    attend: CausalAttention,
+    length_multiple: int = 128,
+) -> tuple[Float[Array, "B R N Hv"], Float[Array, "B T N"], int]:
+    """:func:`residue_causal_attention` without the last copy: ``(o_rows, lse, first)`` with
+    ``o_rows [B, R, N, Dv]`` ``attend``'s output reshaped (no copy), row ``j`` the output of
+    query ``first + j`` for ``j < T - first`` and padding after (``R >= T - first``; the
+    queries before ``first`` see no token: output 0); ``lse [B, T, N]`` for every query."""
     b, t, n, dk = q.shape
     c, dv = k_cmp.shape[1], v_cmp.shape[-1]
     d = stride
     first = block_size - 1  # the first query that sees a token (when there is one)
     if c == 0 or t <= first:
-        return (jnp.zeros((b, t, n, dv), q.dtype), jnp.full((b, t, n), -jnp.inf, jnp.float32))
+        return (jnp.zeros((b, t, n, dv), q.dtype), jnp.full((b, t, n), -jnp.inf, jnp.float32), 0)
     # Rows u of d queries each, t = first + u*d + r; the last real row is u = C - 1, so real
     # rows see real tokens only. One length for rows and tokens, a multiple of length_multiple.
     rows = -(-(t - first) // d)
@@ -113,10 +134,9 @@ def residue_causal_attention(
     qr = jnp.pad(q[:, first:], [(0, 0), (0, length * d - (t - first)), (0, 0), (0, 0)])
     o, lse = attend(qr.reshape(b, length, d * n, dk), _per_residue(k_cmp, length, d),
                     _per_residue(v_cmp, length, d), scale)
-    o = o.reshape(b, length * d, n, dv)[:, : t - first].astype(q.dtype)
+    o = o.reshape(b, length * d, n, dv).astype(q.dtype)
     lse = lse.reshape(b, length * d, n)[:, : t - first].astype(jnp.float32)
-    return (jnp.pad(o, [(0, 0), (first, 0), (0, 0), (0, 0)]),
-            jnp.pad(lse, [(0, 0), (first, 0), (0, 0)], constant_values=-jnp.inf))
+    return o, jnp.pad(lse, [(0, 0), (first, 0), (0, 0)], constant_values=-jnp.inf), first
 
 
 def _per_residue(x, length: int, nr: int):
@@ -156,6 +176,20 @@ def cudnn_compressed_supported(q, k_cmp, v_cmp) -> bool:
 CUDNN_MIN_ROWS = 2048
 
 
+def _cudnn_path(q, k_cmp, v_cmp, block_size, stride, interpret, min_rows) -> bool:
+    """Checks the inputs; whether the cuDNN residue path takes them."""
+    check_qkv(q, k_cmp, v_cmp, "compressed_attention")
+    if block_size < 1 or stride < 1:
+        raise ValueError(f"compressed_attention: block_size={block_size} and stride={stride} "
+                         "must be >= 1")
+    # The residue layout relies on the spec's token count C = (T - l) // d + 1: the last real
+    # query row then sees exactly token C - 1, and no padding token.
+    spec_c = max((q.shape[1] - block_size) // stride + 1, 0)
+    return not (interpret or k_cmp.shape[1] == 0 or k_cmp.shape[1] != spec_c
+                or -(-q.shape[1] // stride) < min_rows
+                or not cudnn_compressed_supported(q, k_cmp, v_cmp))
+
+
 def compressed_attention_cudnn(
     q: Float[Array, "B T N H"],
     k_cmp: Float[Array, "B C K H"],
@@ -172,17 +206,8 @@ def compressed_attention_cudnn(
     residue classes (:func:`residue_causal_attention`) where it applies and the sequence has
     at least ``min_rows * stride`` tokens, else the banded kernels (same signature as
     :func:`compressed_attention`)."""
-    check_qkv(q, k_cmp, v_cmp, "compressed_attention")
-    if block_size < 1 or stride < 1:
-        raise ValueError(f"compressed_attention: block_size={block_size} and stride={stride} "
-                         "must be >= 1")
     kw = dict(block_size=block_size, stride=stride, scale=scale, block_sizes=block_sizes)
-    # The residue layout relies on the spec's token count C = (T - l) // d + 1: the last real
-    # query row then sees exactly token C - 1, and no padding token.
-    spec_c = max((q.shape[1] - block_size) // stride + 1, 0)
-    if (interpret or k_cmp.shape[1] == 0 or k_cmp.shape[1] != spec_c
-            or -(-q.shape[1] // stride) < min_rows
-            or not cudnn_compressed_supported(q, k_cmp, v_cmp)):
+    if not _cudnn_path(q, k_cmp, v_cmp, block_size, stride, interpret, min_rows):
         return compressed_attention(q, k_cmp, v_cmp, interpret=interpret, **kw)
     try:
         return residue_causal_attention(
@@ -190,3 +215,32 @@ def compressed_attention_cudnn(
             scale=default_scale(q.shape[-1], scale), attend=_cudnn_causal)
     except NotImplementedError:  # a shape jax's cuDNN path refuses: the banded kernels
         return compressed_attention(q, k_cmp, v_cmp, **kw)
+
+
+def compressed_attention_cudnn_rows(
+    q: Float[Array, "B T N H"],
+    k_cmp: Float[Array, "B C K H"],
+    v_cmp: Float[Array, "B C K Hv"],
+    *,
+    block_size: int,
+    stride: int,
+    scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+    min_rows: int = CUDNN_MIN_ROWS,
+) -> tuple[Float[Array, "B R N Hv"], Float[Array, "B T N"], int]:
+    """:func:`compressed_attention_cudnn` as ``(o_rows, lse, first)``: the output rows of
+    queries ``first`` on, with the cuDNN path's own layout read in place (no copy to every
+    query; ``first = l - 1``), or every query's (``first = 0``) on the banded kernels. For a
+    consumer that takes such rows (``selected.gpu.selected_attention_combined``)."""
+    path = _cudnn_path(q, k_cmp, v_cmp, block_size, stride, interpret, min_rows)
+    kw = dict(block_size=block_size, stride=stride, scale=scale, block_sizes=block_sizes)
+    if path:
+        try:
+            return residue_causal_rows(q, k_cmp, v_cmp, block_size=int(block_size),
+                                       stride=int(stride),
+                                       scale=default_scale(q.shape[-1], scale),
+                                       attend=_cudnn_causal)
+        except NotImplementedError:  # a shape jax's cuDNN path refuses: the banded kernels
+            pass
+    return (*compressed_attention(q, k_cmp, v_cmp, interpret=interpret, **kw), 0)

@@ -190,14 +190,19 @@ def _fwd_kernel(idx_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config, n_loop: int |
 
 
 def _fwd_combined_kernel(idx_ref, q_ref, k_ref, v_ref, g_cmp_ref, g_slc_ref, g_swa_ref,
-                         o_cmp_ref, o_swa_ref, out_ref, *, cfg: _Config):
+                         o_cmp_ref, o_swa_ref, out_ref, *, cfg: _Config, cmp_first: int):
     """``_fwd_kernel``'s walk, its output gated with the other two branches' (NSA's
     combination, ``common.combine_outputs``) before the one store. The selected output is
-    rounded to the input dtype first, as the two-step path stores it."""
+    rounded to the input dtype first, as the two-step path stores it. ``o_cmp_ref`` holds the
+    compressed output of query ``max(t - cmp_first, 0)`` of its rows; queries before
+    ``cmp_first`` have none (0)."""
     acc, _, den = _query_walk(idx_ref, q_ref, k_ref, v_ref, (), cfg, None)
     o_slc = (acc / jnp.where(den > 0, den, 1.0)[:, None]).astype(q_ref.dtype)
     o_slc = o_slc.astype(jnp.float32)
-    out = (g_cmp_ref[...][:, None] * o_cmp_ref[...].astype(jnp.float32)
+    o_cmp = o_cmp_ref[...].astype(jnp.float32)
+    if cmp_first:
+        o_cmp = jnp.where(pl.program_id(0) >= cmp_first, o_cmp, 0.0)
+    out = (g_cmp_ref[...][:, None] * o_cmp
            + g_slc_ref[...][:, None] * o_slc
            + g_swa_ref[...][:, None] * o_swa_ref[...].astype(jnp.float32))
     out_ref[...] = out.astype(out_ref.dtype)
@@ -820,20 +825,23 @@ def selected_attention(
 # ------------------------------------------------------------------------------------------
 # The selected branch with NSA's gated combination folded in (the forward without gradients)
 # ------------------------------------------------------------------------------------------
-def _fwd_combined(q, k, v, idx, gates, o_cmp, o_swa, cfg: _Config):
+def _fwd_combined(q, k, v, idx, gates, o_cmp, o_swa, cfg: _Config, cmp_first: int):
     """The per-query forward kernel storing ``combine_outputs(gates, o_cmp, o_slc, o_swa)``
-    instead of ``o_slc`` (padded operands; ``gates [B, T, K*Gp, 3]``)."""
+    instead of ``o_slc`` (padded operands; ``gates [B, T, K*Gp, 3]``; ``o_cmp`` the rows of
+    queries ``cmp_first`` on)."""
     b, t, ngp, dkp = q.shape
     sp, kh, dvp = k.shape[1], k.shape[2], v.shape[-1]
     gp = ngp // kh
     specs = _per_query_specs(kh, gp, dkp, dvp, sp, idx.shape[-1])
+    cmp_spec = pl.BlockSpec((None, None, gp, dvp), lambda t, bk: (
+        bk // kh, jnp.maximum(t - cmp_first, 0), bk % kh, 0))
     bs = cfg.block_sizes
     g = gates.astype(jnp.float32)
     return pl.pallas_call(
-        functools.partial(_fwd_combined_kernel, cfg=cfg),
+        functools.partial(_fwd_combined_kernel, cfg=cfg, cmp_first=cmp_first),
         grid=(t, b * kh),
         in_specs=[specs["idx"](idx.shape[-1]), specs["q"], specs["k"], specs["v"],
-                  specs["row"], specs["row"], specs["row"], specs["do"], specs["do"]],
+                  specs["row"], specs["row"], specs["row"], cmp_spec, specs["do"]],
         out_specs=specs["do"],
         out_shape=jax.ShapeDtypeStruct((b, t, ngp, dvp), o_cmp.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
@@ -842,25 +850,36 @@ def _fwd_combined(q, k, v, idx, gates, o_cmp, o_swa, cfg: _Config):
     )(idx, q, k, v, g[..., 0], g[..., 1], g[..., 2], o_cmp, o_swa)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _selected_combined(q, k, v, idx, gates, o_cmp, o_swa, cfg: _Config):
-    return _fwd_combined(q, k, v, idx, gates, o_cmp, o_swa, cfg)
+def _cmp_all_rows(o_cmp, cmp_first: int, t: int):
+    """The compressed output of every query (``[B, T, ...]``) from the rows of queries
+    ``cmp_first`` on (``o_cmp [B, R, ...]``, ``R >= T - cmp_first``)."""
+    rows = o_cmp[:, : t - cmp_first]
+    return jnp.pad(rows, [(0, 0), (cmp_first, 0), (0, 0), (0, 0)]) if cmp_first else rows
 
 
-def _selected_combined_fwd(q, k, v, idx, gates, o_cmp, o_swa, cfg):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _selected_combined(q, k, v, idx, gates, o_cmp, o_swa, cfg: _Config, cmp_first: int):
+    return _fwd_combined(q, k, v, idx, gates, o_cmp, o_swa, cfg, cmp_first)
+
+
+def _selected_combined_fwd(q, k, v, idx, gates, o_cmp, o_swa, cfg, cmp_first):
     # Under differentiation: the selected kernels as ever, the combination in XLA, so the
     # backward has the branch output it needs.
     (o_slc, lse), scored = _forward(q, k, v, idx, cfg)
+    rows = o_cmp.shape[1]
+    o_cmp = _cmp_all_rows(o_cmp, cmp_first, q.shape[1])
     out = combine_outputs(gates, o_cmp, o_slc, o_swa)
-    return out, (q, k, v, idx, o_slc, lse, scored, gates, o_cmp, o_swa)
+    return out, (q, k, v, idx, o_slc, lse, scored, gates, o_cmp, o_swa, rows)
 
 
-def _selected_combined_bwd(cfg, res, d_out):
-    q, k, v, idx, o_slc, lse, scored, gates, o_cmp, o_swa = res
+def _selected_combined_bwd(cfg, cmp_first, res, d_out):
+    q, k, v, idx, o_slc, lse, scored, gates, o_cmp, o_swa, rows = res
     _, vjp = jax.vjp(combine_outputs, gates, o_cmp, o_slc, o_swa)
     d_gates, d_cmp, d_slc, d_swa = vjp(d_out)
     dq, dk, dv = _bwd(q, k, v, idx, o_slc, lse, d_slc.astype(q.dtype), cfg, scored)
-    return dq, dk, dv, None, d_gates, d_cmp, d_swa
+    d_rows = d_cmp[:, cmp_first:]  # the given rows' share; rows past T get none
+    d_rows = jnp.pad(d_rows, [(0, 0), (0, rows - d_rows.shape[1]), (0, 0), (0, 0)])
+    return dq, dk, dv, None, d_gates, d_rows, d_swa
 
 
 _selected_combined.defvjp(_selected_combined_fwd, _selected_combined_bwd)
@@ -880,6 +899,7 @@ def selected_attention_combined(
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
     forced_included: bool = False,
+    cmp_first: int = 0,
 ) -> Float[Array, "B T N Hv"]:
     """NSA's output ``combine_outputs(gates, o_cmp, selected_attention(...)[0], o_swa)``.
 
@@ -895,7 +915,12 @@ def selected_attention_combined(
       q, k, v, indices, block_size, scale, block_sizes, interpret, forced_included: as for
         :func:`selected_attention`.
       gates: ``[B, T, N, 3]`` branch gates (cmp, slc, swa).
-      o_cmp, o_swa: ``[B, T, N, Dv]`` the compressed and window branches' outputs (one dtype).
+      o_cmp, o_swa: the compressed and window branches' outputs (one dtype): ``o_swa [B, T,
+        N, Dv]``; ``o_cmp [B, R, N, Dv]``, the rows of queries ``cmp_first`` on (row ``j``
+        is query ``cmp_first + j``'s; ``R >= T - cmp_first``, later rows are ignored).
+      cmp_first: queries before it have no compressed output (0), and ``o_cmp`` leaves them
+        out (the compressed branch's rows as ``compressed.gpu.compressed_attention_cudnn_rows``
+        gives them, read in place rather than padded to every query first).
 
     Returns:
       ``[B, T, N, Dv]`` in ``o_cmp.dtype``.
@@ -903,10 +928,16 @@ def selected_attention_combined(
     what = "selected_attention_combined"
     b, t, n, _ = q.shape
     dv = v.shape[-1]
-    for name, x in (("o_cmp", o_cmp), ("o_swa", o_swa)):
-        if x.shape != (b, t, n, dv):
-            raise ValueError(f"{what}: {name} must be [B, T, N, Dv]={(b, t, n, dv)}, got "
-                             f"{name}.shape={x.shape}")
+    if not 0 <= cmp_first <= t:
+        raise ValueError(f"{what}: cmp_first={cmp_first} must be in [0, T={t}]")
+    if o_swa.shape != (b, t, n, dv):
+        raise ValueError(f"{what}: o_swa must be [B, T, N, Dv]={(b, t, n, dv)}, got "
+                         f"o_swa.shape={o_swa.shape}")
+    if (o_cmp.ndim != 4 or o_cmp.shape[0] != b or o_cmp.shape[1] < t - cmp_first
+            or o_cmp.shape[2:] != (n, dv)):
+        raise ValueError(f"{what}: o_cmp must be [B, R >= T - cmp_first, N, Dv] with "
+                         f"(B, T - cmp_first, N, Dv)={(b, t - cmp_first, n, dv)}, got "
+                         f"o_cmp.shape={o_cmp.shape}")
     if o_swa.dtype != o_cmp.dtype:
         raise ValueError(f"{what}: o_cmp and o_swa must share a dtype, got {o_cmp.dtype=}, "
                          f"{o_swa.dtype=}")
@@ -919,8 +950,10 @@ def selected_attention_combined(
     g = n // kh
     gp, dvp = qp.shape[2] // kh, vp.shape[-1]
 
+    if cmp_first == t:  # no query has a compressed row: nothing to read in place
+        o_cmp, cmp_first = _cmp_all_rows(o_cmp, cmp_first, t), 0
     # Padded heads get zero gates and zero branch outputs, and are dropped afterwards.
     out = _selected_combined(qp, kp, vp, idx, _pad_heads(gates, kh, gp),
                              _pad_axis(_pad_heads(o_cmp, kh, gp), 3, dvp),
-                             _pad_axis(_pad_heads(o_swa, kh, gp), 3, dvp), cfg)
+                             _pad_axis(_pad_heads(o_swa, kh, gp), 3, dvp), cfg, int(cmp_first))
     return _unpad_heads(out, kh, g, dv)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -534,6 +536,138 @@ def test_nsa_uses_the_combined_kernel_only_without_gradients():
     registry.register_backend(other)
     other_jaxpr = str(jax.make_jaxpr(run("combined-other-slc"))(q, k))
     assert "nsa_slc_fwd_combined" not in other_jaxpr and "nsa_slc_fwd" in other_jaxpr
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("cmp_first", [1, 31, 90], ids=lambda f: f"first{f}")
+def test_selected_attention_combined_reads_compressed_rows(cmp_first, dtype):
+    """The folded kernel given the compressed output as the rows of queries ``cmp_first`` on
+    (earlier queries have none) equals the reference followed by the sum with those rows
+    padded by zeros: output, and gradients of q, k, v, the gates, the rows and ``o_swa``
+    (the rows' gradient is the padded one's tail, 0 on rows past ``T - cmp_first``, which the
+    kernel must ignore). ``cmp_first = T`` leaves no real row."""
+    from pallas_kernels.common import combine_outputs
+    from pallas_kernels.selected import gpu as selected_gpu
+    from pallas_kernels.selected import reference as selected_ref
+    from tests.tolerances import assert_close
+
+    case = _BAND_CASES[1]  # G = 4, T = 90 off l', Dk != Dv, batch 2
+    ks = jax.random.split(jax.random.key(cmp_first), 7)
+    q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)
+    k = _normal(ks[1], (case.b, case.t, case.kh, case.dk), dtype)
+    v = _normal(ks[2], (case.b, case.t, case.kh, case.dv), dtype)
+    # Three rows past T - cmp_first: padding the kernel must ignore (gradient 0).
+    rows = _normal(ks[3], (case.b, case.t - cmp_first + 3, case.n, case.dv), dtype)
+    o_swa = _normal(ks[4], (case.b, case.t, case.n, case.dv), dtype)
+    gates = jax.nn.sigmoid(_normal(ks[5], (case.b, case.t, case.n, 3), jnp.float32))
+    ct = _normal(ks[6], (case.b, case.t, case.n, case.dv), dtype)
+    idx = _nsa_indices(case, q, k, seed=cmp_first)
+    kw = dict(block_size=case.slc_block_size)
+
+    def fused(q, k, v, gates, rows, o_swa):
+        return selected_gpu.selected_attention_combined(
+            q, k, v, idx, gates, rows, o_swa, interpret=True, cmp_first=cmp_first, **kw)
+
+    def ref(q, k, v, gates, rows, o_swa):
+        o_cmp = jnp.pad(rows[:, : case.t - cmp_first], [(0, 0), (cmp_first, 0), (0, 0), (0, 0)])
+        return combine_outputs(gates, o_cmp, selected_ref.selected_attention(q, k, v, idx, **kw)[0],
+                               o_swa)
+
+    args = (q, k, v, gates, rows, o_swa)
+    what = f"combined rows from {cmp_first} {jnp.dtype(dtype)}"
+    assert_close(fused(*args), ref(*args), dtype, what + " output")
+    _, vjp = jax.vjp(fused, *args)
+    _, vjp_r = jax.vjp(ref, *args)
+    for name, a, r in zip(("dq", "dk", "dv", "dgates", "drows", "do_swa"), vjp(ct), vjp_r(ct),
+                          strict=True):
+        assert a.shape == r.shape, (name, a.shape, r.shape)
+        if a.size:
+            assert_close(a, r, dtype, f"{what} {name}")
+
+
+def test_selected_attention_combined_rejects_bad_rows():
+    from pallas_kernels.selected import gpu as selected_gpu
+
+    b, t, n, kh, d = 1, 40, 4, 1, 16
+    q, o = jnp.zeros((b, t, n, d)), jnp.zeros((b, t, n, d))
+    k = jnp.zeros((b, t, kh, d))
+    idx = jnp.zeros((b, t, kh, 4), jnp.int32)
+    g = jnp.zeros((b, t, n, 3))
+    call = functools.partial(selected_gpu.selected_attention_combined, block_size=16,
+                             interpret=True)
+    with pytest.raises(ValueError, match=r"o_cmp must be \[B, R >= T - cmp_first, N, Dv\] "
+                                         r"with \(B, T - cmp_first, N, Dv\)=\(1, 9, 4, 16\), "
+                                         r"got o_cmp.shape=\(1, 8, 4, 16\)"):
+        call(q, k, k, idx, g, o[:, :8], o, cmp_first=31)
+    with pytest.raises(ValueError, match=r"o_cmp must be .* got o_cmp.shape=\(1, 40, 3, 16\)"):
+        call(q, k, k, idx, g, o[:, :, :3], o, cmp_first=31)
+    with pytest.raises(ValueError, match="cmp_first=41 must be in"):
+        call(q, k, k, idx, g, o[:, :0], o, cmp_first=41)
+
+
+def test_nsa_reads_the_compressed_rows_in_place():
+    """``nsa_attention`` on a backend whose compressed stage offers its output rows
+    (``compressed_attention_rows``, here the cuDNN path's layout with a plain causal attention
+    in place of cuDNN) hands them to the folded kernel with ``cmp_first = l - 1``: the forward
+    and the gradients equal the reference; a rows function made for another compressed
+    attention is not used."""
+    import dataclasses
+
+    from nsa_jax import NSAConfig, nsa_attention, registry
+    from pallas_kernels.common import default_scale
+    from pallas_kernels.compressed import gpu as compressed_gpu
+    from tests.pallas_kernels.test_compressed_residue import _causal
+    from tests.tolerances import assert_close
+
+    case = Case(b=2, t=150, n=8, kh=2, dk=32, dv=16, cmp_block_size=32, cmp_stride=16,
+                slc_block_size=32, top_n=4, window_size=64)
+    backend = gpu_backend.make_backend(interpret=True)
+    seen = []
+
+    def rows(q, k_cmp, v_cmp, *, block_size, stride, scale):
+        out = compressed_gpu.residue_causal_rows(
+            q, k_cmp, v_cmp, block_size=block_size, stride=stride, attend=_causal,
+            scale=default_scale(q.shape[-1], scale), length_multiple=8)
+        seen.append(out[2])
+        return out
+
+    def fold(*a, cmp_first=0, **kw):
+        seen.append(("fold", cmp_first))
+        return backend.selected_attention_combined(*a, cmp_first=cmp_first, **kw)
+
+    rows.pairs_with = backend.compressed_attention
+    fold.pairs_with = backend.selected_attention
+    registry.register_backend(dataclasses.replace(
+        backend, name="rows-in-place", platforms=(), compressed_attention_rows=rows,
+        selected_attention_combined=fold))
+    cfg = NSAConfig(cmp_block_size=case.cmp_block_size, cmp_stride=case.cmp_stride,
+                    slc_block_size=case.slc_block_size, slc_top_n=case.top_n,
+                    window_size=case.window_size, cmp_kind="mean")
+    ks = jax.random.split(jax.random.key(3), 4)
+    q = _normal(ks[0], (case.b, case.t, case.n, case.dk), jnp.float32)
+    k = _normal(ks[1], (case.b, case.t, case.kh, case.dk), jnp.float32)
+    v = _normal(ks[2], (case.b, case.t, case.kh, case.dv), jnp.float32)
+    gates = jax.nn.sigmoid(_normal(ks[3], (case.b, case.t, case.n, 3), jnp.float32))
+
+    def run(impl):
+        return lambda q, k, v, g: nsa_attention(q, k, v, g, None, config=cfg,
+                                                implementation=impl)
+
+    out = run("rows-in-place")(q, k, v, gates)
+    assert seen == [31, ("fold", 31)], seen
+    assert_close(out, run("reference")(q, k, v, gates), jnp.float32, "rows in place output")
+    grads = jax.grad(lambda *a: run("rows-in-place")(*a).sum(), (0, 1, 2, 3))(q, k, v, gates)
+    grads_r = jax.grad(lambda *a: run("reference")(*a).sum(), (0, 1, 2, 3))(q, k, v, gates)
+    for name, a, r in zip(("dq", "dk", "dv", "dgates"), grads, grads_r, strict=True):
+        assert_close(a, r, jnp.float32, f"rows in place {name}")
+    # Made for another compressed attention: the stage runs as ever, the fold gets every row.
+    seen.clear()
+    registry.register_backend(dataclasses.replace(
+        backend, name="rows-other-cmp", platforms=(), compressed_attention_rows=rows,
+        selected_attention_combined=fold,
+        compressed_attention=lambda *a, **kw: backend.compressed_attention(*a, **kw)))
+    run("rows-other-cmp")(q, k, v, gates)
+    assert seen == [("fold", 0)], seen
 
 
 def test_selected_forced_band_needs_the_promise():

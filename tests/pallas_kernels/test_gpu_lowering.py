@@ -96,6 +96,15 @@ def test_selected_combined_lowers_for_h200(t, dk, dv):
                          _sds(B, t, HQ, dv))
     assert names == ["nsa_slc_fwd_combined"], names
     assert text.count(TRITON_CALL) >= 1, (t, names)
+    # The compressed output as the rows of queries l - 1 on (the cuDNN path's, in place).
+    first = L_CMP - 1
+    fn = lambda q, k, v, idx, g, oc, ow: slc_gpu.selected_attention_combined(  # noqa: E731
+        q, k, v, idx, g, oc, ow, block_size=L_SLC, forced_included=True, cmp_first=first)
+    names, _ = _lower(fn, _sds(B, t, HQ, dk), _sds(B, t, HKV, dk), _sds(B, t, HKV, dv),
+                      _sds(B, t, HKV, TOP_N, dtype=jnp.int32),
+                      _sds(B, t, HQ, 3, dtype=jnp.float32), _sds(B, t - first, HQ, dv),
+                      _sds(B, t, HQ, dv))
+    assert names == ["nsa_slc_fwd_combined"], names
 
 
 @pytest.mark.parametrize("per_step", [2, 4])
