@@ -865,15 +865,18 @@ def _selected_combined(q, k, v, idx, gates, o_cmp, o_swa, cfg: _Config, cmp_firs
 def _selected_combined_fwd(q, k, v, idx, gates, o_cmp, o_swa, cfg, cmp_first):
     # Under differentiation: the selected kernels as ever, the combination in XLA, so the
     # backward has the branch output it needs.
+    # The residuals keep o_cmp as given (the compressed stage's own output, which its backward
+    # keeps anyway) and pad it to every query again in the backward, where XLA fuses the pad
+    # into its readers, rather than keeping a padded copy alive.
     (o_slc, lse), scored = _forward(q, k, v, idx, cfg)
-    rows = o_cmp.shape[1]
-    o_cmp = _cmp_all_rows(o_cmp, cmp_first, q.shape[1])
-    out = combine_outputs(gates, o_cmp, o_slc, o_swa)
-    return out, (q, k, v, idx, o_slc, lse, scored, gates, o_cmp, o_swa, rows)
+    out = combine_outputs(gates, _cmp_all_rows(o_cmp, cmp_first, q.shape[1]), o_slc, o_swa)
+    return out, (q, k, v, idx, o_slc, lse, scored, gates, o_cmp, o_swa)
 
 
 def _selected_combined_bwd(cfg, cmp_first, res, d_out):
-    q, k, v, idx, o_slc, lse, scored, gates, o_cmp, o_swa, rows = res
+    q, k, v, idx, o_slc, lse, scored, gates, o_cmp_rows, o_swa = res
+    rows = o_cmp_rows.shape[1]
+    o_cmp = _cmp_all_rows(o_cmp_rows, cmp_first, q.shape[1])
     _, vjp = jax.vjp(combine_outputs, gates, o_cmp, o_slc, o_swa)
     d_gates, d_cmp, d_slc, d_swa = vjp(d_out)
     dq, dk, dv = _bwd(q, k, v, idx, o_slc, lse, d_slc.astype(q.dtype), cfg, scored)
