@@ -380,6 +380,12 @@ def run_variants(args, records, table):
         slc = lambda q, k, v, bs=bs: slc_gpu.selected_attention(  # noqa: E731
             q, k, v, idx, block_size=64, block_sizes=bs)
         variant(f"slc fwd+bwd dkv e{e} step{per_step} w{nw} s{st}", grad_of(slc), q, k, v)
+    # The chunk sum with several programs per key block (block 0 has T / e chunks).
+    for splits in chosen("dkv", args.sum_split_variants):
+        bs = slc_gpu.BlockSizes(**{**tuned_block_sizes.SELECTED, "sum_splits": splits})
+        slc = lambda q, k, v, bs=bs: slc_gpu.selected_attention(  # noqa: E731
+            q, k, v, idx, block_size=64, block_sizes=bs)
+        variant(f"slc fwd+bwd dkv sum splits{splits}", grad_of(slc), q, k, v)
     for kw in chosen("selection", args.selection_variants):
         kw = dict(kw)
         merge = kw.pop("merge", "dynamic")
@@ -529,6 +535,7 @@ def main():
     # (blocks_per_step, num_warps, num_stages) of the selected forward and dq; first = default
     args.step_variants = [(1, 2, 2), (2, 2, 2), (2, 4, 2), (4, 4, 2), (2, 4, 3), (4, 4, 3),
                           (4, 8, 2), (2, 2, 3)]
+    args.sum_split_variants = [2, 4, 8, 16]  # BlockSizes.sum_splits (the default is 1)
     # (entries_per_chunk, entries_per_step, num_warps_bwd, num_stages_bwd); first = default
     args.dkv_variants = [(256, 4, 4, 2), (256, 4, 8, 2), (256, 8, 8, 2), (512, 8, 8, 3),
                          (256, 2, 4, 2), (1024, 4, 8, 2)]

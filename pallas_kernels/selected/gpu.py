@@ -59,6 +59,11 @@ class BlockSizes:
         them, and only the scored blocks in the per-query kernel, which starts from the band's
         output and log-sum-exp; ``dq`` likewise. Off by default: timed on the H200 no faster
         than the per-query kernel (``docs/gpu_kernels.md``).
+      sum_splits: programs per key block in the pass that adds up a block's ``dk/dv`` chunk
+        partials (a power of two), each over every ``sum_splits``-th chunk, their sums added in
+        XLA. Block 0, which every query selects, has ``T / entries_per_chunk`` chunks, and
+        with one program its serial sum is the pass's tail. 1 (the default): one program a
+        block writes the result directly.
       blocks_per_step: selected blocks one step of the forward and ``dq`` walks gathers into a
         ``[blocks_per_step * l', D]`` key (and value) tile (a power of two; clamped to the
         padded slots): fewer, larger steps, more loads in flight per program. The band path
@@ -73,9 +78,10 @@ class BlockSizes:
     num_stages_bwd: int = 2
     forced_band: bool = False
     blocks_per_step: int = 1
+    sum_splits: int = 1
 
     def __post_init__(self):
-        for f in ("entries_per_chunk", "entries_per_step", "blocks_per_step"):
+        for f in ("entries_per_chunk", "entries_per_step", "blocks_per_step", "sum_splits"):
             e = getattr(self, f)
             if e < 1 or e & (e - 1):
                 raise ValueError(f"BlockSizes.{f}={e} must be a power of two")
@@ -658,6 +664,8 @@ def _bwd_dkv(q, k, v, idx, do, lse, delta, cfg: _Config):
 
     # Each block's chunks are consecutive: one program per (key block, KV head) adds them.
     # (An XLA segment sum here was a scatter-add whose updates to block 0 serialise.)
+    if bs.sum_splits > 1:
+        return _sum_chunks_split(first, num, dk_part, dv_part, k, v, cfg)
     table = pl.BlockSpec((None, None, nb), lambda j, bk: (bk // kh, bk % kh, 0))
     return pl.pallas_call(
         _sum_chunks_kernel,
@@ -674,16 +682,55 @@ def _bwd_dkv(q, k, v, idx, do, lse, delta, cfg: _Config):
     )(first, num, dk_part, dv_part)
 
 
-def _sum_chunks_kernel(first_ref, num_ref, dk_part_ref, dv_part_ref, dk_ref, dv_ref):
+def _sum_chunks_split(first, num, dk_part, dv_part, k, v, cfg: _Config):
+    """The chunk sum with ``sum_splits`` programs per (key block, KV head), program ``p``
+    adding chunks ``p, p + P, ...`` of its block; the ``P`` partial sums added in XLA."""
+    b, sp, kh, dkp = k.shape
+    dvp, bsz, splits = v.shape[-1], cfg.block_size, cfg.block_sizes.sum_splits
+    nb, nc = sp // bsz, dk_part.shape[1]
+    table = pl.BlockSpec((None, None, nb), lambda j, bk, p: (bk // kh, bk % kh, 0))
+    dk_s, dv_s = pl.pallas_call(
+        functools.partial(_sum_chunks_kernel, splits=splits),
+        grid=(nb, b * kh, splits),
+        in_specs=[table, table,
+                  pl.BlockSpec((None, nc, bsz, dkp), lambda j, bk, p: (bk, 0, 0, 0)),
+                  pl.BlockSpec((None, nc, bsz, dvp), lambda j, bk, p: (bk, 0, 0, 0))],
+        out_specs=[pl.BlockSpec((None, None, bsz, dkp), lambda j, bk, p: (bk, p, j, 0)),
+                   pl.BlockSpec((None, None, bsz, dvp), lambda j, bk, p: (bk, p, j, 0))],
+        out_shape=[jax.ShapeDtypeStruct((b * kh, splits, sp, dkp), jnp.float32),
+                   jax.ShapeDtypeStruct((b * kh, splits, sp, dvp), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=cfg.interpret,
+        name="nsa_slc_bwd_dkv_sum_split",
+    )(first, num, dk_part, dv_part)
+
+    def total(x, like):  # [B*K, P, S, D] -> [B, S, K, D]
+        x = x.sum(axis=1).reshape(b, kh, sp, x.shape[-1])
+        return jnp.transpose(x, (0, 2, 1, 3)).astype(like.dtype)
+
+    return total(dk_s, k), total(dv_s, v)
+
+
+def _sum_chunks_kernel(first_ref, num_ref, dk_part_ref, dv_part_ref, dk_ref, dv_ref,
+                       splits: int = 1):
     j = pl.program_id(0)
     c0 = first_ref[j]
+    if splits > 1:  # this program's share: chunks p, p + splits, ... of the block's chunks
+        p = pl.program_id(2)
+        c0 = c0 + p
 
     def body(i, carry):
         dk, dv = carry
+        if splits > 1:
+            c = c0 + i * splits
+            return dk + dk_part_ref[c], dv + dv_part_ref[c]
         return dk + dk_part_ref[c0 + i], dv + dv_part_ref[c0 + i]
 
     zeros = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
-    dk, dv = lax.fori_loop(0, num_ref[j], body, zeros)
+    n = num_ref[j]
+    if splits > 1:
+        n = lax.div(jnp.maximum(n - p, 0) + splits - 1, splits)
+    dk, dv = lax.fori_loop(0, n, body, zeros)
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 

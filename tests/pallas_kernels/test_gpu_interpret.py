@@ -434,6 +434,40 @@ def test_selected_blocks_per_step(case, dtype, per_step):
                  what + " folded forward")
 
 
+@pytest.mark.parametrize("splits", [2, 4, 64])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", _BAND_CASES[:2], ids=lambda c: c.id)
+def test_selected_dkv_sum_splits(case, dtype, splits):
+    """``dk/dv`` with each block's chunk partials added by ``sum_splits`` programs (every
+    ``sum_splits``-th chunk each; 64 leaves most programs without a chunk) against the
+    reference, with 4-query chunks so that block 0 has many; and the split kernel runs."""
+    from pallas_kernels.selected import gpu as selected_gpu
+    from pallas_kernels.selected import reference as selected_ref
+    from tests.tolerances import assert_close
+
+    ks = jax.random.split(jax.random.key(case.t + splits), 4)
+    q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)
+    k = _normal(ks[1], (case.b, case.t, case.kh, case.dk), dtype)
+    v = _normal(ks[2], (case.b, case.t, case.kh, case.dv), dtype)
+    ct = _normal(ks[3], (case.b, case.t, case.n, case.dv), dtype)
+    idx = _nsa_indices(case, q, k, seed=splits)
+    sizes = selected_gpu.BlockSizes(entries_per_chunk=4, sum_splits=splits)
+    kw = dict(block_size=case.slc_block_size)
+
+    def split(q, k, v):
+        return selected_gpu.selected_attention(q, k, v, idx, block_sizes=sizes, interpret=True,
+                                               **kw)[0]
+
+    def ref(q, k, v):
+        return selected_ref.selected_attention(q, k, v, idx, **kw)[0]
+
+    jaxpr = str(jax.make_jaxpr(lambda *a: jax.vjp(split, *a)[1](ct))(q, k, v))
+    assert "nsa_slc_bwd_dkv_sum_split" in jaxpr
+    got, want = jax.vjp(split, q, k, v)[1](ct), jax.vjp(ref, q, k, v)[1](ct)
+    for name, a, r in zip(("dq", "dk", "dv"), got, want, strict=True):
+        assert_close(a, r, dtype, f"sum_splits={splits} {case.id} {jnp.dtype(dtype)} {name}")
+
+
 def _inverted_index_oracle(idx, num_blocks, per_chunk, num_chunks):
     """Per key block, its queries in ascending order, cut into chunks of ``per_chunk``."""
     blk, cnt = np.full(num_chunks, -1), np.zeros(num_chunks, np.int64)

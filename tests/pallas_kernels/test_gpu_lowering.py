@@ -127,6 +127,20 @@ def test_selected_blocks_per_step_lowers_for_h200(t, dk, dv, per_step):
     assert names == ["nsa_slc_fwd_combined"], names
 
 
+@pytest.mark.parametrize("t,dk,dv", [(65536, 128, 128), (8002, 192, 128)])
+def test_selected_dkv_sum_splits_lowers_for_h200(t, dk, dv):
+    """The ``dk/dv`` chunk sum with several programs per key block
+    (``BlockSizes.sum_splits``)."""
+    sizes = slc_gpu.BlockSizes(sum_splits=8)
+    fn = lambda q, k, v, idx: slc_gpu.selected_attention(  # noqa: E731
+        q, k, v, idx, block_size=L_SLC, block_sizes=sizes)
+    names, text = _lower(fwd_and_bwd(fn), _sds(B, t, HQ, dk), _sds(B, t, HKV, dk),
+                         _sds(B, t, HKV, dv), _sds(B, t, HKV, TOP_N, dtype=jnp.int32))
+    assert {"nsa_slc_bwd_dkv", "nsa_slc_bwd_dkv_sum_split"} <= set(names), names
+    assert "nsa_slc_bwd_dkv_sum" not in names, names
+    assert text.count(TRITON_CALL) >= len(names), (t, names)
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["per_head", "packed"])
 @pytest.mark.parametrize("tf32x3", [False, True], ids=["ieee", "tf32x3"])
 @pytest.mark.parametrize("t", [8192, 65536])
