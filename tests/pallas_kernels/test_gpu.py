@@ -227,6 +227,48 @@ def test_selected_blocks_per_step_at_paper_shape(per_step):
                  f"{what} folded forward")
 
 
+@pytest.mark.parametrize("t", [1500, 4096], ids=["t1500", "t4096"])
+def test_nsa_fold_reads_cudnn_compressed_rows(t):
+    """The whole NSA forward on the GPU backend with the cuDNN compressed path forced at short
+    lengths (``min_rows=0``): the folded kernel reads cuDNN's output rows in place
+    (``cmp_first = l - 1``), against the reference at the paper's geometry in bf16; and the
+    gradients through the same backend."""
+    import dataclasses
+
+    from nsa_jax import NSAConfig, nsa_attention, registry
+    from pallas_kernels.compressed import gpu as compressed_gpu
+
+    base = gpu_backend.make_backend()
+    cmp = functools.partial(compressed_gpu.compressed_attention_cudnn, min_rows=0)
+    rows = functools.partial(compressed_gpu.compressed_attention_cudnn_rows, min_rows=0)
+    rows.pairs_with = cmp
+    registry.register_backend(dataclasses.replace(
+        base, name="gpu-cudnn-rows-short", platforms=(), compressed_attention=cmp,
+        compressed_attention_rows=rows))
+    cfg = NSAConfig(cmp_kind="mean")  # l=32, d=16, l'=64, n=16, w=512
+    ks = jax.random.split(jax.random.key(23), 5)
+    b, n, kh, d = 1, 32, 2, 128
+    q = _normal(ks[0], (b, t, n, d), jnp.bfloat16)
+    k = _normal(ks[1], (b, t, kh, d), jnp.bfloat16)
+    v = _normal(ks[2], (b, t, kh, d), jnp.bfloat16)
+    gates = jax.nn.sigmoid(_normal(ks[3], (b, t, n, 3), jnp.float32)).astype(jnp.bfloat16)
+    ct = _normal(ks[4], (b, t, n, d), jnp.bfloat16)
+
+    def run(impl):
+        return lambda q, k, v, g: nsa_attention(q, k, v, g, None, config=cfg,
+                                                implementation=impl)
+
+    jaxpr = str(jax.make_jaxpr(run("gpu-cudnn-rows-short"))(q, k, v, gates))
+    assert "nsa_slc_fwd_combined" in jaxpr
+    out = jax.jit(run("gpu-cudnn-rows-short"))(q, k, v, gates)
+    out_r = jax.jit(run("reference"))(q, k, v, gates)
+    assert_close(out, out_r, jnp.bfloat16, f"fold on cuDNN rows T={t} output")
+    grads = jax.jit(lambda *a: jax.vjp(run("gpu-cudnn-rows-short"), *a)[1](ct))(q, k, v, gates)
+    grads_r = jax.jit(lambda *a: jax.vjp(run("reference"), *a)[1](ct))(q, k, v, gates)
+    for name, g, g_r in zip(("dq", "dk", "dv", "dgates"), grads, grads_r, strict=True):
+        assert_close(g, g_r, jnp.bfloat16, f"fold on cuDNN rows T={t} {name}")
+
+
 def test_decode_at_the_int32_offset_limit():
     """Raw caches of exactly 2**31 elements (batch 64 x 64k tokens x 4 heads x 128, 4 GiB each
     in bf16), the largest the decode kernels' int32 offsets address: the kernel chain equals
