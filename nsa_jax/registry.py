@@ -137,4 +137,6 @@ register_backend("pallas_kernels.gpu_backend:BACKEND", name="pallas_triton", def
 register_backend("pallas_kernels.gpu_backend:BANDED_CMP_BACKEND", name="pallas_triton_banded_cmp")
 register_backend("pallas_kernels.gpu_backend:FORCED_BAND_BACKEND",
                  name="pallas_triton_forced_band")
+register_backend("pallas_kernels.gpu_backend:WINDOW_STREAM_BACKEND",
+                 name="pallas_triton_window_stream")
 register_backend("pallas_kernels.tpu_backend:BACKEND", name="pallas_mosaic", default_on=("tpu",))

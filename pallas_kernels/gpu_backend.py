@@ -15,11 +15,19 @@ Compressed attention: cuDNN's causal flash attention over the queries split by r
 (``compressed.gpu.compressed_attention_cudnn``) computes the output, the log-sum-exp and the
 gradients where it applies (16-bit inputs, equal head dims <= 128), else the banded kernels;
 ``make_backend(compressed="pallas")`` keeps the banded kernels for everything.
+
+``make_backend(window_stream=N)`` runs the window stage (forward and backward) on the GPU's
+execution stream ``N`` (``jax.experimental.compute_on`` with ``"gpu_stream:N"``), so that
+XLA may overlap it with the other branches' kernels, which do not depend on it. Other
+platforms ignore the annotation.
 """
 
 from __future__ import annotations
 
 import functools
+
+import jax
+from jax.experimental.compute_on import compute_on
 
 from pallas_kernels import tuned_block_sizes
 from pallas_kernels.backend import Backend
@@ -29,16 +37,31 @@ from pallas_kernels.selection import gpu as selection_gpu
 from pallas_kernels.sliding_window import gpu as sliding_window_gpu
 
 
+def on_stream(fn, stream: int):
+    """``fn(*arrays, **static)`` with its arrays' computation (and, under differentiation, its
+    backward) on GPU execution stream ``stream``; keyword arguments stay static."""
+    if stream < 1:
+        raise ValueError(f"stream={stream} must be >= 1 (0 is XLA's main compute stream)")
+
+    @functools.wraps(fn)
+    def call(*arrays, **static):
+        return compute_on(lambda *a: fn(*a, **static), compute_type=f"gpu_stream:{stream}",
+                          out_memory_spaces=jax.memory.Space.Device)(*arrays)
+
+    return call
+
+
 def make_backend(interpret: bool = False, name: str | None = None,
                  window: str = "cudnn", compressed: str = "cudnn",
-                 forced_band: bool = False) -> Backend:
+                 forced_band: bool = False, window_stream: int | None = None) -> Backend:
     """The GPU stages, or their interpreted twins on CPU with ``interpret=True``.
 
     ``window``: ``"cudnn"`` (cuDNN for the window's output where it applies, the default) or
     ``"pallas"`` (the banded kernel only). ``compressed``: ``"cudnn"`` (cuDNN over the residue
     classes where it applies, the default) or ``"pallas"`` (the banded kernels only).
     ``forced_band``: the selected branch's forced blocks as a band
-    (``selected.gpu.BlockSizes.forced_band``; off by default).
+    (``selected.gpu.BlockSizes.forced_band``; off by default). ``window_stream``: run the window
+    stage on that GPU execution stream (``on_stream``; off by default until timed).
     """
     for arg, val in (("window", window), ("compressed", compressed)):
         if val not in ("cudnn", "pallas"):
@@ -66,7 +89,10 @@ def make_backend(interpret: bool = False, name: str | None = None,
         compressed_attention=compressed_attention,
         select_blocks=functools.partial(selection_gpu.select_blocks, interpret=interpret),
         selected_attention=selected,
-        sliding_window_attention=functools.partial(swa, interpret=interpret),
+        sliding_window_attention=(functools.partial(swa, interpret=interpret)
+                                  if window_stream is None else
+                                  on_stream(functools.partial(swa, interpret=interpret),
+                                            window_stream)),
         selected_attention_combined=combined,
         compressed_attention_rows=cmp_rows,
     )
@@ -81,3 +107,6 @@ BANDED_CMP_BACKEND = make_backend(compressed="pallas", name="pallas_triton_bande
 # measured slower than the per-query kernels on the H200 (docs/gpu_kernels.md); kept to
 # reproduce that measurement.
 FORCED_BAND_BACKEND = make_backend(forced_band=True, name="pallas_triton_forced_band")
+# The default with the window stage on a second GPU stream ("pallas_triton_window_stream"),
+# to overlap it with the other branches; not yet timed (docs/gpu_kernels.md).
+WINDOW_STREAM_BACKEND = make_backend(window_stream=1, name="pallas_triton_window_stream")

@@ -141,6 +141,22 @@ def test_selected_dkv_sum_splits_lowers_for_h200(t, dk, dv):
     assert text.count(TRITON_CALL) >= len(names), (t, names)
 
 
+def test_window_stream_lowers_for_h200():
+    """The window stage on a second GPU stream (``make_backend(window_stream=1)``; the banded
+    window kernel, which lowers without a device): its kernels sit in a call annotated for
+    stream 1, forward and backward."""
+    from pallas_kernels import gpu_backend
+
+    backend = gpu_backend.make_backend(window="pallas", window_stream=1)
+    t = 8192
+    fn = lambda q, k, v: backend.sliding_window_attention(  # noqa: E731
+        q, k, v, window_size=WINDOW)
+    names, text = _lower(fwd_and_bwd(fn), _sds(B, t, HQ, 128), _sds(B, t, HKV, 128),
+                         _sds(B, t, HKV, 128))
+    assert {"nsa_swa_fwd", "nsa_swa_bwd_dq", "nsa_swa_bwd_dkv"} <= set(names), names
+    assert text.count('_xla_stream_annotation = "1"') >= 2, "forward and backward on stream 1"
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["per_head", "packed"])
 @pytest.mark.parametrize("tf32x3", [False, True], ids=["ieee", "tf32x3"])
 @pytest.mark.parametrize("t", [8192, 65536])
