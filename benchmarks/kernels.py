@@ -51,8 +51,9 @@ BANDED_CMP = "pallas_triton_banded_cmp"
 # The default GPU backend with the selected branch's forced blocks as a band (off by default
 # until measured), for ``--band``.
 FORCED_BAND = "pallas_triton_forced_band"
-# The default GPU backend with the window stage on a second GPU stream, for ``--window-stream``.
-WINDOW_STREAM = "pallas_triton_window_stream"
+# The default GPU backend with the window stage on a second GPU stream, and with the compressed
+# stage on a third too, for ``--streams``.
+STREAMED = ("pallas_triton_window_stream", "pallas_triton_streams")
 
 CFG = NSAConfig(cmp_block_size=32, cmp_stride=16, slc_block_size=64, slc_top_n=16,
                 window_size=512, cmp_kind="mean", kv_mode="shared")
@@ -186,13 +187,13 @@ def stage_fns(t):
 
 
 # ------------------------------------------------------------------------------------------
-def check(key, band: bool = False, window_stream: bool = False) -> list[str]:
+def check(key, band: bool = False, streams: bool = False) -> list[str]:
     """Small-size agreement of the GPU backend with the reference: outputs and gradients."""
     lines, ok = [], True
     q, k, v, gates, ct = inputs(key, 1, 2000, 16, 1, 128, 128)
     o_ref, vjp_ref = jax.vjp(jax.jit(nsa_fn("reference")), q, k, v, gates)
     for impl in (("pallas_triton", BANDED_CMP) + ((FORCED_BAND,) if band else ())
-                 + ((WINDOW_STREAM,) if window_stream else ())):
+                 + (STREAMED if streams else ())):
         o, vjp = jax.vjp(jax.jit(nsa_fn(impl)), q, k, v, gates)
         # "fwd": the forward alone, which may run other kernels (the folded combination)
         errs = {"out": rel_err(o, o_ref),
@@ -495,8 +496,9 @@ def main():
                     help="heads and head dim of the variant timings (16,1,64: the 125M model)")
     ap.add_argument("--band", action="store_true",
                     help="also time NSA with the selected branch's forced blocks as a band")
-    ap.add_argument("--window-stream", action="store_true",
-                    help="also time NSA with the window stage on a second GPU stream")
+    ap.add_argument("--streams", action="store_true",
+                    help="also time NSA with the window stage on a second GPU stream, and with "
+                         "the compressed stage on a third too")
     ap.add_argument("--banded-cmp", action=argparse.BooleanOptionalAction, default=True,
                     help="also time NSA with the banded compressed kernels (same run)")
     ap.add_argument("--slc-parts", action="store_true",
@@ -548,7 +550,7 @@ def main():
 
     dev = jax.devices()[0]
     print(f"device {dev.device_kind}, jax {jax.__version__}", flush=True)
-    summary = check(jax.random.key(0), band=args.band, window_stream=args.window_stream)
+    summary = check(jax.random.key(0), band=args.band, streams=args.streams)
     print("\n".join(summary), flush=True)
 
     records, table = [], []
@@ -583,10 +585,9 @@ def main():
             for pas, r in time_passes(nsa_fn(BANDED_CMP), (q, k, v, gates), ct,
                                       args.reps).items():
                 add("nsa_banded_cmp", pas, r, fl["nsa"])
-        if args.window_stream:  # the same NSA with the window on a second stream, same run
-            for pas, r in time_passes(nsa_fn(WINDOW_STREAM), (q, k, v, gates), ct,
-                                      args.reps).items():
-                add("nsa_window_stream", pas, r, fl["nsa"])
+        for impl in STREAMED if args.streams else ():  # stages on other streams, same run
+            for pas, r in time_passes(nsa_fn(impl), (q, k, v, gates), ct, args.reps).items():
+                add("nsa_" + impl.removeprefix("pallas_triton_"), pas, r, fl["nsa"])
         mem_fns = [("nsa", nsa), ("cudnn_dense", cudnn_dense)]
         if args.banded_cmp:
             mem_fns.append(("nsa_banded_cmp", nsa_fn(BANDED_CMP)))
@@ -802,14 +803,17 @@ def write_markdown(doc, path):
                     ra = _get(recs, "nsa/compressed", pas, t, dk)
                 cells.append(f"{ra['ms']:.2f} / {rb['ms']:.2f}" if ra and rb else "-")
             lines.append(f"| {t} | {dk}/{dv} | " + " | ".join(cells) + " |")
-    streamed = [k for k in keys if _get(recs, "nsa_window_stream", "fwd", k[0], k[1])]
-    if streamed:
-        lines += ["", "The same NSA with the window stage on a second GPU stream "
-                  "(`make_backend(window_stream=1)`, same run; ms, ratio to cuDNN dense):", "",
-                  "| T | Dk/Dv | fwd | bwd | fwdbwd |", "| --- | --- | --- | --- | --- |"]
-        for t, dk, dv in streamed:
-            lines.append(f"| {t} | {dk}/{dv} | "
-                         + " | ".join(pass_cells("nsa_window_stream", t, dk)) + " |")
+    for name, what in (("nsa_window_stream", "the window stage on a second GPU stream "
+                        "(`make_backend(window_stream=1)`"),
+                       ("nsa_streams", "the window and compressed stages on a second and third "
+                        "GPU stream (`make_backend(window_stream=1, compressed_stream=2)`")):
+        streamed = [k for k in keys if _get(recs, name, "fwd", k[0], k[1])]
+        if streamed:
+            lines += ["", f"The same NSA with {what}, same run; ms, ratio to cuDNN dense):", "",
+                      "| T | Dk/Dv | fwd | bwd | fwdbwd |", "| --- | --- | --- | --- | --- |"]
+            for t, dk, dv in streamed:
+                lines.append(f"| {t} | {dk}/{dv} | " + " | ".join(pass_cells(name, t, dk))
+                             + " |")
     band = [k for k in keys if _get(recs, "nsa_forced_band", "fwd", k[0], k[1])]
     if band:
         lines += ["", "The same NSA with the selected branch's forced blocks as a band "
