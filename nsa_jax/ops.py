@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, Int
 from nsa_jax import registry
 from nsa_jax.compression import compress, expected_param_shapes
 from nsa_jax.config import NSAConfig
-from pallas_kernels.common import combine_outputs
+from pallas_kernels.common import combine_outputs, rows_to_every_query
 
 # The selected blocks' name for ``jax.checkpoint`` policies.
 SELECTION_NAME = "nsa_selection"
@@ -218,8 +218,7 @@ def nsa_attention(
         except NotImplementedError:
             pass
     if o_cmp is None:
-        o_cmp = jnp.pad(o_cmp_rows[:, : q.shape[1] - cmp_first],
-                        [(0, 0), (cmp_first, 0), (0, 0), (0, 0)])
+        o_cmp = rows_to_every_query(o_cmp_rows, cmp_first, q.shape[1])
     o_slc, _ = registry.call_stage(chain, "selected_attention", q, k_slc, v_slc, indices,
                                    **slc_kw)
     out = combine_branches(gates, o_cmp, o_slc, o_swa)

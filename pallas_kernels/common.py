@@ -58,6 +58,16 @@ def combine_outputs(gates, o_cmp, o_slc, o_swa):
     return out.astype(o_cmp.dtype)
 
 
+def rows_to_every_query(rows, first: int, t: int):
+    """``[B, T, ...]`` per-query outputs from ``rows [B, R, ...]`` holding those of queries
+    ``first`` on (row ``j`` is query ``first + j``'s, ``R >= T - first``, later rows ignored);
+    the queries before ``first`` get 0."""
+    rows = rows[:, : t - first] if rows.shape[1] != t - first else rows
+    if not first:
+        return rows
+    return jnp.pad(rows, [(0, 0), (first, 0)] + [(0, 0)] * (rows.ndim - 2))
+
+
 def default_scale(head_dim: int, scale: float | None) -> float:
     """``1/sqrt(Dk)`` unless the caller gave a scale."""
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)

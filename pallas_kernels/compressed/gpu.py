@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from pallas_kernels import tuned_block_sizes
-from pallas_kernels.common import default_scale
+from pallas_kernels.common import default_scale, rows_to_every_query
 from pallas_kernels.sliding_window.gpu import BlockSizes, banded_attention, check_qkv
 
 __all__ = ["BlockSizes", "compressed_attention", "compressed_attention_cudnn",
@@ -103,7 +103,7 @@ def residue_causal_attention(
     o, lse, first = residue_causal_rows(q, k_cmp, v_cmp, block_size=block_size, stride=stride,
                                         scale=scale, attend=attend,
                                         length_multiple=length_multiple)
-    return jnp.pad(o[:, : q.shape[1] - first], [(0, 0), (first, 0), (0, 0), (0, 0)]), lse
+    return rows_to_every_query(o, first, q.shape[1]), lse
 
 
 def residue_causal_rows(
@@ -176,20 +176,6 @@ def cudnn_compressed_supported(q, k_cmp, v_cmp) -> bool:
 CUDNN_MIN_ROWS = 2048
 
 
-def _cudnn_path(q, k_cmp, v_cmp, block_size, stride, interpret, min_rows) -> bool:
-    """Checks the inputs; whether the cuDNN residue path takes them."""
-    check_qkv(q, k_cmp, v_cmp, "compressed_attention")
-    if block_size < 1 or stride < 1:
-        raise ValueError(f"compressed_attention: block_size={block_size} and stride={stride} "
-                         "must be >= 1")
-    # The residue layout relies on the spec's token count C = (T - l) // d + 1: the last real
-    # query row then sees exactly token C - 1, and no padding token.
-    spec_c = max((q.shape[1] - block_size) // stride + 1, 0)
-    return not (interpret or k_cmp.shape[1] == 0 or k_cmp.shape[1] != spec_c
-                or -(-q.shape[1] // stride) < min_rows
-                or not cudnn_compressed_supported(q, k_cmp, v_cmp))
-
-
 def compressed_attention_cudnn(
     q: Float[Array, "B T N H"],
     k_cmp: Float[Array, "B C K H"],
@@ -206,15 +192,10 @@ def compressed_attention_cudnn(
     residue classes (:func:`residue_causal_attention`) where it applies and the sequence has
     at least ``min_rows * stride`` tokens, else the banded kernels (same signature as
     :func:`compressed_attention`)."""
-    kw = dict(block_size=block_size, stride=stride, scale=scale, block_sizes=block_sizes)
-    if not _cudnn_path(q, k_cmp, v_cmp, block_size, stride, interpret, min_rows):
-        return compressed_attention(q, k_cmp, v_cmp, interpret=interpret, **kw)
-    try:
-        return residue_causal_attention(
-            q, k_cmp, v_cmp, block_size=int(block_size), stride=int(stride),
-            scale=default_scale(q.shape[-1], scale), attend=_cudnn_causal)
-    except NotImplementedError:  # a shape jax's cuDNN path refuses: the banded kernels
-        return compressed_attention(q, k_cmp, v_cmp, **kw)
+    o, lse, first = compressed_attention_cudnn_rows(
+        q, k_cmp, v_cmp, block_size=block_size, stride=stride, scale=scale,
+        block_sizes=block_sizes, interpret=interpret, min_rows=min_rows)
+    return rows_to_every_query(o, first, q.shape[1]), lse
 
 
 def compressed_attention_cudnn_rows(
@@ -233,9 +214,17 @@ def compressed_attention_cudnn_rows(
     queries ``first`` on, with the cuDNN path's own layout read in place (no copy to every
     query; ``first = l - 1``), or every query's (``first = 0``) on the banded kernels. For a
     consumer that takes such rows (``selected.gpu.selected_attention_combined``)."""
-    path = _cudnn_path(q, k_cmp, v_cmp, block_size, stride, interpret, min_rows)
+    check_qkv(q, k_cmp, v_cmp, "compressed_attention")
+    if block_size < 1 or stride < 1:
+        raise ValueError(f"compressed_attention: block_size={block_size} and stride={stride} "
+                         "must be >= 1")
     kw = dict(block_size=block_size, stride=stride, scale=scale, block_sizes=block_sizes)
-    if path:
+    # The residue layout relies on the spec's token count C = (T - l) // d + 1: the last real
+    # query row then sees exactly token C - 1, and no padding token.
+    spec_c = max((q.shape[1] - block_size) // stride + 1, 0)
+    if not (interpret or k_cmp.shape[1] == 0 or k_cmp.shape[1] != spec_c
+            or -(-q.shape[1] // stride) < min_rows
+            or not cudnn_compressed_supported(q, k_cmp, v_cmp)):
         try:
             return residue_causal_rows(q, k_cmp, v_cmp, block_size=int(block_size),
                                        stride=int(stride),

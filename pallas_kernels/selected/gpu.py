@@ -32,7 +32,13 @@ from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels import tuned_block_sizes
-from pallas_kernels.common import LOG2E, check_int32_extent, combine_outputs, default_scale
+from pallas_kernels.common import (
+    LOG2E,
+    check_int32_extent,
+    combine_outputs,
+    default_scale,
+    rows_to_every_query,
+)
 from pallas_kernels.selection.reference import NUM_FORCED
 from pallas_kernels.sliding_window.gpu import check_qkv
 
@@ -897,13 +903,6 @@ def _fwd_combined(q, k, v, idx, gates, o_cmp, o_swa, cfg: _Config, cmp_first: in
     )(idx, q, k, v, g[..., 0], g[..., 1], g[..., 2], o_cmp, o_swa)
 
 
-def _cmp_all_rows(o_cmp, cmp_first: int, t: int):
-    """The compressed output of every query (``[B, T, ...]``) from the rows of queries
-    ``cmp_first`` on (``o_cmp [B, R, ...]``, ``R >= T - cmp_first``)."""
-    rows = o_cmp[:, : t - cmp_first]
-    return jnp.pad(rows, [(0, 0), (cmp_first, 0), (0, 0), (0, 0)]) if cmp_first else rows
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _selected_combined(q, k, v, idx, gates, o_cmp, o_swa, cfg: _Config, cmp_first: int):
     return _fwd_combined(q, k, v, idx, gates, o_cmp, o_swa, cfg, cmp_first)
@@ -916,14 +915,15 @@ def _selected_combined_fwd(q, k, v, idx, gates, o_cmp, o_swa, cfg, cmp_first):
     # keeps anyway) and pad it to every query again in the backward, where XLA fuses the pad
     # into its readers, rather than keeping a padded copy alive.
     (o_slc, lse), scored = _forward(q, k, v, idx, cfg)
-    out = combine_outputs(gates, _cmp_all_rows(o_cmp, cmp_first, q.shape[1]), o_slc, o_swa)
+    out = combine_outputs(gates, rows_to_every_query(o_cmp, cmp_first, q.shape[1]), o_slc,
+                          o_swa)
     return out, (q, k, v, idx, o_slc, lse, scored, gates, o_cmp, o_swa)
 
 
 def _selected_combined_bwd(cfg, cmp_first, res, d_out):
     q, k, v, idx, o_slc, lse, scored, gates, o_cmp_rows, o_swa = res
     rows = o_cmp_rows.shape[1]
-    o_cmp = _cmp_all_rows(o_cmp_rows, cmp_first, q.shape[1])
+    o_cmp = rows_to_every_query(o_cmp_rows, cmp_first, q.shape[1])
     _, vjp = jax.vjp(combine_outputs, gates, o_cmp, o_slc, o_swa)
     d_gates, d_cmp, d_slc, d_swa = vjp(d_out)
     dq, dk, dv = _bwd(q, k, v, idx, o_slc, lse, d_slc.astype(q.dtype), cfg, scored)
@@ -1001,7 +1001,7 @@ def selected_attention_combined(
     gp, dvp = qp.shape[2] // kh, vp.shape[-1]
 
     if cmp_first == t:  # no query has a compressed row: nothing to read in place
-        o_cmp, cmp_first = _cmp_all_rows(o_cmp, cmp_first, t), 0
+        o_cmp, cmp_first = rows_to_every_query(o_cmp, cmp_first, t), 0
     # Padded heads get zero gates and zero branch outputs, and are dropped afterwards.
     out = _selected_combined(qp, kp, vp, idx, _pad_heads(gates, kh, gp),
                              _pad_axis(_pad_heads(o_cmp, kh, gp), 3, dvp),

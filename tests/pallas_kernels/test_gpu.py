@@ -143,14 +143,43 @@ def test_compressed_paths_at_paper_shape(path, t):
         assert_close(g, g_r, jnp.bfloat16, f"{path} compressed d{name}")
 
 
+def _paper_selection(q, k):
+    """NSA's own selection (the twins, mean compression) at the paper's geometry."""
+    from nsa_jax.compression import compress
+
+    k_cmp = compress(k, {}, kind="mean", block_size=32, stride=16)
+    _, lse = compressed_ref.compressed_attention(q, k_cmp, k_cmp, block_size=32, stride=16)
+    return selection_ref.select_blocks(q, k_cmp, lse, seq_len=q.shape[1], cmp_block_size=32,
+                                       cmp_stride=16, slc_block_size=64, top_n=16)
+
+
+def _check_selected_against_twin(q, k, v, idx, ct, what, **kw):
+    """The compiled selected attention with ``kw`` against its twin (bf16): output, lse and
+    the gradients of q, k and v; returns the twin's output."""
+    from pallas_kernels.selected import gpu as selected_gpu
+    from pallas_kernels.selected import reference as selected_ref
+
+    def run(f):
+        (o, lse), vjp = jax.vjp(f, q, k, v)
+        return o, lse, vjp((ct, jnp.zeros_like(lse)))
+
+    o, lse_o, grads = jax.jit(lambda: run(lambda q, k, v: selected_gpu.selected_attention(
+        q, k, v, idx, block_size=64, **kw)))()
+    o_r, lse_r, grads_r = jax.jit(lambda: run(lambda q, k, v: selected_ref.selected_attention(
+        q, k, v, idx, block_size=64)))()
+    assert_close(o, o_r, jnp.bfloat16, f"{what} output")
+    assert_close(lse_o, lse_r, jnp.bfloat16, f"{what} lse")
+    for name, g, g_r in zip("qkv", grads, grads_r, strict=True):
+        assert_close(g, g_r, jnp.bfloat16, f"{what} d{name}")
+    return o_r
+
+
 @pytest.mark.parametrize("t", [1500, 4096], ids=["t1500", "t4096"])
 def test_selected_forced_band_at_paper_shape(t):
     """The selected branch with its forced blocks as a band (``BlockSizes.forced_band``) on
     NSA's own selection at the paper's geometry, 16 heads per group, bf16: output, lse and
     gradients against the twin."""
-    from nsa_jax.compression import compress
     from pallas_kernels.selected import gpu as selected_gpu
-    from pallas_kernels.selected import reference as selected_ref
 
     ks = jax.random.split(jax.random.key(17), 4)
     b, n, kh, d = 1, 32, 2, 128
@@ -158,24 +187,9 @@ def test_selected_forced_band_at_paper_shape(t):
     k = _normal(ks[1], (b, t, kh, d), jnp.bfloat16)
     v = _normal(ks[2], (b, t, kh, d), jnp.bfloat16)
     ct = _normal(ks[3], (b, t, n, d), jnp.bfloat16)
-    k_cmp = compress(k, {}, kind="mean", block_size=32, stride=16)
-    _, lse = compressed_ref.compressed_attention(q, k_cmp, k_cmp, block_size=32, stride=16)
-    idx = selection_ref.select_blocks(q, k_cmp, lse, seq_len=t, cmp_block_size=32,
-                                      cmp_stride=16, slc_block_size=64, top_n=16)
-    sizes = selected_gpu.BlockSizes(forced_band=True)
-
-    def run(f):
-        (o, lse), vjp = jax.vjp(f, q, k, v)
-        return o, lse, vjp((ct, jnp.zeros_like(lse)))
-
-    o, lse_o, grads = jax.jit(lambda: run(lambda q, k, v: selected_gpu.selected_attention(
-        q, k, v, idx, block_size=64, block_sizes=sizes, forced_included=True)))()
-    o_r, lse_r, grads_r = jax.jit(lambda: run(lambda q, k, v: selected_ref.selected_attention(
-        q, k, v, idx, block_size=64)))()
-    assert_close(o, o_r, jnp.bfloat16, "band output")
-    assert_close(lse_o, lse_r, jnp.bfloat16, "band lse")
-    for name, g, g_r in zip("qkv", grads, grads_r, strict=True):
-        assert_close(g, g_r, jnp.bfloat16, f"band d{name}")
+    _check_selected_against_twin(q, k, v, _paper_selection(q, k), ct, "band",
+                                 block_sizes=selected_gpu.BlockSizes(forced_band=True),
+                                 forced_included=True)
 
 
 @pytest.mark.parametrize("per_step", [2, 4])
@@ -184,10 +198,8 @@ def test_selected_blocks_per_step_at_paper_shape(per_step):
     (``BlockSizes.blocks_per_step``) on NSA's own selection at the paper's geometry, with one
     slot per row emptied, bf16: output, lse and gradients against the twin; and the folded
     forward against the twin followed by the gated sum."""
-    from nsa_jax.compression import compress
     from pallas_kernels.common import combine_outputs
     from pallas_kernels.selected import gpu as selected_gpu
-    from pallas_kernels.selected import reference as selected_ref
 
     ks = jax.random.split(jax.random.key(19), 7)
     b, t, n, kh, d = 1, 1500, 32, 2, 128
@@ -195,29 +207,14 @@ def test_selected_blocks_per_step_at_paper_shape(per_step):
     k = _normal(ks[1], (b, t, kh, d), jnp.bfloat16)
     v = _normal(ks[2], (b, t, kh, d), jnp.bfloat16)
     ct = _normal(ks[3], (b, t, n, d), jnp.bfloat16)
-    k_cmp = compress(k, {}, kind="mean", block_size=32, stride=16)
-    _, lse = compressed_ref.compressed_attention(q, k_cmp, k_cmp, block_size=32, stride=16)
-    idx = np.asarray(selection_ref.select_blocks(q, k_cmp, lse, seq_len=t, cmp_block_size=32,
-                                                 cmp_stride=16, slc_block_size=64, top_n=16))
+    idx = np.asarray(_paper_selection(q, k))
     drop = np.random.default_rng(per_step).integers(0, idx.shape[-1], idx.shape[:-1])
     own = (np.arange(t) // 64)[None, :, None, None]
     idx = jnp.asarray(np.where((np.arange(idx.shape[-1]) == drop[..., None]) & (idx != own),
                                -1, idx))
     sizes = selected_gpu.BlockSizes(blocks_per_step=per_step)
-
-    def run(f):
-        (o, lse), vjp = jax.vjp(f, q, k, v)
-        return o, lse, vjp((ct, jnp.zeros_like(lse)))
-
-    o, lse_o, grads = jax.jit(lambda: run(lambda q, k, v: selected_gpu.selected_attention(
-        q, k, v, idx, block_size=64, block_sizes=sizes)))()
-    o_r, lse_r, grads_r = jax.jit(lambda: run(lambda q, k, v: selected_ref.selected_attention(
-        q, k, v, idx, block_size=64)))()
     what = f"blocks_per_step={per_step}"
-    assert_close(o, o_r, jnp.bfloat16, f"{what} output")
-    assert_close(lse_o, lse_r, jnp.bfloat16, f"{what} lse")
-    for name, g, g_r in zip("qkv", grads, grads_r, strict=True):
-        assert_close(g, g_r, jnp.bfloat16, f"{what} d{name}")
+    o_r = _check_selected_against_twin(q, k, v, idx, ct, what, block_sizes=sizes)
     gates = jax.nn.sigmoid(_normal(ks[4], (b, t, n, 3), jnp.float32))
     o_cmp = _normal(ks[5], (b, t, n, d), jnp.bfloat16)
     o_swa = _normal(ks[6], (b, t, n, d), jnp.bfloat16)

@@ -268,6 +268,13 @@ def _nsa_indices(case, q, k, seed):
     return jnp.asarray(rng.permuted(idx, axis=-1))
 
 
+def _case_qkv(case, ks, dtype):
+    """Random ``q [B, T, N, Dk]``, ``k [B, T, K, Dk]``, ``v [B, T, K, Dv]`` from keys ``ks[:3]``."""
+    return (_normal(ks[0], (case.b, case.t, case.n, case.dk), dtype),
+            _normal(ks[1], (case.b, case.t, case.kh, case.dk), dtype),
+            _normal(ks[2], (case.b, case.t, case.kh, case.dv), dtype))
+
+
 _BAND_CASES = [
     # G = 16, T a multiple of l', n = 8 (5 scored slots)
     Case(b=1, t=128, n=16, kh=1, dk=32, dv=32, cmp_block_size=16, cmp_stride=8,
@@ -292,9 +299,7 @@ def test_selected_forced_band(case, dtype):
     from tests.tolerances import assert_close
 
     ks = jax.random.split(jax.random.key(case.t + case.n), 4)
-    q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)
-    k = _normal(ks[1], (case.b, case.t, case.kh, case.dk), dtype)
-    v = _normal(ks[2], (case.b, case.t, case.kh, case.dv), dtype)
+    q, k, v = _case_qkv(case, ks, dtype)
     ct = _normal(ks[3], (case.b, case.t, case.n, case.dv), jnp.float32)
     idx = _nsa_indices(case, q, k, seed=case.t)
     sizes = selected_gpu.BlockSizes(forced_band=True)
@@ -337,9 +342,7 @@ def test_selected_attention_combined(case, dtype):
     from tests.tolerances import assert_close
 
     ks = jax.random.split(jax.random.key(case.t + 7), 7)
-    q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)
-    k = _normal(ks[1], (case.b, case.t, case.kh, case.dk), dtype)
-    v = _normal(ks[2], (case.b, case.t, case.kh, case.dv), dtype)
+    q, k, v = _case_qkv(case, ks, dtype)
     o_cmp = _normal(ks[3], (case.b, case.t, case.n, case.dv), dtype)
     o_swa = _normal(ks[4], (case.b, case.t, case.n, case.dv), dtype)
     gates = jax.nn.sigmoid(_normal(ks[5], (case.b, case.t, case.n, 3), jnp.float32))
@@ -385,9 +388,7 @@ def test_selected_blocks_per_step(case, dtype, per_step):
     from tests.tolerances import assert_close
 
     ks = jax.random.split(jax.random.key(case.t + per_step), 7)
-    q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)
-    k = _normal(ks[1], (case.b, case.t, case.kh, case.dk), dtype)
-    v = _normal(ks[2], (case.b, case.t, case.kh, case.dv), dtype)
+    q, k, v = _case_qkv(case, ks, dtype)
     ct = _normal(ks[3], (case.b, case.t, case.n, case.dv), jnp.float32)
     # Empty one slot per row at a random position (-1), except the query's own block (which
     # keeps every row's softmax non-empty): empty slots anywhere in a step.
@@ -446,9 +447,7 @@ def test_selected_dkv_sum_splits(case, dtype, splits):
     from tests.tolerances import assert_close
 
     ks = jax.random.split(jax.random.key(case.t + splits), 4)
-    q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)
-    k = _normal(ks[1], (case.b, case.t, case.kh, case.dk), dtype)
-    v = _normal(ks[2], (case.b, case.t, case.kh, case.dv), dtype)
+    q, k, v = _case_qkv(case, ks, dtype)
     ct = _normal(ks[3], (case.b, case.t, case.n, case.dv), dtype)
     idx = _nsa_indices(case, q, k, seed=splits)
     sizes = selected_gpu.BlockSizes(entries_per_chunk=4, sum_splits=splits)
@@ -587,9 +586,7 @@ def test_selected_attention_combined_reads_compressed_rows(cmp_first, dtype):
 
     case = _BAND_CASES[1]  # G = 4, T = 90 off l', Dk != Dv, batch 2
     ks = jax.random.split(jax.random.key(cmp_first), 7)
-    q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)
-    k = _normal(ks[1], (case.b, case.t, case.kh, case.dk), dtype)
-    v = _normal(ks[2], (case.b, case.t, case.kh, case.dv), dtype)
+    q, k, v = _case_qkv(case, ks, dtype)
     # Three rows past T - cmp_first: padding the kernel must ignore (gradient 0).
     rows = _normal(ks[3], (case.b, case.t - cmp_first + 3, case.n, case.dv), dtype)
     o_swa = _normal(ks[4], (case.b, case.t, case.n, case.dv), dtype)
