@@ -51,9 +51,8 @@ BANDED_CMP = "pallas_triton_banded_cmp"
 # The default GPU backend with the selected branch's forced blocks as a band (off by default
 # until measured), for ``--band``.
 FORCED_BAND = "pallas_triton_forced_band"
-# The default GPU backend with the window stage on a second GPU stream, and with the compressed
-# stage on a third too, for ``--streams``.
-STREAMED = ("pallas_triton_window_stream", "pallas_triton_streams")
+# The default GPU backend with the window stage on a second GPU stream, for ``--streams``.
+STREAMED = ("pallas_triton_window_stream",)
 
 CFG = NSAConfig(cmp_block_size=32, cmp_stride=16, slc_block_size=64, slc_top_n=16,
                 window_size=512, cmp_kind="mean", kv_mode="shared")
@@ -497,8 +496,7 @@ def main():
     ap.add_argument("--band", action="store_true",
                     help="also time NSA with the selected branch's forced blocks as a band")
     ap.add_argument("--streams", action="store_true",
-                    help="also time NSA with the window stage on a second GPU stream, and with "
-                         "the compressed stage on a third too")
+                    help="also time NSA with the window stage on a second GPU stream")
     ap.add_argument("--banded-cmp", action=argparse.BooleanOptionalAction, default=True,
                     help="also time NSA with the banded compressed kernels (same run)")
     ap.add_argument("--slc-parts", action="store_true",
@@ -804,9 +802,7 @@ def write_markdown(doc, path):
                 cells.append(f"{ra['ms']:.2f} / {rb['ms']:.2f}" if ra and rb else "-")
             lines.append(f"| {t} | {dk}/{dv} | " + " | ".join(cells) + " |")
     for name, what in (("nsa_window_stream", "the window stage on a second GPU stream "
-                        "(`make_backend(window_stream=1)`"),
-                       ("nsa_streams", "the window and compressed stages on a second and third "
-                        "GPU stream (`make_backend(window_stream=1, compressed_stream=2)`")):
+                        "(`make_backend(window_stream=1)`"),):
         streamed = [k for k in keys if _get(recs, name, "fwd", k[0], k[1])]
         if streamed:
             lines += ["", f"The same NSA with {what}, same run; ms, ratio to cuDNN dense):", "",

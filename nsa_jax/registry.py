@@ -139,5 +139,7 @@ register_backend("pallas_kernels.gpu_backend:FORCED_BAND_BACKEND",
                  name="pallas_triton_forced_band")
 register_backend("pallas_kernels.gpu_backend:WINDOW_STREAM_BACKEND",
                  name="pallas_triton_window_stream")
-register_backend("pallas_kernels.gpu_backend:STREAMS_BACKEND", name="pallas_triton_streams")
+register_backend("pallas_kernels.gpu_backend:PALLAS_WINDOW_BACKEND",
+                 name="pallas_triton_pallas_window")
+register_backend("pallas_kernels.gpu_backend:ALL_PALLAS_BACKEND", name="pallas_triton_all_pallas")
 register_backend("pallas_kernels.tpu_backend:BACKEND", name="pallas_mosaic", default_on=("tpu",))

@@ -37,35 +37,23 @@ from pallas_kernels.selection import gpu as selection_gpu
 from pallas_kernels.sliding_window import gpu as sliding_window_gpu
 
 
-def on_stream(fn, stream: int, static_outputs: int = 0):
+def on_stream(fn, stream: int):
     """``fn(*arrays, **static)`` with its arrays' computation (and, under differentiation, its
-    backward) on GPU execution stream ``stream``; keyword arguments stay static, and so do the
-    last ``static_outputs`` outputs (Python values fixed while tracing)."""
+    backward) on GPU execution stream ``stream``; keyword arguments stay static."""
     if stream < 1:
         raise ValueError(f"stream={stream} must be >= 1 (0 is XLA's main compute stream)")
 
     @functools.wraps(fn)
     def call(*arrays, **static):
-        fixed = []
-
-        def arrays_only(*a):
-            out = fn(*a, **static)
-            if not static_outputs:
-                return out
-            fixed[:] = out[-static_outputs:]
-            return out[:-static_outputs]
-
-        out = compute_on(arrays_only, compute_type=f"gpu_stream:{stream}",
-                         out_memory_spaces=jax.memory.Space.Device)(*arrays)
-        return (*out, *fixed) if static_outputs else out
+        return compute_on(functools.partial(fn, **static), compute_type=f"gpu_stream:{stream}",
+                          out_memory_spaces=jax.memory.Space.Device)(*arrays)
 
     return call
 
 
 def make_backend(interpret: bool = False, name: str | None = None,
                  window: str = "cudnn", compressed: str = "cudnn",
-                 forced_band: bool = False, window_stream: int | None = None,
-                 compressed_stream: int | None = None) -> Backend:
+                 forced_band: bool = False, window_stream: int | None = None) -> Backend:
     """The GPU stages, or their interpreted twins on CPU with ``interpret=True``.
 
     ``window``: ``"cudnn"`` (cuDNN for the window's output where it applies, the default) or
@@ -73,9 +61,7 @@ def make_backend(interpret: bool = False, name: str | None = None,
     classes where it applies, the default) or ``"pallas"`` (the banded kernels only).
     ``forced_band``: the selected branch's forced blocks as a band
     (``selected.gpu.BlockSizes.forced_band``; off by default). ``window_stream``: run the window
-    stage on that GPU execution stream (``on_stream``; off by default until timed);
-    ``compressed_stream`` the compressed stage likewise (its backward may then overlap the
-    selected branch's; the forward's top-n waits for it anyway).
+    stage on that GPU execution stream (``on_stream``; off: measured no faster).
     """
     for arg, val in (("window", window), ("compressed", compressed)):
         if val not in ("cudnn", "pallas"):
@@ -92,14 +78,10 @@ def make_backend(interpret: bool = False, name: str | None = None,
                                  block_sizes=slc_sizes)
     combined.pairs_with = selected  # nsa_attention folds only with this selected attention
     compressed_attention = functools.partial(cmp, interpret=interpret)
-    if compressed_stream is not None:
-        compressed_attention = on_stream(compressed_attention, compressed_stream)
     cmp_rows = None
     if compressed == "cudnn":  # its output rows read in place by the fold
         cmp_rows = functools.partial(compressed_gpu.compressed_attention_cudnn_rows,
                                      interpret=interpret)
-        if compressed_stream is not None:  # (o_rows, lse) on the stream, first static
-            cmp_rows = on_stream(cmp_rows, compressed_stream, static_outputs=1)
         cmp_rows.pairs_with = compressed_attention
     return Backend(
         name=name or ("pallas_triton_interpret" if interpret else "pallas_triton"),
@@ -126,7 +108,12 @@ BANDED_CMP_BACKEND = make_backend(compressed="pallas", name="pallas_triton_bande
 # reproduce that measurement.
 FORCED_BAND_BACKEND = make_backend(forced_band=True, name="pallas_triton_forced_band")
 # The default with the window stage on a second GPU stream ("pallas_triton_window_stream"),
-# to overlap it with the other branches; not yet timed (docs/gpu_kernels.md).
+# to overlap it with the other branches: measured no faster (docs/gpu_kernels.md).
 WINDOW_STREAM_BACKEND = make_backend(window_stream=1, name="pallas_triton_window_stream")
-# ... and the compressed stage on a third ("pallas_triton_streams"), not yet timed either.
-STREAMS_BACKEND = make_backend(window_stream=1, compressed_stream=2, name="pallas_triton_streams")
+# The default with the banded Pallas window kernel for the whole window stage
+# ("pallas_triton_pallas_window"), and with the banded kernels for both the window and the
+# compressed stage ("pallas_triton_all_pallas"): cuDNN was chosen at the paper's shape, these
+# time the other choices at other shapes (the training model's, say).
+PALLAS_WINDOW_BACKEND = make_backend(window="pallas", name="pallas_triton_pallas_window")
+ALL_PALLAS_BACKEND = make_backend(window="pallas", compressed="pallas",
+                                  name="pallas_triton_all_pallas")
