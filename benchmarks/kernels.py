@@ -542,8 +542,8 @@ def main():
                           (4, 8, 2), (2, 2, 3)]
     args.sum_split_variants = [2, 4, 8, 16]  # BlockSizes.sum_splits (the default is 1)
     # (entries_per_chunk, entries_per_step, num_warps_bwd, num_stages_bwd); first = default
-    args.dkv_variants = [(256, 4, 4, 2), (256, 4, 8, 2), (256, 8, 8, 2), (512, 8, 8, 3),
-                         (256, 2, 4, 2), (1024, 4, 8, 2)]
+    args.dkv_variants = [(256, 4, 4, 2), (512, 4, 4, 2), (256, 4, 8, 2), (256, 8, 8, 2),
+                         (512, 8, 8, 3), (256, 2, 4, 2), (1024, 4, 8, 2)]
     os.makedirs(args.out, exist_ok=True)
 
     dev = jax.devices()[0]
