@@ -122,6 +122,8 @@ def num_cmp_tokens(seq_len: int, block_size: int, stride: int) -> int:
 
 ATTENTION_KINDS: tuple[str, ...] = ("nsa", "full", "window")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+# The keys of ``ops.REMAT_POLICIES`` (config.py imports nothing of the kernels).
+REMAT_POLICY_NAMES: tuple[str, ...] = ("attention_out", "selection", "nothing")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -146,8 +148,11 @@ class ModelConfig:
       dtype: compute dtype of activations and attention.
       param_dtype: storage dtype of parameters (f32 master weights by default).
       implementation: NSA backend name for ``nsa_attention`` (``None``: platform default).
-      remat: rematerialise each block in the backward pass (saves activation memory); NSA
-        blocks keep their selected blocks (``ops.REMAT_POLICY``), so the top-n is not rerun.
+      remat: rematerialise each block in the backward pass (saves activation memory).
+      remat_policy: what a rematerialised block keeps (``ops.REMAT_POLICIES``):
+        ``"attention_out"`` (NSA's selected blocks, so the top-n is not rerun, and every
+        attention layer's output, so NSA's gated sum is not recomputed for the output
+        projection's gradient), ``"selection"`` (the selected blocks alone) or ``"nothing"``.
     """
 
     vocab_size: int = 259
@@ -167,6 +172,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     implementation: str | None = None
     remat: bool = False
+    remat_policy: str = "attention_out"
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
@@ -181,6 +187,9 @@ class ModelConfig:
             raise ValueError(f"v_head_dim must be positive, got {self.v_head_dim}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.remat_policy not in REMAT_POLICY_NAMES:
+            raise ValueError(f"remat_policy={self.remat_policy!r} is not one of "
+                             f"{REMAT_POLICY_NAMES}")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION_KINDS}")
         if not isinstance(self.nsa, NSAConfig):

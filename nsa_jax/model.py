@@ -10,7 +10,7 @@ from jaxtyping import Array, Float, Int
 from nsa_jax.cache import NSACache
 from nsa_jax.config import ModelConfig
 from nsa_jax.layers import CausalSelfAttention, NativeSparseAttention, default_positions
-from nsa_jax.ops import REMAT_POLICY
+from nsa_jax.ops import REMAT_POLICIES
 
 
 def _check_tokens(tokens, layout: str) -> None:
@@ -100,7 +100,8 @@ class NSATransformer(nnx.Module):
         for block in self.blocks:
             if self.config.remat:
                 x = nnx.remat(lambda blk, h, pos: blk(h, pos),
-                              policy=REMAT_POLICY)(block, x, positions)
+                              policy=REMAT_POLICIES[self.config.remat_policy])(block, x,
+                                                                               positions)
             else:
                 x = block(x, positions)
         x = self.final_norm(x)

@@ -16,13 +16,30 @@ from jaxtyping import Array, Float, Int
 
 from nsa_jax import registry
 from nsa_jax.compression import compress, expected_param_shapes
-from nsa_jax.config import NSAConfig
+from nsa_jax.config import REMAT_POLICY_NAMES, NSAConfig
 from pallas_kernels.common import combine_outputs, rows_to_every_query
 
 # The selected blocks' name for ``jax.checkpoint`` policies.
 SELECTION_NAME = "nsa_selection"
-# What a rematerialised block keeps: only the selection; every other activation is recomputed.
-REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(SELECTION_NAME)
+# The name of an attention layer's output (the heads, before the output projection), given by
+# every attention layer of the model (NSA, dense, window) alike.
+ATTENTION_OUT_NAME = "attention_out"
+# What a rematerialised block keeps (``ModelConfig.remat_policy``), every other activation
+# being recomputed in the backward pass:
+# - "attention_out" (the default): NSA's selection (a few int32 per query: the top-n is not
+#   rerun) and the attention output (``[T, N, Dv]``, which the output projection's weight
+#   gradient reads: NSA's gated sum of three branch outputs is not recomputed for it; a dense
+#   layer reruns its attention for the softmax statistics all the same);
+# - "selection": the selection alone;
+# - "nothing": nothing.
+REMAT_POLICIES = {
+    "attention_out": jax.checkpoint_policies.save_only_these_names(SELECTION_NAME,
+                                                                   ATTENTION_OUT_NAME),
+    "selection": jax.checkpoint_policies.save_only_these_names(SELECTION_NAME),
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+}
+REMAT_POLICY = REMAT_POLICIES["attention_out"]
+assert tuple(REMAT_POLICIES) == REMAT_POLICY_NAMES
 
 
 class NSAAux(NamedTuple):
@@ -200,7 +217,7 @@ def nsa_attention(
         slc_block_size=cfg.slc_block_size, top_n=cfg.slc_top_n, scale=scale,
     )
     # Named so that a rematerialised block can keep the selection (a few int32 per query) and
-    # skip recomputing the top-n in the backward pass (``REMAT_POLICY``).
+    # skip recomputing the top-n in the backward pass (``REMAT_POLICIES``).
     indices = checkpoint_name(jax.lax.stop_gradient(indices), SELECTION_NAME)
     o_swa, _ = registry.call_stage(
         chain, "sliding_window_attention", q, k_swa, v_swa,

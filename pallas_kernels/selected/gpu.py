@@ -74,6 +74,13 @@ class BlockSizes:
         ``[blocks_per_step * l', D]`` key (and value) tile (a power of two; clamped to the
         padded slots): fewer, larger steps, more loads in flight per program. The band path
         keeps one block a step.
+      gate_bwd_kernel: in the backward of ``selected_attention_combined``, one kernel
+        (``nsa_gate_bwd``, one program per query and KV head) takes the gated sum's
+        cotangent apart: each branch's output cotangent (the compressed one in its rows
+        layout), the gates' cotangents and the selected ``dq``/``dk``/``dv`` passes' row
+        sums ``delta``, reading the cotangent and the three outputs once. ``False``: XLA's
+        fusions of the sum's vjp, which read the cotangent once per fusion.
+      gate_bwd_num_warps: Triton warps of that kernel.
     """
 
     entries_per_chunk: int = 256
@@ -85,13 +92,16 @@ class BlockSizes:
     forced_band: bool = False
     blocks_per_step: int = 1
     sum_splits: int = 1
+    gate_bwd_kernel: bool = True
+    gate_bwd_num_warps: int = 1
 
     def __post_init__(self):
         for f in ("entries_per_chunk", "entries_per_step", "blocks_per_step", "sum_splits"):
             e = getattr(self, f)
             if e < 1 or e & (e - 1):
                 raise ValueError(f"BlockSizes.{f}={e} must be a power of two")
-        for f in ("num_warps", "num_warps_bwd", "num_stages", "num_stages_bwd"):
+        for f in ("num_warps", "num_warps_bwd", "num_stages", "num_stages_bwd",
+                  "gate_bwd_num_warps"):
             if getattr(self, f) < 1:
                 raise ValueError(f"BlockSizes.{f}={getattr(self, f)} must be >= 1")
 
@@ -535,8 +545,9 @@ def _fwd_band(q, k, v, idx, cfg: _Config, scored=None):
     )(scored, q, k, v, o_band, lse_band)
 
 
-def _bwd(q, k, v, idx, o, lse, do, cfg: _Config, scored=None):
-    delta = jnp.einsum("btnd,btnd->btn", o.astype(jnp.float32), do.astype(jnp.float32))
+def _bwd(q, k, v, idx, o, lse, do, cfg: _Config, scored=None, delta=None):
+    if delta is None:  # the row sums of do * o (given by the gate kernel when it ran)
+        delta = jnp.einsum("btnd,btnd->btn", o.astype(jnp.float32), do.astype(jnp.float32))
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
     dq = _bwd_dq(q, k, v, idx, do, lse, delta, cfg, scored)
     dk, dv = _bwd_dkv(q, k, v, idx, do, lse, delta, cfg)
@@ -920,9 +931,90 @@ def _selected_combined_fwd(q, k, v, idx, gates, o_cmp, o_swa, cfg, cmp_first):
     return out, (q, k, v, idx, o_slc, lse, scored, gates, o_cmp, o_swa)
 
 
+def _gate_bwd_kernel(d_ref, gc_ref, gs_ref, gw_ref, oc_ref, os_ref, ow_ref,
+                     dc_ref, ds_ref, dw_ref, dgc_ref, dgs_ref, dgw_ref, delta_ref, *,
+                     t_len: int, first: int, rows: int):
+    """Program ``p`` (and one KV head): for query ``t = p < T``, the cotangents of the gated
+    sum's selected and window outputs and of the three gates, and the selected backward's
+    ``delta``; for compressed row ``j = p - first`` in ``[0, rows)``, that row's cotangent
+    (query ``p``'s, or 0 for a row past the last query). The sums run in float32 over each
+    head's values, the output cotangents are rounded to their outputs' dtypes (the XLA vjp of
+    ``common.combine_outputs``), ``delta`` sums the rounded selected cotangent times the
+    selected output (what ``_bwd`` computes from them)."""
+    p = pl.program_id(0)
+
+    @pl.when(p < t_len)
+    def _query():
+        d = d_ref[...].astype(jnp.float32)  # [Gp, Dv]
+        o_slc = os_ref[...].astype(jnp.float32)
+        d_slc = (gs_ref[...][:, None] * d).astype(ds_ref.dtype)
+        ds_ref[...] = d_slc
+        delta_ref[...] = jnp.sum(d_slc.astype(jnp.float32) * o_slc, axis=1)
+        dgs_ref[...] = jnp.sum(d * o_slc, axis=1)
+        dw_ref[...] = (gw_ref[...][:, None] * d).astype(dw_ref.dtype)
+        dgw_ref[...] = jnp.sum(d * ow_ref[...].astype(jnp.float32), axis=1)
+        o_cmp = oc_ref[...].astype(jnp.float32)
+        if first:  # queries before ``first`` have no compressed output (their block: row 0)
+            o_cmp = jnp.where(p >= first, o_cmp, 0.0)
+        dgc_ref[...] = jnp.sum(d * o_cmp, axis=1)
+
+    row = p - first
+
+    @pl.when((row >= 0) & (row < rows))
+    def _row():
+        d_cmp = gc_ref[...][:, None] * d_ref[...].astype(jnp.float32)
+        dc_ref[...] = jnp.where(p < t_len, d_cmp, 0.0).astype(dc_ref.dtype)
+
+
+def _gate_bwd(d_out, gates, o_cmp_rows, o_slc, o_swa, cfg: _Config, cmp_first: int, kh: int):
+    """``(d_rows, d_slc, d_swa, d_gates, delta)`` of the gated sum (padded operands:
+    ``d_out, o_slc, o_swa [B, T, K*Gp, Dvp]``, ``o_cmp_rows [B, R, K*Gp, Dvp]``, ``gates
+    [B, T, K*Gp, 3]``) by ``_gate_bwd_kernel``: one program per query or compressed row and
+    KV head, ``max(T, first + R)`` of them a head."""
+    b, t, ngp, dvp = d_out.shape
+    rows = o_cmp_rows.shape[1]
+    gp = ngp // kh
+    n_prog = max(t, cmp_first + rows)
+
+    def query_map(p, bk):
+        return (bk // kh, jnp.minimum(p, t - 1), bk % kh, 0)
+
+    def row_map(p, bk):
+        return (bk // kh, jnp.clip(p - cmp_first, 0, rows - 1), bk % kh, 0)
+
+    def gate_map(p, bk):
+        return (bk // kh, jnp.minimum(p, t - 1), bk % kh)
+
+    tile = pl.BlockSpec((None, None, gp, dvp), query_map)
+    row_tile = pl.BlockSpec((None, None, gp, dvp), row_map)
+    gate = pl.BlockSpec((None, None, gp), gate_map)
+    g = gates.astype(jnp.float32)
+    sums = jax.ShapeDtypeStruct((b, t, ngp), jnp.float32)
+    d_rows, d_slc, d_swa, dg_cmp, dg_slc, dg_swa, delta = pl.pallas_call(
+        functools.partial(_gate_bwd_kernel, t_len=t, first=cmp_first, rows=rows),
+        grid=(n_prog, b * kh),
+        in_specs=[tile, gate, gate, gate, row_tile, tile, tile],
+        out_specs=[row_tile, tile, tile, gate, gate, gate, gate],
+        out_shape=[jax.ShapeDtypeStruct(o_cmp_rows.shape, o_cmp_rows.dtype),
+                   jax.ShapeDtypeStruct(o_slc.shape, o_slc.dtype),
+                   jax.ShapeDtypeStruct(o_swa.shape, o_swa.dtype), sums, sums, sums, sums],
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.block_sizes.gate_bwd_num_warps,
+                                             num_stages=1),
+        interpret=cfg.interpret,
+        name="nsa_gate_bwd",
+    )(d_out, g[..., 0], g[..., 1], g[..., 2], o_cmp_rows, o_slc, o_swa)
+    d_gates = jnp.stack([dg_cmp, dg_slc, dg_swa], axis=-1).astype(gates.dtype)
+    return d_rows, d_slc, d_swa, d_gates, delta
+
+
 def _selected_combined_bwd(cfg, cmp_first, res, d_out):
     q, k, v, idx, o_slc, lse, scored, gates, o_cmp_rows, o_swa = res
     rows = o_cmp_rows.shape[1]
+    if cfg.block_sizes.gate_bwd_kernel:
+        d_rows, d_slc, d_swa, d_gates, delta = _gate_bwd(
+            d_out, gates, o_cmp_rows, o_slc, o_swa, cfg, cmp_first, k.shape[2])
+        dq, dk, dv = _bwd(q, k, v, idx, o_slc, lse, d_slc.astype(q.dtype), cfg, scored, delta)
+        return dq, dk, dv, None, d_gates, d_rows, d_swa
     o_cmp = rows_to_every_query(o_cmp_rows, cmp_first, q.shape[1])
     _, vjp = jax.vjp(combine_outputs, gates, o_cmp, o_slc, o_swa)
     d_gates, d_cmp, d_slc, d_swa = vjp(d_out)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import nsa_jax.model as model_mod
 from nsa_jax import (
     ModelConfig,
     NativeSparseAttention,
@@ -144,23 +143,42 @@ def test_remat_keeps_the_selection():
     the checkpoint policy saving nothing would give two)."""
     tokens = jax.random.randint(jax.random.key(5), (1, 40), 0, 259)
 
-    def top_ks(model, policy=None):
+    def top_ks(cfg):
+        model = NSATransformer(cfg, rngs=nnx.Rngs(0))
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
         def grads(params, t):
             return jax.grad(lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(t)))(params)
 
-        with pytest.MonkeyPatch.context() as mp:
-            if policy is not None:
-                mp.setattr(model_mod, "REMAT_POLICY", policy)
-            return _count_primitive(jax.make_jaxpr(grads)(params, tokens).jaxpr, "top_k")
+        return _count_primitive(jax.make_jaxpr(grads)(params, tokens).jaxpr, "top_k")
 
     layers = MODEL.num_layers
-    plain = NSATransformer(MODEL, rngs=nnx.Rngs(0))
-    remat = NSATransformer(MODEL.replace(remat=True), rngs=nnx.Rngs(0))
-    assert top_ks(plain) == layers
-    assert top_ks(remat) == layers
-    assert top_ks(remat, jax.checkpoint_policies.nothing_saveable) == 2 * layers
+    assert top_ks(MODEL) == layers
+    assert top_ks(MODEL.replace(remat=True)) == layers
+    assert top_ks(MODEL.replace(remat=True, remat_policy="selection")) == layers
+    assert top_ks(MODEL.replace(remat=True, remat_policy="nothing")) == 2 * layers
+
+
+@pytest.mark.parametrize("attention", ["nsa", "full", "window"])
+def test_remat_keeps_the_attention_output(attention):
+    """A rematerialised block keeps its attention output (the output projection's input, which
+    that projection's weight gradient reads), for every attention kind alike: the backward
+    pass does not recompute NSA's gated sum for it. The residuals' names say so."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from nsa_jax.ops import ATTENTION_OUT_NAME
+
+    cfg = MODEL.replace(remat=True, attention=attention)
+    tokens = jax.random.randint(jax.random.key(5), (1, 40), 0, 259)
+    graphdef, params, rest = nnx.split(NSATransformer(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    res = saved_residuals(lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(tokens)), params)
+    named = [aval.shape for aval, src in res if f"named '{ATTENTION_OUT_NAME}'" in src]
+    n, dv = cfg.num_heads, cfg.value_dim
+    assert named == [(1, 40, n, dv)] * cfg.num_layers, (named, [src for _, src in res])
+    lean = cfg.replace(remat_policy="selection")
+    graphdef, params, rest = nnx.split(NSATransformer(lean, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    res = saved_residuals(lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(tokens)), params)
+    assert not [src for _, src in res if ATTENTION_OUT_NAME in src]
 
 
 def test_token_errors():

@@ -362,6 +362,7 @@ def test_selected_attention_combined(case, dtype):
     assert "nsa_slc_fwd_combined" in str(jax.make_jaxpr(fused)(*args))
     grad_jaxpr = str(jax.make_jaxpr(lambda *a: jax.vjp(fused, *a)[1](ct))(*args))
     assert "nsa_slc_fwd_combined" not in grad_jaxpr and "nsa_slc_bwd_dq" in grad_jaxpr
+    assert "nsa_gate_bwd" in grad_jaxpr  # the gated sum's backward kernel (the default)
     what = f"combined {case.id} {jnp.dtype(dtype)}"
     out, out_ref = fused(*args), ref(*args)
     assert out.dtype == out_ref.dtype == dtype
@@ -571,9 +572,10 @@ def test_nsa_uses_the_combined_kernel_only_without_gradients():
     assert "nsa_slc_fwd_combined" not in other_jaxpr and "nsa_slc_fwd" in other_jaxpr
 
 
+@pytest.mark.parametrize("gate_kernel", [True, False], ids=["gate_kernel", "gate_xla"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("cmp_first", [1, 31, 90], ids=lambda f: f"first{f}")
-def test_selected_attention_combined_reads_compressed_rows(cmp_first, dtype):
+def test_selected_attention_combined_reads_compressed_rows(cmp_first, dtype, gate_kernel):
     """The folded kernel given the compressed output as the rows of queries ``cmp_first`` on
     (earlier queries have none) equals the reference followed by the sum with those rows
     padded by zeros: output, and gradients of q, k, v, the gates, the rows and ``o_swa``
@@ -595,9 +597,12 @@ def test_selected_attention_combined_reads_compressed_rows(cmp_first, dtype):
     idx = _nsa_indices(case, q, k, seed=cmp_first)
     kw = dict(block_size=case.slc_block_size)
 
+    sizes = selected_gpu.BlockSizes(gate_bwd_kernel=gate_kernel)
+
     def fused(q, k, v, gates, rows, o_swa):
         return selected_gpu.selected_attention_combined(
-            q, k, v, idx, gates, rows, o_swa, interpret=True, cmp_first=cmp_first, **kw)
+            q, k, v, idx, gates, rows, o_swa, interpret=True, cmp_first=cmp_first,
+            block_sizes=sizes, **kw)
 
     def ref(q, k, v, gates, rows, o_swa):
         o_cmp = jnp.pad(rows[:, : case.t - cmp_first], [(0, 0), (cmp_first, 0), (0, 0), (0, 0)])
@@ -605,7 +610,9 @@ def test_selected_attention_combined_reads_compressed_rows(cmp_first, dtype):
                                o_swa)
 
     args = (q, k, v, gates, rows, o_swa)
-    what = f"combined rows from {cmp_first} {jnp.dtype(dtype)}"
+    what = f"combined rows from {cmp_first} {jnp.dtype(dtype)} {gate_kernel=}"
+    grad_jaxpr = str(jax.make_jaxpr(lambda *a: jax.vjp(fused, *a)[1](ct))(*args))
+    assert ("nsa_gate_bwd" in grad_jaxpr) == gate_kernel
     assert_close(fused(*args), ref(*args), dtype, what + " output")
     _, vjp = jax.vjp(fused, *args)
     _, vjp_r = jax.vjp(ref, *args)
