@@ -61,15 +61,6 @@ def _block_means(x: Float[Array, "B S K H"], block_size: int, stride: int
     return total / block_size
 
 
-def matmul_operand_dtype(dtype):
-    """The operand dtype of ``phi``'s matmuls for inputs of ``dtype``: a 16-bit float itself
-    where the backend accumulates such products in f32 (GPU, TPU), else f32 (XLA on CPU sums
-    bf16 products in bf16: about 3% error over a 512-long block)."""
-    if jnp.dtype(dtype).itemsize < 4 and jax.default_backend() in ("gpu", "tpu"):
-        return jnp.dtype(dtype)
-    return jnp.dtype(jnp.float32)
-
-
 def compress(
     x: Float[Array, "B S K H"],
     params: dict,
@@ -78,32 +69,26 @@ def compress(
     block_size: int,
     stride: int,
 ) -> Float[Array, "B C K H"]:
-    """Applies ``phi`` to every complete block of ``x``; returns ``x.dtype``.
-
-    Block means are summed in f32. The learnable kinds' matmuls accumulate in f32; their
-    operands are ``matmul_operand_dtype(x.dtype)``: ``x``'s own 16-bit dtype on GPU and TPU
-    (bf16 training: the operands rounded like every other projection's, no float32 GEMMs),
-    f32 at full precision otherwise. Biases, the positional term and the activation are
-    applied in f32."""
+    """Applies ``phi`` to every complete block of ``x``; returns ``x.dtype``, computed in f32."""
     if kind not in CMP_KINDS:
         raise ValueError(f"compression kind={kind!r} is not one of {CMP_KINDS}")
     if kind == "mean":
         return _block_means(x, block_size, stride).astype(x.dtype)
-    cdt = matmul_operand_dtype(x.dtype)
-    mm = dict(precision=HIGHEST if cdt == jnp.float32 else None,
-              preferred_element_type=jnp.float32)
     blocks = block_view(x, block_size, stride).astype(jnp.float32)  # [B, C, L, K, H]
     b, c, l, kh, h = blocks.shape
     if kind == "linear":
         flat = blocks.transpose(0, 1, 3, 2, 4).reshape(b, c, kh, l * h)  # [B, C, K, L*H]
-        out = jnp.einsum("bckf,kfh->bckh", flat.astype(cdt), params["w"].astype(cdt), **mm)
+        w = params["w"].astype(jnp.float32)
+        out = jnp.einsum("bckf,kfh->bckh", flat, w, precision=HIGHEST)
         out = out + params["b"].astype(jnp.float32)
     else:  # "mlp"
         pos = params["pos"].astype(jnp.float32).transpose(1, 0, 2)  # [L, K, H]
         flat = (blocks + pos).transpose(0, 1, 3, 2, 4).reshape(b, c, kh, l * h)  # [B, C, K, L*H]
-        hid = jnp.einsum("bckf,kfm->bckm", flat.astype(cdt), params["w1"].astype(cdt), **mm)
+        hid = jnp.einsum("bckf,kfm->bckm", flat, params["w1"].astype(jnp.float32),
+                         precision=HIGHEST)
         hid = jax.nn.silu(hid + params["b1"].astype(jnp.float32))  # [B, C, K, Hm]
-        out = jnp.einsum("bckm,kmh->bckh", hid.astype(cdt), params["w2"].astype(cdt), **mm)
+        out = jnp.einsum("bckm,kmh->bckh", hid, params["w2"].astype(jnp.float32),
+                         precision=HIGHEST)
         out = out + params["b2"].astype(jnp.float32)
     return out.astype(x.dtype)
 

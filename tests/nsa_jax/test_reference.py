@@ -194,35 +194,3 @@ def test_top_k_ties_go_to_lower_index():
     idx = top_n_blocks(scores, 9 * 16, slc_block_size=16, top_n=5)
     # Forced: 0, 9, 8; then the two lowest remaining indices.
     assert sorted(np.asarray(idx)[0, 0, 0].tolist()) == [0, 1, 2, 8, 9]
-
-
-@pytest.mark.parametrize("kind", ["mlp", "linear"])
-def test_compression_matmul_operands(kind, monkeypatch):
-    """phi's matmuls take bf16 keys' own dtype as operands on GPU and TPU (f32 accumulation,
-    no float32 GEMMs in bf16 training), and f32 at full precision on CPU, whose XLA sums bf16
-    products in bf16. Checked on the traced program for each backend name."""
-    from nsa_jax import compression
-
-    geom = dict(block_size=16, stride=8)
-    params = compression.init_compression_params(jax.random.key(0), kind=kind, num_kv_heads=2,
-                                                 head_dim=32, block_size=16)
-    x = jax.random.normal(jax.random.key(1), (2, 100, 2, 32))
-
-    def dots(dtype, backend):
-        monkeypatch.setattr(compression.jax, "default_backend", lambda: backend)
-        jaxpr = jax.make_jaxpr(lambda x: compression.compress(x, params, kind=kind, **geom))(
-            x.astype(dtype))
-        monkeypatch.undo()
-        return [(tuple(v.aval.dtype for v in e.invars), e.params["precision"],
-                 e.params["preferred_element_type"])
-                for e in jaxpr.eqns if e.primitive.name == "dot_general"]
-
-    highest = (jax.lax.Precision.HIGHEST,) * 2
-    f32, bf16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
-    for backend in ("gpu", "tpu"):
-        got = dots(jnp.bfloat16, backend)
-        assert got and all(ins == (bf16, bf16) and acc == f32 for ins, _, acc in got), got
-    for dtype, backend in ((jnp.bfloat16, "cpu"), (jnp.float32, "gpu"), (jnp.float32, "cpu")):
-        got = dots(dtype, backend)
-        assert got and all(ins == (f32, f32) and prec == highest and acc == f32
-                           for ins, prec, acc in got), (dtype, backend, got)
