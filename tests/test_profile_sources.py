@@ -22,7 +22,8 @@ StackFrames
 2 {file_location_id=1 parent_frame_id=1}
 
 ENTRY %main {
-  %loop_multiply_fusion.35 = bf16[4,8]{1,0} fusion(%a, %b), kind=kLoop, calls=%fused, metadata={op_name="jit(step)/jvp()/mul" stack_frame_id=2}
+  %loop_multiply_fusion.35 = bf16[4,8]{1,0} fusion(%a, %b), kind=kLoop, calls=%fused, \
+metadata={op_name="jit(step)/jvp()/mul" stack_frame_id=2}
 }
 """
 
