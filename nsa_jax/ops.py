@@ -38,7 +38,6 @@ REMAT_POLICIES = {
     "selection": jax.checkpoint_policies.save_only_these_names(SELECTION_NAME),
     "nothing": jax.checkpoint_policies.nothing_saveable,
 }
-REMAT_POLICY = REMAT_POLICIES["attention_out"]
 assert tuple(REMAT_POLICIES) == REMAT_POLICY_NAMES
 
 

@@ -942,10 +942,12 @@ def _gate_bwd_kernel(d_ref, gc_ref, gs_ref, gw_ref, oc_ref, os_ref, ow_ref,
     ``common.combine_outputs``), ``delta`` sums the rounded selected cotangent times the
     selected output (what ``_bwd`` computes from them)."""
     p = pl.program_id(0)
+    # Loaded once for both parts; a program past the last query reads the last one's (its
+    # blocks are clamped) and uses none of it.
+    d = d_ref[...].astype(jnp.float32)  # [Gp, Dv]
 
     @pl.when(p < t_len)
     def _query():
-        d = d_ref[...].astype(jnp.float32)  # [Gp, Dv]
         o_slc = os_ref[...].astype(jnp.float32)
         d_slc = (gs_ref[...][:, None] * d).astype(ds_ref.dtype)
         ds_ref[...] = d_slc
@@ -962,7 +964,7 @@ def _gate_bwd_kernel(d_ref, gc_ref, gs_ref, gw_ref, oc_ref, os_ref, ow_ref,
 
     @pl.when((row >= 0) & (row < rows))
     def _row():
-        d_cmp = gc_ref[...][:, None] * d_ref[...].astype(jnp.float32)
+        d_cmp = gc_ref[...][:, None] * d
         dc_ref[...] = jnp.where(p < t_len, d_cmp, 0.0).astype(dc_ref.dtype)
 
 

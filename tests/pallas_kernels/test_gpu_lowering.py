@@ -107,6 +107,23 @@ def test_selected_combined_lowers_for_h200(t, dk, dv):
     assert names == ["nsa_slc_fwd_combined"], names
 
 
+@pytest.mark.parametrize("t,dk,dv", SHAPES)
+def test_selected_combined_backward_lowers_for_h200(t, dk, dv):
+    """The folded forward's gradients: the gated sum's backward kernel (``nsa_gate_bwd``, the
+    compressed output as rows of queries l - 1 on) before the selected ``dq`` and ``dk/dv``."""
+    first = L_CMP - 1
+    fn = lambda q, k, v, idx, g, oc, ow: slc_gpu.selected_attention_combined(  # noqa: E731
+        q, k, v, idx, g, oc, ow, block_size=L_SLC, forced_included=True, cmp_first=first)
+    names, text = _lower(jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(),
+                                  argnums=(0, 1, 2, 4, 5, 6)),
+                         _sds(B, t, HQ, dk), _sds(B, t, HKV, dk), _sds(B, t, HKV, dv),
+                         _sds(B, t, HKV, TOP_N, dtype=jnp.int32),
+                         _sds(B, t, HQ, 3, dtype=jnp.float32), _sds(B, t - first, HQ, dv),
+                         _sds(B, t, HQ, dv))
+    assert {"nsa_gate_bwd", "nsa_slc_bwd_dq", "nsa_slc_bwd_dkv"} <= set(names), names
+    assert text.count(TRITON_CALL) >= len(names), (t, names)
+
+
 @pytest.mark.parametrize("per_step", [2, 4])
 @pytest.mark.parametrize("t,dk,dv", [(65536, 128, 128), (8002, 192, 128)])
 def test_selected_blocks_per_step_lowers_for_h200(t, dk, dv, per_step):
