@@ -123,6 +123,11 @@ def throughput(args) -> None:
     result["overrides"] = list(args.set)
     result["tuned"] = dict(args.tuned_applied)  # --tuned kernel tile overrides
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    if args.interleave:
+        result["variants"] = {name: items for name, items in args.variants}
+        for seq_len in args.seq_lens:
+            interleaved(preset, mesh, seq_len, args, result)
+        return
     t_start = time.time()
     for seq_len in args.seq_lens:
         for attention in args.attentions:
@@ -175,6 +180,95 @@ def time_one(model, optim_cfg, mesh, seq_len, args) -> dict:
             "reps": len(times), "tokens_per_s": args.batch * seq_len / med,
             "tflops": flops / med / 1e12, "params": num_params, "compile_s": compile_s,
             "keys_per_query": keys_per_query(model, seq_len), "loss": loss}
+
+
+class _Tuned:
+    """Context manager: ``--tuned``-style items applied to the tile tables, then restored."""
+
+    def __init__(self, items):
+        self.items = list(items)
+
+    def __enter__(self):
+        from pallas_kernels import tuned_block_sizes
+        self.saved = {t: dict(getattr(tuned_block_sizes, t))
+                      for t in ("SELECTED", "SELECTION", "COMPRESSED", "SLIDING_WINDOW")}
+        return apply_tuned(self.items)
+
+    def __exit__(self, *exc):
+        from pallas_kernels import tuned_block_sizes
+        for table, entry in self.saved.items():
+            setattr(tuned_block_sizes, table, entry)
+
+
+def interleaved(preset, mesh, seq_len, args, result) -> None:
+    """Times every configuration in round-robin rounds, all compiled first.
+
+    The configurations are ``args.attentions`` with the preset, then each ``--variant`` (an NSA
+    model with its own tile or ``model.*`` overrides). A round times ``--reps`` consecutive
+    steps of each configuration in turn, so slow drifts of the device (clocks, temperature)
+    reach all of them alike. Each record keeps the median of every round; ``rounds_ratio``
+    of a record is, per round, full attention's median over its own (when ``full`` runs).
+    """
+    configs_ = [(a, a, [], []) for a in args.attentions]
+    for name, items in args.variants:
+        model_items = [i for i in items if i.startswith("model.")]
+        configs_.append((name, "nsa", [i for i in items if i not in model_items], model_items))
+    runs = []
+    for name, attention, tuned_items, model_items in configs_:
+        model = apply_overrides(preset, model_items).model.replace(attention=attention)
+        with _Tuned(tuned_items) as applied:
+            state, train_step, batch_sharding, num_params = build(model, preset.optim, mesh)
+            batch = jax.device_put(synthetic_batch(jax.random.key(1), args.batch, seq_len,
+                                                   model.vocab_size), batch_sharding)
+            t0 = time.time()
+            state, m = train_step(state, batch)  # traced and compiled with the tiles applied
+            jax.block_until_ready(m)
+            compile_s = time.time() - t0
+        for _ in range(args.warmup):
+            state, m = train_step(state, batch)
+        jax.block_until_ready(m)
+        print(f"compiled {name} ({attention}) in {compile_s:.0f} s", flush=True)
+        runs.append({"name": name, "attention": attention, "model": model, "state": state,
+                     "step": train_step, "batch": batch, "params": num_params,
+                     "compile_s": compile_s, "tuned": applied, "set": model_items,
+                     "rounds": []})
+    for r in range(args.interleave):
+        for run in runs:
+            times = []
+            for _ in range(args.reps):
+                t0 = time.perf_counter()
+                run["state"], m = run["step"](run["state"], run["batch"])
+                jax.block_until_ready(m)
+                times.append(time.perf_counter() - t0)
+            run["rounds"].append(statistics.median(times) * 1e3)
+            run["loss"] = float(m["loss"])
+        print(f"round {r}: " + ", ".join(f"{x['name']} {x['rounds'][-1]:.2f}" for x in runs),
+              flush=True)
+    full = next((x for x in runs if x["attention"] == "full" and not x["set"]), None)
+    for run in runs:
+        model = run["model"]
+        med = statistics.median(run["rounds"])
+        flops = step_flops(model, run["params"], seq_len, args.batch)
+        rec = {"name": f"train_{run['name']}", "pass": "train_step", "B": args.batch,
+               "T": seq_len, "HQ": model.num_heads, "HKV": model.num_kv_heads,
+               "Dk": model.head_dim, "Dv": model.value_dim, "dtype": model.dtype,
+               "layers": model.num_layers, "d_model": model.d_model, "ms": med,
+               "min_ms": min(run["rounds"]), "max_ms": max(run["rounds"]),
+               "reps": args.reps * args.interleave, "rounds_ms": run["rounds"],
+               "tokens_per_s": args.batch * seq_len / (med * 1e-3),
+               "tflops": flops / (med * 1e-3) / 1e12, "params": run["params"],
+               "compile_s": run["compile_s"], "keys_per_query": keys_per_query(model, seq_len),
+               "loss": run["loss"], "tuned": run["tuned"], "set": run["set"]}
+        if full is not None and run is not full:
+            ratios = [f / x for f, x in zip(full["rounds"], run["rounds"])]
+            rec["rounds_ratio"] = ratios
+            rec["ratio_vs_full"] = full_med_ratio = statistics.median(full["rounds"]) / med
+            print(f"{run['name']}: {med:.2f} ms, {full_med_ratio:.3f}x full "
+                  f"(rounds {min(ratios):.3f}-{max(ratios):.3f})", flush=True)
+        print(json.dumps({k: v for k, v in rec.items() if k != "rounds_ms"}), flush=True)
+        result["records"].append(rec)
+    del runs
+    write(result, args.out)
 
 
 def multi_gpu(args) -> None:
@@ -255,6 +349,16 @@ def report(path: str) -> None:
             else:
                 lines.append(f"| {r['name']} | {r['T']} | {r.get('error') or r.get('skipped')}"
                              " | | | | |")
+        paired = [r for r in res["records"] if r.get("rounds_ratio")]
+        if paired:
+            lines += ["", "Interleaved rounds (full attention's median step over each "
+                      "configuration's, per round):", ""]
+            for r in paired:
+                lines.append(f"- {r['name']} at {r['T']}: {r['ratio_vs_full']:.3f}x "
+                             f"(median of {len(r['rounds_ratio'])} rounds; rounds "
+                             f"{min(r['rounds_ratio']):.3f}-{max(r['rounds_ratio']):.3f})"
+                             + (f", tiles {r['tuned']}" if r.get("tuned") else "")
+                             + (f", {r['set']}" if r.get("set") else ""))
     else:
         lines += ["| mesh | devices | losses | max rel. diff vs 1 device |",
                   "| --- | --- | --- | --- |"]
@@ -324,12 +428,29 @@ def main() -> None:
     p.add_argument("--tuned", action="append", default=[], metavar="TABLE.FIELD=VALUE",
                    help="override an entry of pallas_kernels.tuned_block_sizes (an integer or "
                         "true/false), e.g. SELECTED.num_stages=1, for timing a tiling")
+    p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                   help="throughput: compile every configuration first, then time them in "
+                        "ROUNDS round-robin rounds of --reps steps each")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=ITEM[;ITEM]",
+                   help="with --interleave: one more NSA configuration; each ITEM is a tile "
+                        "override TABLE.FIELD=VALUE (as --tuned) or model.FIELD=VALUE")
     p.add_argument("--out", default=None)
     p.add_argument("--report", metavar="JSON", help="only write the Markdown table of JSON")
     args = p.parse_args()
     if args.tuned and args.out is None and not args.report:
         raise SystemExit("--tuned needs --out: a run with overridden tiles must not replace "
                          "the committed docs/results/train.json")
+    args.variants = []
+    for spec in args.variant:
+        name, sep, items = spec.partition("=")
+        if not sep or not name or not items:
+            raise SystemExit(f"--variant {spec!r} must look like NAME=ITEM[;ITEM...]")
+        args.variants.append((name, [i.strip() for i in items.split(";") if i.strip()]))
+    if args.variants and not args.interleave:
+        raise SystemExit("--variant needs --interleave ROUNDS")
+    if args.variants and args.out is None and not args.report:
+        raise SystemExit("--variant needs --out: variant runs must not replace the committed "
+                         "docs/results/train.json")
     args.tuned_applied = apply_tuned(args.tuned)
     if args.report:
         report(args.report)
