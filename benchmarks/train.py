@@ -191,7 +191,8 @@ class _Tuned:
     def __enter__(self):
         from pallas_kernels import tuned_block_sizes
         self.saved = {t: dict(getattr(tuned_block_sizes, t))
-                      for t in ("SELECTED", "SELECTION", "COMPRESSED", "SLIDING_WINDOW")}
+                      for t in ("SELECTED", "SELECTED_SMALL_HEADS", "SELECTION",
+                                "COMPRESSED", "SLIDING_WINDOW")}
         return apply_tuned(self.items)
 
     def __exit__(self, *exc):
@@ -370,6 +371,23 @@ def report(path: str) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+def register_policies(items: list[str]) -> None:
+    """Adds ``NAME=CHECKPOINT_NAME[,...]`` remat policies (``jax.checkpoint_policies.
+    save_only_these_names``) to the model's table, for this process only."""
+    from nsa_jax import config as config_mod
+    from nsa_jax import ops
+
+    for item in items:
+        name, sep, names = item.partition("=")
+        if not sep or not name or not names or name in ops.REMAT_POLICIES:
+            raise SystemExit(f"--remat-policy {item!r} must look like NAME=NAME1[,NAME2] with "
+                             f"a new NAME (taken: {sorted(ops.REMAT_POLICIES)})")
+        ops.REMAT_POLICIES[name] = jax.checkpoint_policies.save_only_these_names(
+            *[n.strip() for n in names.split(",")])
+        config_mod.REMAT_POLICY_NAMES = (*config_mod.REMAT_POLICY_NAMES, name)
+        print(f"remat policy {name} keeps {names}", flush=True)
+
+
 def apply_tuned(items: list[str]) -> dict:
     """Applies ``--tuned TABLE.FIELD=VALUE`` overrides to ``pallas_kernels.tuned_block_sizes``
     (read when the kernels are traced, so before anything compiles); returns them. A value is
@@ -381,7 +399,8 @@ def apply_tuned(items: list[str]) -> dict:
     from pallas_kernels.selection import gpu as sel_gpu
     from pallas_kernels.sliding_window import gpu as swa_gpu
 
-    classes = {"SELECTED": slc_gpu.BlockSizes, "SELECTION": sel_gpu.BlockSizes,
+    classes = {"SELECTED": slc_gpu.BlockSizes, "SELECTED_SMALL_HEADS": slc_gpu.BlockSizes,
+               "SELECTION": sel_gpu.BlockSizes,
                "COMPRESSED": swa_gpu.BlockSizes, "SLIDING_WINDOW": swa_gpu.BlockSizes}
     done = {}
     for item in items:
@@ -434,6 +453,10 @@ def main() -> None:
     p.add_argument("--variant", action="append", default=[], metavar="NAME=ITEM[;ITEM]",
                    help="with --interleave: one more NSA configuration; each ITEM is a tile "
                         "override TABLE.FIELD=VALUE (as --tuned) or model.FIELD=VALUE")
+    p.add_argument("--remat-policy", action="append", default=[],
+                   metavar="NAME=CHECKPOINT_NAME[,...]",
+                   help="register a remat policy that keeps these checkpoint names, for "
+                        "timing it (--set or --variant model.remat_policy=NAME)")
     p.add_argument("--out", default=None)
     p.add_argument("--report", metavar="JSON", help="only write the Markdown table of JSON")
     args = p.parse_args()
@@ -451,6 +474,7 @@ def main() -> None:
     if args.variants and args.out is None and not args.report:
         raise SystemExit("--variant needs --out: variant runs must not replace the committed "
                          "docs/results/train.json")
+    register_policies(args.remat_policy)
     args.tuned_applied = apply_tuned(args.tuned)
     if args.report:
         report(args.report)

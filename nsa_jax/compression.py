@@ -17,12 +17,16 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float
 
 from nsa_jax.config import CMP_KINDS, num_cmp_tokens
 
 # f32 matmuls at full precision (no TF32 on GPU): phi is part of the exact reference.
 HIGHEST = jax.lax.Precision.HIGHEST
+# The name of the MLP phi's pre-activation (``[B, C, K, Hm]`` float32, a few MiB a layer) for
+# ``jax.checkpoint`` policies: kept, the backward pass does not rerun phi's first matmul.
+PHI_HIDDEN_NAME = "nsa_phi_hidden"
 
 
 def block_view(
@@ -86,7 +90,8 @@ def compress(
         flat = (blocks + pos).transpose(0, 1, 3, 2, 4).reshape(b, c, kh, l * h)  # [B, C, K, L*H]
         hid = jnp.einsum("bckf,kfm->bckm", flat, params["w1"].astype(jnp.float32),
                          precision=HIGHEST)
-        hid = jax.nn.silu(hid + params["b1"].astype(jnp.float32))  # [B, C, K, Hm]
+        hid = checkpoint_name(hid + params["b1"].astype(jnp.float32), PHI_HIDDEN_NAME)
+        hid = jax.nn.silu(hid)  # [B, C, K, Hm]
         out = jnp.einsum("bckm,kmh->bckh", hid, params["w2"].astype(jnp.float32),
                          precision=HIGHEST)
         out = out + params["b2"].astype(jnp.float32)

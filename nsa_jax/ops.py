@@ -15,26 +15,31 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
 from nsa_jax import registry
-from nsa_jax.compression import compress, expected_param_shapes
+from nsa_jax.compression import PHI_HIDDEN_NAME, compress, expected_param_shapes
 from nsa_jax.config import REMAT_POLICY_NAMES, NSAConfig
 from pallas_kernels.common import combine_outputs, rows_to_every_query
 
 # The selected blocks' name for ``jax.checkpoint`` policies.
 SELECTION_NAME = "nsa_selection"
+# The compressed keys and values (phi's outputs), and phi's hidden pre-activation.
+COMPRESSED_NAME = "nsa_compressed"
+PHI_NAMES = (COMPRESSED_NAME, PHI_HIDDEN_NAME)
 # The name of an attention layer's output (the heads, before the output projection), given by
 # every attention layer of the model (NSA, dense, window) alike.
 ATTENTION_OUT_NAME = "attention_out"
 # What a rematerialised block keeps (``ModelConfig.remat_policy``), every other activation
 # being recomputed in the backward pass:
 # - "attention_out" (the default): NSA's selection (a few int32 per query: the top-n is not
-#   rerun) and the attention output (``[T, N, Dv]``, which the output projection's weight
-#   gradient reads: NSA's gated sum of three branch outputs is not recomputed for it; a dense
-#   layer reruns its attention for the softmax statistics all the same);
+#   rerun), phi's outputs and hidden pre-activation (``T/d`` compressed tokens: phi's first
+#   matmul is not rerun) and the attention output (``[T, N, Dv]``, which the output
+#   projection's weight gradient reads: NSA's gated sum of three branch outputs is not
+#   recomputed for it; a dense layer reruns its attention for the softmax statistics all the
+#   same);
 # - "selection": the selection alone;
 # - "nothing": nothing.
 REMAT_POLICIES = {
-    "attention_out": jax.checkpoint_policies.save_only_these_names(SELECTION_NAME,
-                                                                   ATTENTION_OUT_NAME),
+    "attention_out": jax.checkpoint_policies.save_only_these_names(
+        SELECTION_NAME, *PHI_NAMES, ATTENTION_OUT_NAME),
     "selection": jax.checkpoint_policies.save_only_these_names(SELECTION_NAME),
     "nothing": jax.checkpoint_policies.nothing_saveable,
 }
@@ -186,8 +191,10 @@ def nsa_attention(
     cfg = config
     params = cmp_params or {"k": {}, "v": {}}
     geom = dict(kind=cfg.cmp_kind, block_size=cfg.cmp_block_size, stride=cfg.cmp_stride)
-    k_cmp = compress(k, params["k"], **geom)  # [B, C, K, Dk]
-    v_cmp = compress(v, params["v"], **geom)  # [B, C, K, Dv]
+    # Named so that a rematerialised block can keep them (``C = T/d`` tokens: a few MiB a
+    # layer) and not recompute phi in the backward pass (``REMAT_POLICIES``).
+    k_cmp = checkpoint_name(compress(k, params["k"], **geom), COMPRESSED_NAME)  # [B, C, K, Dk]
+    v_cmp = checkpoint_name(compress(v, params["v"], **geom), COMPRESSED_NAME)  # [B, C, K, Dv]
     scale = cfg.softmax_scale
 
     # A backend may fold the gated sum into its selected-attention kernel (one pass over the

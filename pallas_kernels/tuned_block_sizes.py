@@ -29,6 +29,20 @@ COMPRESSED = dict(block_q=128, block_k=64, block_q_dkv=64, block_k_dkv=128,
 # (more programs per SM) 25 ms, three 17 ms. A 32k training step: 177.2 against 184.5 ms.
 SELECTED = dict(entries_per_chunk=256, entries_per_step=4, num_warps=2, num_stages=2,
                 num_warps_bwd=4, num_stages_bwd=2)
+# The selected forward and dq at head dims of at most ``SMALL_HEAD_DIM`` (the 125M model: 16
+# query heads on one KV head, D=64) with one warp: interleaved 32k training steps of that model
+# (commit 75b38e8, docs/results/train_32k_interleaved_tiles_75b38e8.*) took 168.48 against
+# 170.50 ms with 2 warps, lower in each of 8 rounds; the forward and dq at that shape had
+# measured 1.25 / 4.17 against 1.29 / 4.40 ms (commit fb636a6, kernels_variants_125m_fb636a6.md).
+SELECTED_SMALL_HEADS = dict(num_warps=1)
+SMALL_HEAD_DIM = 64
+
+
+def selected(head_dim: int) -> dict:
+    """The ``SELECTED`` entry for a head dim (the larger of Dk and Dv)."""
+    return {**SELECTED, **(SELECTED_SMALL_HEADS if head_dim <= SMALL_HEAD_DIM else {})}
+
+
 # Fused scores + top-n: ``block_q`` queries per program, ``block_c`` compressed tokens a step,
 # block scores by tf32x3 dots. At 64k (H200, commits e77f2e6 and 20a4330): 16.7 ms, against
 # 17.2 ms with float32 FMA dots and 25-35 ms with the head-packed layout (``pack_heads``); a

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float
 
 from pallas_kernels import tuned_block_sizes
@@ -106,6 +107,11 @@ def residue_causal_attention(
     return rows_to_every_query(o, first, q.shape[1]), lse
 
 
+# The name of the cuDNN path's shifted copy of the queries (``[B, R*d, N, Dk]``) for
+# ``jax.checkpoint`` policies.
+QUERY_ROWS_NAME = "nsa_cmp_query_rows"
+
+
 def residue_causal_rows(
     q: Float[Array, "B T N H"],
     k_cmp: Float[Array, "B C K H"],
@@ -131,7 +137,9 @@ def residue_causal_rows(
     # rows see real tokens only. One length for rows and tokens, a multiple of length_multiple.
     rows = -(-(t - first) // d)
     length = -(-max(rows, c) // length_multiple) * length_multiple
-    qr = jnp.pad(q[:, first:], [(0, 0), (0, length * d - (t - first)), (0, 0), (0, 0)])
+    qr = checkpoint_name(
+        jnp.pad(q[:, first:], [(0, 0), (0, length * d - (t - first)), (0, 0), (0, 0)]),
+        QUERY_ROWS_NAME)
     o, lse = attend(qr.reshape(b, length, d * n, dk), _per_residue(k_cmp, length, d),
                     _per_residue(v_cmp, length, d), scale)
     o = o.reshape(b, length * d, n, dv).astype(q.dtype)

@@ -827,7 +827,7 @@ def _prepare(q, k, v, indices, block_size, scale, block_sizes, interpret, forced
     dkp, dvp = max(16, _pow2(dk)), max(16, _pow2(dv))
     sp = -(-s // block_size) * block_size
     mp = _pow2(indices.shape[-1])
-    sizes = block_sizes or BlockSizes(**tuned_block_sizes.SELECTED)
+    sizes = block_sizes or BlockSizes(**tuned_block_sizes.selected(max(dk, dv)))
     per_chunk, num_chunks = _chunking(t, mp, sp // block_size, sizes)
     check_int32_extent(what, q=(b, t, kh * gp, max(dkp, dvp)),
                        k=(b, sp, kh, max(dkp, dvp)),

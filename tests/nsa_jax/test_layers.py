@@ -181,6 +181,41 @@ def test_remat_keeps_the_attention_output(attention):
     assert not [src for _, src in res if ATTENTION_OUT_NAME in src]
 
 
+def test_remat_keeps_the_compressed_tokens():
+    """The default remat policy keeps phi's outputs (the compressed keys and values) and the
+    MLP phi's hidden pre-activation, so the backward pass does not rerun phi's first matmul;
+    the selection-only policy keeps neither. Gradients are those of the block without remat."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from nsa_jax.compression import PHI_HIDDEN_NAME
+    from nsa_jax.ops import COMPRESSED_NAME
+
+    cfg = MODEL.replace(remat=True, attention="nsa")
+    assert cfg.nsa.cmp_kind == "mlp"
+    tokens = jax.random.randint(jax.random.key(5), (1, 40), 0, 259)
+    nsa = cfg.nsa
+    c = (40 - nsa.cmp_block_size) // nsa.cmp_stride + 1
+    kh, dk, dv = cfg.num_kv_heads, cfg.head_dim, cfg.value_dim
+
+    def residuals_and_grads(config):
+        graphdef, params, rest = nnx.split(NSATransformer(config, rngs=nnx.Rngs(0)),
+                                           nnx.Param, ...)
+        loss = lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(tokens))  # noqa: E731
+        return saved_residuals(loss, params), jax.grad(loss)(params)
+
+    res, grads = residuals_and_grads(cfg)
+    cmp_shapes = sorted(aval.shape for aval, src in res if f"named '{COMPRESSED_NAME}'" in src)
+    assert cmp_shapes == sorted([(1, c, kh, dk), (1, c, kh, dv)] * cfg.num_layers), cmp_shapes
+    hidden = [aval.shape for aval, src in res if f"named '{PHI_HIDDEN_NAME}'" in src]
+    assert len(hidden) == 2 * cfg.num_layers and all(s[:3] == (1, c, kh) for s in hidden)
+    lean, lean_grads = residuals_and_grads(cfg.replace(remat_policy="selection"))
+    assert not [src for _, src in lean if COMPRESSED_NAME in src or PHI_HIDDEN_NAME in src]
+    _, plain = residuals_and_grads(cfg.replace(remat=False))
+    for a, b in ((grads, plain), (lean_grads, plain)):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+
+
 def test_token_errors():
     model = NSATransformer(MODEL, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"tokens must be \[B, T\]"):

@@ -36,6 +36,10 @@ LARGER_CASES = (
     # G = 3: neither a power of two nor 16.
     Case(b=1, t=333, n=6, kh=2, dk=64, dv=64, cmp_block_size=32, cmp_stride=16,
          slc_block_size=64, top_n=4, window_size=64),
+    # The 125M model's heads (16 query heads on one KV head, D=64: the selected kernels' tiles
+    # for small heads) with the paper's blocks, T off every block multiple.
+    Case(b=1, t=2100, n=16, kh=1, dk=64, dv=64, cmp_block_size=32, cmp_stride=16,
+         slc_block_size=64, top_n=16, window_size=512),
 )
 
 
