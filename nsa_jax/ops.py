@@ -17,29 +17,34 @@ from jaxtyping import Array, Float, Int
 from nsa_jax import registry
 from nsa_jax.compression import PHI_HIDDEN_NAME, compress, expected_param_shapes
 from nsa_jax.config import REMAT_POLICY_NAMES, NSAConfig
-from pallas_kernels.common import combine_outputs, rows_to_every_query
+from pallas_kernels.common import QUERY_ROWS_NAME, combine_outputs, rows_to_every_query
 
 # The selected blocks' name for ``jax.checkpoint`` policies.
 SELECTION_NAME = "nsa_selection"
 # The compressed keys and values (phi's outputs), and phi's hidden pre-activation.
 COMPRESSED_NAME = "nsa_compressed"
 PHI_NAMES = (COMPRESSED_NAME, PHI_HIDDEN_NAME)
+# The NSA layer's gates (``[B, T, N, 3]`` float32, after the sigmoid).
+GATES_NAME = "nsa_gates"
 # The name of an attention layer's output (the heads, before the output projection), given by
 # every attention layer of the model (NSA, dense, window) alike.
 ATTENTION_OUT_NAME = "attention_out"
 # What a rematerialised block keeps (``ModelConfig.remat_policy``), every other activation
 # being recomputed in the backward pass:
-# - "attention_out" (the default): NSA's selection (a few int32 per query: the top-n is not
-#   rerun), phi's outputs and hidden pre-activation (``T/d`` compressed tokens: phi's first
-#   matmul is not rerun) and the attention output (``[T, N, Dv]``, which the output
+# - "attention_out" (the default): the attention output (``[T, N, Dv]``, which the output
 #   projection's weight gradient reads: NSA's gated sum of three branch outputs is not
 #   recomputed for it; a dense layer reruns its attention for the softmax statistics all the
-#   same);
+#   same) and NSA's intermediate results outside its attention kernels: the selection (a few
+#   int32 per query: the top-n is not rerun), phi's outputs and hidden pre-activation (``T/d``
+#   compressed tokens: phi's first matmul is not rerun), the gates (``[T, N, 3]`` float32: the
+#   gate projection is not rerun) and, on the cuDNN compressed path, its shifted copy of the
+#   queries (``[T, N, Dk]``: not copied again). The attention kernels' own residuals (branch
+#   outputs and log-sum-exps) are recomputed, as a dense layer's are;
 # - "selection": the selection alone;
 # - "nothing": nothing.
 REMAT_POLICIES = {
     "attention_out": jax.checkpoint_policies.save_only_these_names(
-        SELECTION_NAME, *PHI_NAMES, ATTENTION_OUT_NAME),
+        SELECTION_NAME, *PHI_NAMES, GATES_NAME, QUERY_ROWS_NAME, ATTENTION_OUT_NAME),
     "selection": jax.checkpoint_policies.save_only_these_names(SELECTION_NAME),
     "nothing": jax.checkpoint_policies.nothing_saveable,
 }

@@ -20,6 +20,9 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 # Elements of the largest per-chunk intermediate the twins aim for (f32: 256 MiB).
 DEFAULT_CHUNK_BUDGET = 1 << 26
+# The name of the cuDNN compressed path's shifted copy of the queries (``[B, R*d, N, Dk]``,
+# ``compressed.gpu.residue_causal_rows``) for ``jax.checkpoint`` policies.
+QUERY_ROWS_NAME = "nsa_cmp_query_rows"
 
 
 INT32_LIMIT = 1 << 31

@@ -28,7 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float
 
 from pallas_kernels import tuned_block_sizes
-from pallas_kernels.common import default_scale, rows_to_every_query
+from pallas_kernels.common import QUERY_ROWS_NAME, default_scale, rows_to_every_query
 from pallas_kernels.sliding_window.gpu import BlockSizes, banded_attention, check_qkv
 
 __all__ = ["BlockSizes", "compressed_attention", "compressed_attention_cudnn",
@@ -105,11 +105,6 @@ def residue_causal_attention(
                                         scale=scale, attend=attend,
                                         length_multiple=length_multiple)
     return rows_to_every_query(o, first, q.shape[1]), lse
-
-
-# The name of the cuDNN path's shifted copy of the queries (``[B, R*d, N, Dk]``) for
-# ``jax.checkpoint`` policies.
-QUERY_ROWS_NAME = "nsa_cmp_query_rows"
 
 
 def residue_causal_rows(

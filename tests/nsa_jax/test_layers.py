@@ -181,14 +181,15 @@ def test_remat_keeps_the_attention_output(attention):
     assert not [src for _, src in res if ATTENTION_OUT_NAME in src]
 
 
-def test_remat_keeps_the_compressed_tokens():
-    """The default remat policy keeps phi's outputs (the compressed keys and values) and the
-    MLP phi's hidden pre-activation, so the backward pass does not rerun phi's first matmul;
-    the selection-only policy keeps neither. Gradients are those of the block without remat."""
+def test_remat_keeps_the_compressed_tokens_and_gates():
+    """The default remat policy keeps phi's outputs (the compressed keys and values), the MLP
+    phi's hidden pre-activation and the gates, so the backward pass reruns neither phi's
+    first matmul nor the gate projection; the selection-only policy keeps none of them.
+    Gradients are those of the block without remat."""
     from jax._src.ad_checkpoint import saved_residuals
 
     from nsa_jax.compression import PHI_HIDDEN_NAME
-    from nsa_jax.ops import COMPRESSED_NAME
+    from nsa_jax.ops import COMPRESSED_NAME, GATES_NAME
 
     cfg = MODEL.replace(remat=True, attention="nsa")
     assert cfg.nsa.cmp_kind == "mlp"
@@ -208,12 +209,49 @@ def test_remat_keeps_the_compressed_tokens():
     assert cmp_shapes == sorted([(1, c, kh, dk), (1, c, kh, dv)] * cfg.num_layers), cmp_shapes
     hidden = [aval.shape for aval, src in res if f"named '{PHI_HIDDEN_NAME}'" in src]
     assert len(hidden) == 2 * cfg.num_layers and all(s[:3] == (1, c, kh) for s in hidden)
+    gates = [aval.shape for aval, src in res if f"named '{GATES_NAME}'" in src]
+    assert gates == [(1, 40, cfg.num_heads, 3)] * cfg.num_layers, gates
     lean, lean_grads = residuals_and_grads(cfg.replace(remat_policy="selection"))
-    assert not [src for _, src in lean if COMPRESSED_NAME in src or PHI_HIDDEN_NAME in src]
+    assert not [src for _, src in lean
+                if COMPRESSED_NAME in src or PHI_HIDDEN_NAME in src or GATES_NAME in src]
     _, plain = residuals_and_grads(cfg.replace(remat=False))
     for a, b in ((grads, plain), (lean_grads, plain)):
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+
+
+def test_remat_keeps_the_cudnn_query_rows():
+    """The cuDNN compressed path's shifted copy of the queries is kept by the default policy
+    (checked on CPU with a jnp causal attention in cuDNN's place), not by the lean one."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from nsa_jax.ops import REMAT_POLICIES
+    from pallas_kernels.common import QUERY_ROWS_NAME
+    from pallas_kernels.compressed.gpu import residue_causal_rows
+
+    def attend(q, k, v, scale):  # causal, GQA, with the log-sum-exp: cuDNN's contract
+        g = q.shape[2] // k.shape[2]
+        kk, vv = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+        s = jnp.einsum("bqnd,bknd->bnqk", q, kk) * scale
+        s = jnp.where(jnp.tril(jnp.ones(s.shape[-2:], bool)), s, -jnp.inf)
+        lse = jax.nn.logsumexp(s, axis=-1)
+        o = jnp.einsum("bnqk,bknd->bqnd", jnp.exp(s - lse[..., None]), vv)
+        return o, jnp.swapaxes(lse, 1, 2)
+
+    t, l, d = 100, 8, 4
+    q = jax.random.normal(jax.random.key(0), (1, t, 4, 8))
+    kc = jax.random.normal(jax.random.key(1), (1, (t - l) // d + 1, 2, 8))
+
+    def loss(q, policy):
+        f = jax.checkpoint(lambda q: residue_causal_rows(
+            q, kc, kc, block_size=l, stride=d, scale=0.3, attend=attend)[0].sum(),
+            policy=REMAT_POLICIES[policy])
+        return f(q)
+
+    res = saved_residuals(lambda q: loss(q, "attention_out"), q)
+    assert [src for _, src in res if f"named '{QUERY_ROWS_NAME}'" in src]
+    res = saved_residuals(lambda q: loss(q, "selection"), q)
+    assert not [src for _, src in res if QUERY_ROWS_NAME in src]
 
 
 def test_token_errors():
