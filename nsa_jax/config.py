@@ -150,9 +150,10 @@ class ModelConfig:
       implementation: NSA backend name for ``nsa_attention`` (``None``: platform default).
       remat: rematerialise each block in the backward pass (saves activation memory).
       remat_policy: what a rematerialised block keeps (``ops.REMAT_POLICIES``):
-        ``"attention_out"`` (NSA's selected blocks, so the top-n is not rerun, and every
-        attention layer's output, so NSA's gated sum is not recomputed for the output
-        projection's gradient), ``"selection"`` (the selected blocks alone) or ``"nothing"``.
+        ``"attention_out"`` (every attention layer's output, so NSA's gated sum is not
+        recomputed for the output projection's gradient, and NSA's results outside its
+        attention kernels: selected blocks, phi's outputs, gates, the cuDNN path's query
+        rows), ``"selection"`` (the selected blocks alone) or ``"nothing"``.
     """
 
     vocab_size: int = 259
