@@ -53,6 +53,9 @@ BANDED_CMP = "pallas_triton_banded_cmp"
 FORCED_BAND = "pallas_triton_forced_band"
 # The default GPU backend with the window stage on a second GPU stream, for ``--streams``.
 STREAMED = ("pallas_triton_window_stream",)
+# Every stage on the Pallas kernels (no cuDNN, so no cuDNN backward workspace): with
+# low_memory=True, the configuration that aims at the memory target.
+ALL_PALLAS = "pallas_triton_all_pallas"
 
 CFG = NSAConfig(cmp_block_size=32, cmp_stride=16, slc_block_size=64, slc_top_n=16,
                 window_size=512, cmp_kind="mean", kv_mode="shared")
@@ -124,9 +127,10 @@ def flops(t, hq, dk, dv, cfg=CFG, b=1):
 # ------------------------------------------------------------------------------------------
 # Functions under test
 # ------------------------------------------------------------------------------------------
-def nsa_fn(impl):
+def nsa_fn(impl, low_memory: bool = False):
     def f(q, k, v, gates):
-        return nsa_attention(q, k, v, gates, None, config=CFG, implementation=impl)
+        return nsa_attention(q, k, v, gates, None, config=CFG, implementation=impl,
+                             low_memory=low_memory)
     return f
 
 
@@ -186,21 +190,26 @@ def stage_fns(t):
 
 
 # ------------------------------------------------------------------------------------------
-def check(key, band: bool = False, streams: bool = False) -> list[str]:
+def check(key, band: bool = False, streams: bool = False,
+          low_memory: bool = False) -> list[str]:
     """Small-size agreement of the GPU backend with the reference: outputs and gradients."""
     lines, ok = [], True
     q, k, v, gates, ct = inputs(key, 1, 2000, 16, 1, 128, 128)
     o_ref, vjp_ref = jax.vjp(jax.jit(nsa_fn("reference")), q, k, v, gates)
-    for impl in (("pallas_triton", BANDED_CMP) + ((FORCED_BAND,) if band else ())
-                 + (STREAMED if streams else ())):
-        o, vjp = jax.vjp(jax.jit(nsa_fn(impl)), q, k, v, gates)
+    runs = [(impl, False) for impl in (("pallas_triton", BANDED_CMP)
+                                       + ((FORCED_BAND,) if band else ())
+                                       + (STREAMED if streams else ()))]
+    if low_memory:
+        runs += [(ALL_PALLAS, True), ("pallas_triton", True)]
+    for impl, lean in runs:
+        o, vjp = jax.vjp(jax.jit(nsa_fn(impl, lean)), q, k, v, gates)
         # "fwd": the forward alone, which may run other kernels (the folded combination)
         errs = {"out": rel_err(o, o_ref),
-                "fwd": rel_err(jax.jit(nsa_fn(impl))(q, k, v, gates), o_ref)}
+                "fwd": rel_err(jax.jit(nsa_fn(impl, lean))(q, k, v, gates), o_ref)}
         for nm, a, r in zip("q k v gates".split(), vjp(ct), vjp_ref(ct), strict=True):
             errs["d" + nm] = rel_err(a, r)
-        lines.append(f"check nsa {impl} T=2000 N=16 K=1 bf16: " +
-                     ", ".join(f"{a}={b:.2e}" for a, b in errs.items()))
+        lines.append(f"check nsa {impl}{' low_memory' if lean else ''} T=2000 N=16 K=1 bf16: "
+                     + ", ".join(f"{a}={b:.2e}" for a, b in errs.items()))
         ok = ok and all(e < 2e-2 for e in errs.values())
     # The two compressed paths at the benchmark's heads (16 per group), against each other.
     q, k, v, _, ct = inputs(key, 1, 16384, 64, 4, 128, 128)
@@ -499,6 +508,9 @@ def main():
                     help="also time NSA with the window stage on a second GPU stream")
     ap.add_argument("--banded-cmp", action=argparse.BooleanOptionalAction, default=True,
                     help="also time NSA with the banded compressed kernels (same run)")
+    ap.add_argument("--low-memory", action="store_true",
+                    help="also time NSA with low_memory=True (the branch-by-branch backward) "
+                         "on the all-Pallas kernels, and its memory (with and without cuDNN)")
     ap.add_argument("--slc-parts", action="store_true",
                     help="time the selected branch's passes apart, over dK/dV tilings")
     ap.add_argument("--from-log", help="write the result files from a printed log of a run")
@@ -548,7 +560,8 @@ def main():
 
     dev = jax.devices()[0]
     print(f"device {dev.device_kind}, jax {jax.__version__}", flush=True)
-    summary = check(jax.random.key(0), band=args.band, streams=args.streams)
+    summary = check(jax.random.key(0), band=args.band, streams=args.streams,
+                    low_memory=args.low_memory)
     print("\n".join(summary), flush=True)
 
     records, table = [], []
@@ -586,9 +599,17 @@ def main():
         for impl in STREAMED if args.streams else ():  # stages on other streams, same run
             for pas, r in time_passes(nsa_fn(impl), (q, k, v, gates), ct, args.reps).items():
                 add("nsa_" + impl.removeprefix("pallas_triton_"), pas, r, fl["nsa"])
+        if args.low_memory:  # the branch-by-branch backward on the all-Pallas kernels
+            for pas, r in time_passes(nsa_fn(ALL_PALLAS, True), (q, k, v, gates), ct,
+                                      args.reps).items():
+                add("nsa_low_memory", pas, r, fl["nsa"])
         mem_fns = [("nsa", nsa), ("cudnn_dense", cudnn_dense)]
         if args.banded_cmp:
             mem_fns.append(("nsa_banded_cmp", nsa_fn(BANDED_CMP)))
+        if args.low_memory:
+            mem_fns += [("nsa_low_memory", nsa_fn(ALL_PALLAS, True)),
+                        ("nsa_all_pallas", nsa_fn(ALL_PALLAS)),
+                        ("nsa_low_memory_cudnn", nsa_fn("pallas_triton", True))]
         for name, fn in mem_fns:
             try:
                 records.append(dict(name=name, **{"pass": "memory"}, **base,

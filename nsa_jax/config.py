@@ -148,6 +148,9 @@ class ModelConfig:
       dtype: compute dtype of activations and attention.
       param_dtype: storage dtype of parameters (f32 master weights by default).
       implementation: NSA backend name for ``nsa_attention`` (``None``: platform default).
+      low_memory: NSA's backward recomputes its branches one at a time
+        (``nsa_attention(..., low_memory=True)``): less memory, one more forward of the
+        attention branches.
       remat: rematerialise each block in the backward pass (saves activation memory).
       remat_policy: what a rematerialised block keeps (``ops.REMAT_POLICIES``):
         ``"attention_out"`` (every attention layer's output, so NSA's gated sum is not
@@ -172,6 +175,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     implementation: str | None = None
+    low_memory: bool = False
     remat: bool = False
     remat_policy: str = "attention_out"
 

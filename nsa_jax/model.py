@@ -46,7 +46,8 @@ class Block(nnx.Module):
                                      param_dtype=pdtype, rngs=rngs)
         if cfg.attention == "nsa":
             self.attn = NativeSparseAttention(*heads, config=cfg.nsa,
-                                              implementation=cfg.implementation, **common)
+                                              implementation=cfg.implementation,
+                                              low_memory=cfg.low_memory, **common)
         else:
             window = cfg.nsa.window_size if cfg.attention == "window" else None
             self.attn = CausalSelfAttention(*heads, window_size=window, **common)

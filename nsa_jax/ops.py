@@ -166,6 +166,7 @@ def nsa_attention(
     v_swa: Float[Array, "B T K Hv"] | None = None,
     implementation: str | None = None,
     return_aux: bool = False,
+    low_memory: bool = False,
 ) -> Float[Array, "B T N Hv"] | tuple[Float[Array, "B T N Hv"], NSAAux]:
     """Native Sparse Attention over one causal sequence per batch entry.
 
@@ -185,6 +186,11 @@ def nsa_attention(
       implementation: a registered backend name (``"reference"``, kernel backends); ``None``
         picks the platform's default. Stages a backend lacks run on the reference.
       return_aux: also return the branch outputs, selection and compressed keys.
+      low_memory: keep only the inputs and the selection for the backward pass, which then
+        recomputes the branches one at a time (``_branchwise``): forward, gate gradient and
+        backward of one branch, then the next, ordered by optimisation barriers, so that one
+        branch's output and cotangent are live at a time instead of three. It costs a second
+        forward of the three attention branches. Ignored with ``return_aux``.
 
     Returns:
       ``[B, T, N, Dv]`` in ``q.dtype`` (and :class:`NSAAux` when ``return_aux``).
@@ -211,6 +217,9 @@ def nsa_attention(
     cmp_rows = None if fold is None else _paired(chain, "compressed_attention",
                                                  "compressed_attention_rows")
     cmp_kw = dict(block_size=cfg.cmp_block_size, stride=cfg.cmp_stride, scale=scale)
+    if low_memory and not return_aux:
+        return _branchwise(chain, cfg, scale, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa,
+                           gates)
     o_cmp_rows, cmp_first = None, 0
     if cmp_rows is not None:
         try:
@@ -253,6 +262,87 @@ def nsa_attention(
     if return_aux:
         return out, NSAAux(o_cmp, o_slc, o_swa, lse_cmp, indices, k_cmp, v_cmp)
     return out
+
+
+def _branchwise(chain, cfg: NSAConfig, scale, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa,
+                gates):
+    """NSA's attention and gated sum (from the compressed keys on) with a backward pass that
+    recomputes the branches one after another (``nsa_attention(..., low_memory=True)``).
+
+    The forward keeps its inputs and the selection. The backward takes the selected branch,
+    then the compressed one, then the window: for each it reruns the stage's forward under
+    ``jax.vjp``, takes the gate's gradient ``sum(dO * o_b)`` and the branch cotangent
+    ``g_b * dO`` (the autodiff of ``combine_branches``, in float32), runs the stage's backward
+    and adds its query gradient to the running sum. An ``optimization_barrier`` passes the
+    next branch's operands (``dO`` among them) together with the gradients so far, so XLA
+    starts a branch only after the previous one's gradients exist, and never holds the three
+    branch outputs or cotangents at once. The stages are the chain's, with their own
+    gradients; the result equals the default path's up to the order of the ``dq`` sum.
+    """
+    cmp_kw = dict(block_size=cfg.cmp_block_size, stride=cfg.cmp_stride, scale=scale)
+    slc_kw = dict(block_size=cfg.slc_block_size, scale=scale, forced_included=cfg.slc_top_n >= 3)
+    sel_kw = dict(seq_len=q.shape[1], cmp_block_size=cfg.cmp_block_size,
+                  cmp_stride=cfg.cmp_stride, slc_block_size=cfg.slc_block_size,
+                  top_n=cfg.slc_top_n, scale=scale)
+
+    def cmp_fn(q, k, v):
+        return registry.call_stage(chain, "compressed_attention", q, k, v, **cmp_kw)
+
+    def slc_fn(indices):
+        return lambda q, k, v: registry.call_stage(chain, "selected_attention", q, k, v,
+                                                   indices, **slc_kw)
+
+    def swa_fn(q, k, v):
+        return registry.call_stage(chain, "sliding_window_attention", q, k, v,
+                                   window_size=cfg.window_size, scale=scale)
+
+    fold = _paired(chain, "selected_attention", "selected_attention_combined")
+
+    def forward(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates):
+        o_cmp, lse_cmp = cmp_fn(q, k_cmp, v_cmp)
+        indices = jax.lax.stop_gradient(
+            registry.call_stage(chain, "select_blocks", q, k_cmp, lse_cmp, **sel_kw))
+        o_swa, _ = swa_fn(q, k_swa, v_swa)
+        if fold is not None:  # the gated sum folded into the selected kernel (no gradient)
+            try:
+                return fold(q, k_slc, v_slc, indices, gates, o_cmp, o_swa, **slc_kw), indices
+            except NotImplementedError:
+                pass
+        o_slc, _ = slc_fn(indices)(q, k_slc, v_slc)
+        return combine_branches(gates, o_cmp, o_slc, o_swa), indices
+
+    @jax.custom_vjp
+    def attend(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates):
+        return forward(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates)[0]
+
+    def attend_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates):
+        out, indices = forward(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates)
+        return out, (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, indices)
+
+    def attend_bwd(res, do):
+        q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, indices = res
+        # (gate slot, stage, its keys and values), in the order they run.
+        branches = ((1, slc_fn(indices), k_slc, v_slc), (0, cmp_fn, k_cmp, v_cmp),
+                    (2, swa_fn, k_swa, v_swa))
+        dq, dkv, dgates, done = None, {}, [None] * 3, None
+        for slot, fn, k, v in branches:
+            operands = (q, k, v, do, gates)
+            if done is not None:  # start only once the previous branch's gradients exist
+                operands, _ = jax.lax.optimization_barrier((operands, done))
+            qb, kb, vb, dob, gb = operands
+            (o_b, lse_b), vjp = jax.vjp(fn, qb, kb, vb)
+            do32 = dob.astype(jnp.float32)
+            dgates[slot] = jnp.sum(do32 * o_b.astype(jnp.float32), axis=-1)
+            do_b = (gb[..., slot].astype(jnp.float32)[..., None] * do32).astype(o_b.dtype)
+            dqb, dkb, dvb = vjp((do_b, jnp.zeros_like(lse_b)))
+            dq = dqb if dq is None else dq + dqb
+            dkv[slot] = (dkb, dvb)
+            done = (dq, dkb, dvb)
+        dg = jnp.stack(dgates, axis=-1).astype(gates.dtype)
+        return (dq, *dkv[0], *dkv[1], *dkv[2], dg)
+
+    attend.defvjp(attend_fwd, attend_bwd)
+    return attend(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates)
 
 
 def _paired(chain, stage: str, extra: str):

@@ -279,3 +279,30 @@ def test_packed_selection_falls_back_for_groups_too_wide_for_a_tile():
     names, _ = _lower(fn, _sds(1, t, n, 256, dtype=f32), _sds(1, c, 1, 256, dtype=f32),
                       _sds(1, t, n, dtype=f32))
     assert names == ["nsa_sel_topn"], names
+
+
+def test_low_memory_nsa_lowers_for_h200():
+    """``nsa_attention(..., low_memory=True)`` on the all-Pallas GPU backend at 64k: the
+    forward folds the gated sum into the selected kernel, the backward reruns each branch's
+    forward kernel (the top-n runs once) between optimisation barriers, and every kernel
+    lowers."""
+    from nsa_jax import NSAConfig, nsa_attention
+
+    t = 65536
+    cfg = NSAConfig(cmp_block_size=L_CMP, cmp_stride=D_CMP, slc_block_size=L_SLC,
+                    slc_top_n=TOP_N, window_size=WINDOW, cmp_kind="mean")
+
+    def loss(q, k, v, g):
+        o = nsa_attention(q, k, v, g, None, config=cfg, low_memory=True,
+                          implementation="pallas_triton_all_pallas")
+        return o.astype(jnp.float32).sum()
+
+    names, text = _lower(jax.grad(loss, argnums=(0, 1, 2, 3)), _sds(B, t, HQ, 128),
+                         _sds(B, t, HKV, 128), _sds(B, t, HKV, 128), _sds(B, t, HQ, 3))
+    counts = {n: names.count(n) for n in set(names)}
+    assert counts.get("nsa_sel_topn") == 1, counts
+    assert counts.get("nsa_cmp_fwd") == counts.get("nsa_swa_fwd") == 2, counts
+    assert counts.get("nsa_slc_fwd_combined") == counts.get("nsa_slc_fwd") == 1, counts
+    assert {"nsa_slc_bwd_dq", "nsa_slc_bwd_dkv", "nsa_swa_bwd_dq", "nsa_swa_bwd_dkv"} <= set(
+        names), counts
+    assert text.count("optimization_barrier") >= 2

@@ -1,0 +1,145 @@
+"""``nsa_attention(..., low_memory=True)``: the branch-by-branch backward computes the same
+function and gradients as the default path, on the reference and on the Triton kernels in
+interpret mode, and its compiled program holds less at once."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nsa_jax import nsa_attention, registry
+from pallas_kernels import common, gpu_backend
+from tests.nsa_jax.helpers import Case, make_inputs
+from tests.tolerances import assert_close
+
+CASES = [
+    Case("G2_T100_mlp_separate", n=4, kh=2),
+    Case("G16_T70_mean_shared", t=70, n=16, kh=1, kind="mean", kv_mode="shared"),
+    Case("Dk8_Dv12_T45_linear", t=45, dk=8, dv=12, kind="linear"),
+    Case("T6_no_cmp_token", t=6, n=4, kh=2),
+]
+
+
+def _loss_and_grads(inputs, config, implementation, low_memory):
+    keys = [k for k in ("q", "k", "v", "gates", "cmp_params", "k_slc", "v_slc", "k_swa",
+                        "v_swa") if k in inputs]
+    ct = jax.random.normal(jax.random.key(7), inputs["q"].shape[:3] + inputs["v"].shape[-1:])
+
+    def loss(*args):
+        kw = dict(zip(keys, args))
+        out = nsa_attention(**kw, config=config, implementation=implementation,
+                            low_memory=low_memory)
+        return jnp.sum(out.astype(jnp.float32) * ct), out
+
+    fn = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(keys))), has_aux=True))
+    (_, out), grads = fn(*[inputs[k] for k in keys])
+    return out, dict(zip(keys, grads))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_low_memory_matches_default_reference(case, dtype):
+    inputs = make_inputs(case, dtype)
+    out, grads = _loss_and_grads(inputs, case.config, "reference", False)
+    out_lm, grads_lm = _loss_and_grads(inputs, case.config, "reference", True)
+    # The forward is the same computation; only the order of the dq sum differs.
+    np.testing.assert_array_equal(np.asarray(out_lm), np.asarray(out))
+    for name in grads:
+        for a, b in zip(jax.tree.leaves(grads_lm[name]), jax.tree.leaves(grads[name])):
+            if dtype == jnp.float32:
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5,
+                                           atol=2e-6, err_msg=name)
+            else:
+                assert_close(a, b, dtype, what=f"d{name}")
+
+
+@pytest.fixture(scope="module")
+def interpret_backend():
+    backend = gpu_backend.make_backend(interpret=True, name="low_memory_test_interpret",
+                                       window="pallas", compressed="pallas")
+    registry.register_backend(backend)  # platforms=(): no platform's default changes
+    return backend.name
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_low_memory_on_the_kernels(interpret_backend, dtype):
+    """The Triton kernels (interpreted; the banded compressed and window kernels, as a
+    low-memory run on a GPU would use) under the branch-by-branch backward, against the
+    default path on the same kernels."""
+    case = Case("G4_T90", t=90, n=8, kh=2, dk=16, dv=16)
+    inputs = make_inputs(case, dtype, seed=3)
+    out, grads = _loss_and_grads(inputs, case.config, interpret_backend, False)
+    out_lm, grads_lm = _loss_and_grads(inputs, case.config, interpret_backend, True)
+    assert_close(out_lm, out, dtype, what="o")
+    for name in grads:
+        for a, b in zip(jax.tree.leaves(grads_lm[name]), jax.tree.leaves(grads[name])):
+            assert_close(a, b, dtype, what=f"d{name}")
+
+
+def test_low_memory_holds_less(monkeypatch):
+    """XLA's buffer assignment for one forward+backward on CPU (reference stages, their query
+    chunks made small so that the branches' tensors are not lost among the chunks' buffers):
+    the branch-by-branch backward needs fewer temporary bytes than the default path, which
+    holds the three branch outputs and cotangents together. (7.0 MB less here, 1.7 of the
+    4.2 MB branch tensors; the reference's own per-chunk residuals make up the rest. The
+    memory that counts, the GPU kernels' at 64k, is measured by ``benchmarks/kernels.py``.)"""
+    monkeypatch.setattr(common.auto_chunk_size, "__defaults__", (1 << 16,))
+    case = Case("T2048", t=2048, n=8, kh=2, dk=64, dv=64, l=32, d=16, lp=64, top_n=8, w=128,
+                kind="mean")
+    inputs = make_inputs(case, jnp.float32)
+    inputs.pop("cmp_params")
+
+    def temp_bytes(low_memory):
+        def loss(q, k, v, gates):
+            return jnp.sum(nsa_attention(q, k, v, gates, config=case.config,
+                                         implementation="reference", low_memory=low_memory))
+
+        args = [inputs[k] for k in ("q", "k", "v", "gates")]
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(*args).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    branch_bytes = 2048 * 8 * 64 * 4  # one [T, N, Dv] float32 tensor
+    default, lean = temp_bytes(False), temp_bytes(True)
+    assert lean <= default - branch_bytes, (lean, default, branch_bytes)
+
+
+def test_low_memory_is_ignored_with_aux():
+    case = CASES[0]
+    inputs = make_inputs(case, jnp.float32)
+    out, aux = nsa_attention(**inputs, config=case.config, implementation="reference",
+                             return_aux=True, low_memory=True)
+    assert aux.indices.shape[:3] == (case.b, case.t, case.kh)
+    np.testing.assert_array_equal(
+        np.asarray(out), np.asarray(nsa_attention(**inputs, config=case.config,
+                                                  implementation="reference")))
+
+
+
+@pytest.mark.parametrize("remat", [False, True], ids=["plain", "remat"])
+def test_model_with_low_memory(remat):
+    """``ModelConfig.low_memory`` reaches every NSA layer: the model's loss and gradients
+    equal the default's (float32, reference stages), with and without remat."""
+    from flax import nnx
+
+    from nsa_jax import ModelConfig, NSATransformer
+    from nsa_jax.config import NSAConfig
+
+    cfg = ModelConfig(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                      mlp_hidden=64, remat=remat, implementation="reference",
+                      nsa=NSAConfig(cmp_block_size=8, cmp_stride=4, slc_block_size=16,
+                                    slc_top_n=3, window_size=16))
+    tokens = jax.random.randint(jax.random.key(2), (2, 50), 0, 259)
+
+    def loss_and_grads(config):
+        model = NSATransformer(config, rngs=nnx.Rngs(0))
+        assert all(layer.attn.low_memory == config.low_memory for layer in model.blocks)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        loss = lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(tokens) ** 2)  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (l0, g0), (l1, g1) = loss_and_grads(cfg), loss_and_grads(cfg.replace(low_memory=True))
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-7)
