@@ -332,8 +332,11 @@ def _branchwise(chain, cfg: NSAConfig, scale, q, k_cmp, v_cmp, k_slc, v_slc, k_s
             qb, kb, vb, dob, gb = operands
             (o_b, lse_b), vjp = jax.vjp(fn, qb, kb, vb)
             do32 = dob.astype(jnp.float32)
-            dgates[slot] = jnp.sum(do32 * o_b.astype(jnp.float32), axis=-1)
+            dg = jnp.sum(do32 * o_b.astype(jnp.float32), axis=-1)
             do_b = (gb[..., slot].astype(jnp.float32)[..., None] * do32).astype(o_b.dtype)
+            # The gate's gradient before the branch's backward kernels, so that the branch
+            # output is not kept alive through them for a reduction scheduled late.
+            do_b, dgates[slot] = jax.lax.optimization_barrier((do_b, dg))
             dqb, dkb, dvb = vjp((do_b, jnp.zeros_like(lse_b)))
             dq = dqb if dq is None else dq + dqb
             dkv[slot] = (dkb, dvb)

@@ -82,7 +82,7 @@ def test_low_memory_holds_less(monkeypatch):
     """XLA's buffer assignment for one forward+backward on CPU (reference stages, their query
     chunks made small so that the branches' tensors are not lost among the chunks' buffers):
     the branch-by-branch backward needs fewer temporary bytes than the default path, which
-    holds the three branch outputs and cotangents together. (7.0 MB less here, 1.7 of the
+    holds the three branch outputs and cotangents together. (6.4 MB less here, 1.5 of the
     4.2 MB branch tensors; the reference's own per-chunk residuals make up the rest. The
     memory that counts, the GPU kernels' at 64k, is measured by ``benchmarks/kernels.py``.)"""
     monkeypatch.setattr(common.auto_chunk_size, "__defaults__", (1 << 16,))
