@@ -143,3 +143,45 @@ def test_model_with_low_memory(remat):
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-7)
+
+
+SHARDED_SCRIPT = """
+import json, jax, numpy as np
+import configs
+from benchmarks import train as bench
+from nsa_jax import sharding
+preset = configs.get_config("tiny")
+mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, devices=jax.devices()[:8])
+out = {}
+for low_memory in (False, True):
+    model = preset.model.replace(low_memory=low_memory)
+    state, step, batch_sharding, _ = bench.build(model, preset.optim, mesh)
+    batch = jax.device_put(bench.synthetic_batch(jax.random.key(1), 8, 128, model.vocab_size),
+                           batch_sharding)
+    losses = []
+    for _ in range(4):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    out[str(low_memory)] = losses
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_low_memory_on_a_sharded_mesh():
+    """Training steps of the tiny preset on 8 CPU devices (data, fsdp and tensor axes of 2,
+    the NSA stages inside ``shard_map``) give the same losses with ``low_memory=True``."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    res = json.loads(line[len("RESULT "):])
+    assert res["False"][0] != res["False"][-1]  # the steps train
+    np.testing.assert_allclose(res["True"], res["False"], rtol=1e-6)
