@@ -326,9 +326,10 @@ def _branchwise(chain, cfg: NSAConfig, scale, q, k_cmp, v_cmp, k_slc, v_slc, k_s
                     (2, swa_fn, k_swa, v_swa))
         dq, dkv, dgates, done = None, {}, [None] * 3, None
         for slot, fn, k, v in branches:
-            operands = (q, k, v, do, gates)
-            if done is not None:  # start only once the previous branch's gradients exist
-                operands, _ = jax.lax.optimization_barrier((operands, done))
+            # Start only once the previous branch's gradients exist (and, for the first, once
+            # the cotangent does: the recompute is then no copy of the forward's kernels that
+            # XLA could merge with them, keeping their outputs live in between).
+            operands, _ = jax.lax.optimization_barrier(((q, k, v, do, gates), done))
             qb, kb, vb, dob, gb = operands
             (o_b, lse_b), vjp = jax.vjp(fn, qb, kb, vb)
             do32 = dob.astype(jnp.float32)
