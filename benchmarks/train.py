@@ -261,7 +261,7 @@ def interleaved(preset, mesh, seq_len, args, result) -> None:
                "compile_s": run["compile_s"], "keys_per_query": keys_per_query(model, seq_len),
                "loss": run["loss"], "tuned": run["tuned"], "set": run["set"]}
         if full is not None and run is not full:
-            ratios = [f / x for f, x in zip(full["rounds"], run["rounds"])]
+            ratios = [f / x for f, x in zip(full["rounds"], run["rounds"], strict=True)]
             rec["rounds_ratio"] = ratios
             rec["ratio_vs_full"] = full_med_ratio = statistics.median(full["rounds"]) / med
             print(f"{run['name']}: {med:.2f} ms, {full_med_ratio:.3f}x full "

@@ -46,7 +46,7 @@ def test_interleaved_rounds_variants_and_policies(tmp_path, monkeypatch):
     for name in ("train_nsa", "train_v"):
         rec = recs[name]
         assert rec["rounds_ratio"] == pytest.approx(
-            [f / x for f, x in zip(full, rec["rounds_ms"])])
+            [f / x for f, x in zip(full, rec["rounds_ms"], strict=True)])
     assert "rounds_ratio" not in recs["train_full"]
     assert recs["train_v"]["tuned"] == {"SELECTION.num_stages": 2}
     assert recs["train_v"]["set"] == ["model.remat_policy=lean"]

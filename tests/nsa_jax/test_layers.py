@@ -216,7 +216,7 @@ def test_remat_keeps_the_compressed_tokens_and_gates():
                 if COMPRESSED_NAME in src or PHI_HIDDEN_NAME in src or GATES_NAME in src]
     _, plain = residuals_and_grads(cfg.replace(remat=False))
     for a, b in ((grads, plain), (lean_grads, plain)):
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
 
 

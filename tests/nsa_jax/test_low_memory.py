@@ -29,14 +29,14 @@ def _loss_and_grads(inputs, config, implementation, low_memory):
     ct = jax.random.normal(jax.random.key(7), inputs["q"].shape[:3] + inputs["v"].shape[-1:])
 
     def loss(*args):
-        kw = dict(zip(keys, args))
+        kw = dict(zip(keys, args, strict=True))
         out = nsa_attention(**kw, config=config, implementation=implementation,
                             low_memory=low_memory)
         return jnp.sum(out.astype(jnp.float32) * ct), out
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(keys))), has_aux=True))
     (_, out), grads = fn(*[inputs[k] for k in keys])
-    return out, dict(zip(keys, grads))
+    return out, dict(zip(keys, grads, strict=True))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -48,7 +48,7 @@ def test_low_memory_matches_default_reference(case, dtype):
     # The forward is the same computation; only the order of the dq sum differs.
     np.testing.assert_array_equal(np.asarray(out_lm), np.asarray(out))
     for name in grads:
-        for a, b in zip(jax.tree.leaves(grads_lm[name]), jax.tree.leaves(grads[name])):
+        for a, b in zip(jax.tree.leaves(grads_lm[name]), jax.tree.leaves(grads[name]), strict=True):
             if dtype == jnp.float32:
                 np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5,
                                            atol=2e-6, err_msg=name)
@@ -85,7 +85,7 @@ def test_low_memory_on_the_kernels(interpret_backend, dtype):
     out_lm, grads_lm = _loss_and_grads(inputs, case.config, interpret_backend, True)
     assert_close(out_lm, out, dtype, what="o")
     for name in grads:
-        for a, b in zip(jax.tree.leaves(grads_lm[name]), jax.tree.leaves(grads[name])):
+        for a, b in zip(jax.tree.leaves(grads_lm[name]), jax.tree.leaves(grads[name]), strict=True):
             assert_close(a, b, dtype, what=f"d{name}")
 
 
@@ -225,6 +225,6 @@ def test_low_memory_on_the_tpu_kernels():
     out_lm, grads_lm = _loss_and_grads(inputs, case.config, backend.name, True)
     np.testing.assert_allclose(np.asarray(out_lm), np.asarray(out), rtol=1e-6, atol=1e-6)
     for name in grads:
-        for a, b in zip(jax.tree.leaves(grads_lm[name]), jax.tree.leaves(grads[name])):
+        for a, b in zip(jax.tree.leaves(grads_lm[name]), jax.tree.leaves(grads[name]), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6,
                                        err_msg=name)
