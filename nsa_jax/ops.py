@@ -317,6 +317,7 @@ def _branchwise(chain, cfg: NSAConfig, scale, q, k_cmp, v_cmp, k_slc, v_slc, k_s
 
     def attend_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates):
         out, indices = forward(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates)
+        indices = checkpoint_name(indices, SELECTION_NAME)
         return out, (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, indices)
 
     def attend_bwd(res, do):

@@ -228,3 +228,20 @@ def test_low_memory_on_the_tpu_kernels():
         for a, b in zip(jax.tree.leaves(grads_lm[name]), jax.tree.leaves(grads[name]), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6,
                                        err_msg=name)
+
+
+def test_low_memory_under_remat_keeps_the_selection():
+    """Under a rematerialised block the default policy keeps the low-memory path's selection
+    too (a name on the custom VJP's residual): one ``top_k`` per layer, as without it."""
+    from flax import nnx
+
+    from nsa_jax import NSATransformer
+    from tests.nsa_jax.test_layers import MODEL, _count_primitive
+
+    tokens = jax.random.randint(jax.random.key(5), (1, 40), 0, 259)
+    for cfg in (MODEL.replace(remat=True, low_memory=True), MODEL.replace(low_memory=True)):
+        graphdef, params, rest = nnx.split(NSATransformer(cfg, rngs=nnx.Rngs(0)), nnx.Param,
+                                           ...)
+        grads = jax.grad(lambda p, t, g=graphdef, r=rest: jnp.mean(nnx.merge(g, p, r)(t)))
+        jaxpr = jax.make_jaxpr(grads)(params, tokens).jaxpr
+        assert _count_primitive(jaxpr, "top_k") == cfg.num_layers, cfg
