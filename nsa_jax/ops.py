@@ -206,52 +206,73 @@ def nsa_attention(
     # layer) and not recompute phi in the backward pass (``REMAT_POLICIES``).
     k_cmp = checkpoint_name(compress(k, params["k"], **geom), COMPRESSED_NAME)  # [B, C, K, Dk]
     v_cmp = checkpoint_name(compress(v, params["v"], **geom), COMPRESSED_NAME)  # [B, C, K, Dv]
-    scale = cfg.softmax_scale
+    if low_memory and not return_aux:
+        return _branchwise(chain, cfg, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates)
+    out, indices, branches = _branches(chain, cfg, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa,
+                                       gates, fold_allowed=not return_aux)
+    if return_aux:
+        o_cmp, o_slc, o_swa, lse_cmp = branches
+        return out, NSAAux(o_cmp, o_slc, o_swa, lse_cmp, indices, k_cmp, v_cmp)
+    return out
 
+
+def _stage_kwargs(cfg: NSAConfig, seq_len: int) -> dict[str, dict]:
+    """The static keyword arguments of each stage call, by stage name."""
+    scale = cfg.softmax_scale
+    return {
+        "compressed_attention": dict(block_size=cfg.cmp_block_size, stride=cfg.cmp_stride,
+                                     scale=scale),
+        "select_blocks": dict(seq_len=seq_len, cmp_block_size=cfg.cmp_block_size,
+                              cmp_stride=cfg.cmp_stride, slc_block_size=cfg.slc_block_size,
+                              top_n=cfg.slc_top_n, scale=scale),
+        # The selection always holds the forced blocks when there are slots for them (spec), a
+        # promise the selected-attention kernels may use to share their loads.
+        "selected_attention": dict(block_size=cfg.slc_block_size, scale=scale,
+                                   forced_included=cfg.slc_top_n >= 3),
+        "sliding_window_attention": dict(window_size=cfg.window_size, scale=scale),
+    }
+
+
+def _branches(chain, cfg: NSAConfig, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, *,
+              fold_allowed: bool):
+    """The three branches and their gated sum from the compressed keys on:
+    ``(out, indices, (o_cmp, o_slc, o_swa, lse_cmp))``, the last ``None`` when the gated sum
+    was folded into the selected kernel (only with ``fold_allowed``)."""
+    kw = _stage_kwargs(cfg, q.shape[1])
     # A backend may fold the gated sum into its selected-attention kernel (one pass over the
     # outputs fewer when no gradient is taken); only the backend whose selected attention
     # runs is asked, and only a fold made for that selected attention is used. The fold can
     # read the compressed branch's output rows in place (``compressed_attention_rows``).
-    fold = None if return_aux else _paired(chain, "selected_attention",
-                                           "selected_attention_combined")
+    fold = None if not fold_allowed else _paired(chain, "selected_attention",
+                                                 "selected_attention_combined")
     cmp_rows = None if fold is None else _paired(chain, "compressed_attention",
                                                  "compressed_attention_rows")
-    cmp_kw = dict(block_size=cfg.cmp_block_size, stride=cfg.cmp_stride, scale=scale)
-    if low_memory and not return_aux:
-        return _branchwise(chain, cfg, scale, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa,
-                           gates)
     o_cmp_rows, cmp_first = None, 0
     if cmp_rows is not None:
         try:
-            o_cmp_rows, lse_cmp, cmp_first = cmp_rows(q, k_cmp, v_cmp, **cmp_kw)
+            o_cmp_rows, lse_cmp, cmp_first = cmp_rows(q, k_cmp, v_cmp,
+                                                      **kw["compressed_attention"])
         except NotImplementedError:
             pass
     if o_cmp_rows is None:
         o_cmp, lse_cmp = registry.call_stage(chain, "compressed_attention", q, k_cmp, v_cmp,
-                                             **cmp_kw)
+                                             **kw["compressed_attention"])
     else:
         o_cmp = None  # padded to every query only if the fold does not run
-    indices = registry.call_stage(
-        chain, "select_blocks", q, k_cmp, lse_cmp, seq_len=q.shape[1],
-        cmp_block_size=cfg.cmp_block_size, cmp_stride=cfg.cmp_stride,
-        slc_block_size=cfg.slc_block_size, top_n=cfg.slc_top_n, scale=scale,
-    )
+    indices = registry.call_stage(chain, "select_blocks", q, k_cmp, lse_cmp,
+                                  **kw["select_blocks"])
     # Named so that a rematerialised block can keep the selection (a few int32 per query) and
     # skip recomputing the top-n in the backward pass (``REMAT_POLICIES``).
     indices = checkpoint_name(jax.lax.stop_gradient(indices), SELECTION_NAME)
-    o_swa, _ = registry.call_stage(
-        chain, "sliding_window_attention", q, k_swa, v_swa,
-        window_size=cfg.window_size, scale=scale,
-    )
-    # The selection always holds the forced blocks when there are slots for them (spec), a
-    # promise the selected-attention kernels may use to share their loads.
-    slc_kw = dict(block_size=cfg.slc_block_size, scale=scale, forced_included=cfg.slc_top_n >= 3)
+    o_swa, _ = registry.call_stage(chain, "sliding_window_attention", q, k_swa, v_swa,
+                                   **kw["sliding_window_attention"])
+    slc_kw = kw["selected_attention"]
     if fold is not None:
         try:
             if o_cmp_rows is not None:
                 return fold(q, k_slc, v_slc, indices, gates, o_cmp_rows, o_swa,
-                            cmp_first=cmp_first, **slc_kw)
-            return fold(q, k_slc, v_slc, indices, gates, o_cmp, o_swa, **slc_kw)
+                            cmp_first=cmp_first, **slc_kw), indices, None
+            return fold(q, k_slc, v_slc, indices, gates, o_cmp, o_swa, **slc_kw), indices, None
         except NotImplementedError:
             pass
     if o_cmp is None:
@@ -259,72 +280,46 @@ def nsa_attention(
     o_slc, _ = registry.call_stage(chain, "selected_attention", q, k_slc, v_slc, indices,
                                    **slc_kw)
     out = combine_branches(gates, o_cmp, o_slc, o_swa)
-    if return_aux:
-        return out, NSAAux(o_cmp, o_slc, o_swa, lse_cmp, indices, k_cmp, v_cmp)
-    return out
+    return out, indices, (o_cmp, o_slc, o_swa, lse_cmp)
 
 
-def _branchwise(chain, cfg: NSAConfig, scale, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa,
-                gates):
+def _branchwise(chain, cfg: NSAConfig, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates):
     """NSA's attention and gated sum (from the compressed keys on) with a backward pass that
     recomputes the branches one after another (``nsa_attention(..., low_memory=True)``).
 
-    The forward keeps its inputs and the selection. The backward takes the selected branch,
-    then the compressed one, then the window: for each it reruns the stage's forward under
-    ``jax.vjp``, takes the gate's gradient ``sum(dO * o_b)`` and the branch cotangent
-    ``g_b * dO`` (the autodiff of ``combine_branches``, in float32), runs the stage's backward
-    and adds its query gradient to the running sum. An ``optimization_barrier`` passes the
-    next branch's operands (``dO`` among them) together with the gradients so far, so XLA
-    starts a branch only after the previous one's gradients exist, and never holds the three
-    branch outputs or cotangents at once. The stages are the chain's, with their own
-    gradients; the result equals the default path's up to the order of the ``dq`` sum.
+    The forward (:func:`_branches`, the gated sum folded where the backend can) keeps its
+    inputs and the selection. The backward takes the selected branch, then the compressed
+    one, then the window: for each it reruns the stage's forward under ``jax.vjp``, takes the
+    gate's gradient ``sum(dO * o_b)`` and the branch cotangent ``g_b * dO`` (the autodiff of
+    ``combine_branches``, in float32), runs the stage's backward and adds its query gradient
+    to the running sum. An ``optimization_barrier`` passes the next branch's operands (``dO``
+    among them) together with the gradients so far, so XLA starts a branch only after the
+    previous one's gradients exist, and never holds the three branch outputs or cotangents at
+    once. The stages are the chain's, with their own gradients; the result equals the default
+    path's up to the order of the ``dq`` sum.
     """
-    cmp_kw = dict(block_size=cfg.cmp_block_size, stride=cfg.cmp_stride, scale=scale)
-    slc_kw = dict(block_size=cfg.slc_block_size, scale=scale, forced_included=cfg.slc_top_n >= 3)
-    sel_kw = dict(seq_len=q.shape[1], cmp_block_size=cfg.cmp_block_size,
-                  cmp_stride=cfg.cmp_stride, slc_block_size=cfg.slc_block_size,
-                  top_n=cfg.slc_top_n, scale=scale)
+    kw = _stage_kwargs(cfg, q.shape[1])
 
-    def cmp_fn(q, k, v):
-        return registry.call_stage(chain, "compressed_attention", q, k, v, **cmp_kw)
-
-    def slc_fn(indices):
-        return lambda q, k, v: registry.call_stage(chain, "selected_attention", q, k, v,
-                                                   indices, **slc_kw)
-
-    def swa_fn(q, k, v):
-        return registry.call_stage(chain, "sliding_window_attention", q, k, v,
-                                   window_size=cfg.window_size, scale=scale)
-
-    fold = _paired(chain, "selected_attention", "selected_attention_combined")
-
-    def forward(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates):
-        o_cmp, lse_cmp = cmp_fn(q, k_cmp, v_cmp)
-        indices = jax.lax.stop_gradient(
-            registry.call_stage(chain, "select_blocks", q, k_cmp, lse_cmp, **sel_kw))
-        o_swa, _ = swa_fn(q, k_swa, v_swa)
-        if fold is not None:  # the gated sum folded into the selected kernel (no gradient)
-            try:
-                return fold(q, k_slc, v_slc, indices, gates, o_cmp, o_swa, **slc_kw), indices
-            except NotImplementedError:
-                pass
-        o_slc, _ = slc_fn(indices)(q, k_slc, v_slc)
-        return combine_branches(gates, o_cmp, o_slc, o_swa), indices
+    def stage(name, *static):
+        return lambda q, k, v: registry.call_stage(chain, name, q, k, v, *static, **kw[name])
 
     @jax.custom_vjp
     def attend(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates):
-        return forward(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates)[0]
+        return _branches(chain, cfg, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates,
+                         fold_allowed=True)[0]
 
     def attend_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates):
-        out, indices = forward(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates)
-        indices = checkpoint_name(indices, SELECTION_NAME)
+        # The selection is named in ``_branches``, so a rematerialised block keeps it here too.
+        out, indices, _ = _branches(chain, cfg, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa,
+                                    gates, fold_allowed=True)
         return out, (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, indices)
 
     def attend_bwd(res, do):
         q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, indices = res
         # (gate slot, stage, its keys and values), in the order they run.
-        branches = ((1, slc_fn(indices), k_slc, v_slc), (0, cmp_fn, k_cmp, v_cmp),
-                    (2, swa_fn, k_swa, v_swa))
+        branches = ((1, stage("selected_attention", indices), k_slc, v_slc),
+                    (0, stage("compressed_attention"), k_cmp, v_cmp),
+                    (2, stage("sliding_window_attention"), k_swa, v_swa))
         dq, dkv, dgates, done = None, {}, [None] * 3, None
         for slot, fn, k, v in branches:
             # Start only once the previous branch's gradients exist (and, for the first, once
