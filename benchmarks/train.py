@@ -132,10 +132,7 @@ def throughput(args) -> None:
     for seq_len in args.seq_lens:
         for attention in args.attentions:
             model = preset.model.replace(attention=attention)
-            rec = {"name": f"train_{attention}", "pass": "train_step", "B": args.batch,
-                   "T": seq_len, "HQ": model.num_heads, "HKV": model.num_kv_heads,
-                   "Dk": model.head_dim, "Dv": model.value_dim, "dtype": model.dtype,
-                   "layers": model.num_layers, "d_model": model.d_model}
+            rec = shape_record(f"train_{attention}", model, seq_len, args.batch)
             if time.time() - t_start > args.budget_s:
                 rec["skipped"] = f"time budget of {args.budget_s} s spent"
                 result["records"].append(rec)
@@ -150,7 +147,25 @@ def throughput(args) -> None:
     write(result, args.out)
 
 
-def time_one(model, optim_cfg, mesh, seq_len, args) -> dict:
+def shape_record(name: str, model: ModelConfig, seq_len: int, batch: int) -> dict:
+    """A record's name and shape fields."""
+    return {"name": name, "pass": "train_step", "B": batch, "T": seq_len,
+            "HQ": model.num_heads, "HKV": model.num_kv_heads, "Dk": model.head_dim,
+            "Dv": model.value_dim, "dtype": model.dtype, "layers": model.num_layers,
+            "d_model": model.d_model}
+
+
+def speed_fields(model: ModelConfig, num_params: int, seq_len: int, batch: int,
+                 step_s: float) -> dict:
+    """Tokens/s, model TFLOP/s and keys per query of a step that took ``step_s`` seconds."""
+    return {"tokens_per_s": batch * seq_len / step_s,
+            "tflops": step_flops(model, num_params, seq_len, batch) / step_s / 1e12,
+            "keys_per_query": keys_per_query(model, seq_len)}
+
+
+def compiled(model, optim_cfg, mesh, seq_len, args):
+    """``(state, train_step, batch, num_params, compile_s)`` after the first step (tracing and
+    compiling) and ``--warmup`` more."""
     state, train_step, batch_sharding, num_params = build(model, optim_cfg, mesh)
     batch = jax.device_put(synthetic_batch(jax.random.key(1), args.batch, seq_len,
                                            model.vocab_size), batch_sharding)
@@ -161,6 +176,12 @@ def time_one(model, optim_cfg, mesh, seq_len, args) -> dict:
     for _ in range(args.warmup):
         state, m = train_step(state, batch)
     jax.block_until_ready(m)
+    return state, train_step, batch, num_params, compile_s
+
+
+def time_one(model, optim_cfg, mesh, seq_len, args) -> dict:
+    state, train_step, batch, num_params, compile_s = compiled(model, optim_cfg, mesh,
+                                                               seq_len, args)
     times = []
     reps = args.reps
     for i in range(reps):
@@ -173,13 +194,11 @@ def time_one(model, optim_cfg, mesh, seq_len, args) -> dict:
         if len(times) >= reps:
             break
     med = statistics.median(times)
-    flops = step_flops(model, num_params, seq_len, args.batch)
     loss = float(m["loss"])
     del state
     return {"ms": med * 1e3, "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3,
-            "reps": len(times), "tokens_per_s": args.batch * seq_len / med,
-            "tflops": flops / med / 1e12, "params": num_params, "compile_s": compile_s,
-            "keys_per_query": keys_per_query(model, seq_len), "loss": loss}
+            "reps": len(times), **speed_fields(model, num_params, seq_len, args.batch, med),
+            "params": num_params, "compile_s": compile_s, "loss": loss}
 
 
 class _Tuned:
@@ -190,9 +209,7 @@ class _Tuned:
 
     def __enter__(self):
         from pallas_kernels import tuned_block_sizes
-        self.saved = {t: dict(getattr(tuned_block_sizes, t))
-                      for t in ("SELECTED", "SELECTED_SMALL_HEADS", "SELECTION",
-                                "COMPRESSED", "SLIDING_WINDOW")}
+        self.saved = {t: dict(getattr(tuned_block_sizes, t)) for t in tuned_classes()}
         return apply_tuned(self.items)
 
     def __exit__(self, *exc):
@@ -217,17 +234,9 @@ def interleaved(preset, mesh, seq_len, args, result) -> None:
     runs = []
     for name, attention, tuned_items, model_items in configs_:
         model = apply_overrides(preset, model_items).model.replace(attention=attention)
-        with _Tuned(tuned_items) as applied:
-            state, train_step, batch_sharding, num_params = build(model, preset.optim, mesh)
-            batch = jax.device_put(synthetic_batch(jax.random.key(1), args.batch, seq_len,
-                                                   model.vocab_size), batch_sharding)
-            t0 = time.time()
-            state, m = train_step(state, batch)  # traced and compiled with the tiles applied
-            jax.block_until_ready(m)
-            compile_s = time.time() - t0
-        for _ in range(args.warmup):
-            state, m = train_step(state, batch)
-        jax.block_until_ready(m)
+        with _Tuned(tuned_items) as applied:  # traced and compiled with the tiles applied
+            state, train_step, batch, num_params, compile_s = compiled(
+                model, preset.optim, mesh, seq_len, args)
         print(f"compiled {name} ({attention}) in {compile_s:.0f} s", flush=True)
         runs.append({"name": name, "attention": attention, "model": model, "state": state,
                      "step": train_step, "batch": batch, "params": num_params,
@@ -249,17 +258,12 @@ def interleaved(preset, mesh, seq_len, args, result) -> None:
     for run in runs:
         model = run["model"]
         med = statistics.median(run["rounds"])
-        flops = step_flops(model, run["params"], seq_len, args.batch)
-        rec = {"name": f"train_{run['name']}", "pass": "train_step", "B": args.batch,
-               "T": seq_len, "HQ": model.num_heads, "HKV": model.num_kv_heads,
-               "Dk": model.head_dim, "Dv": model.value_dim, "dtype": model.dtype,
-               "layers": model.num_layers, "d_model": model.d_model, "ms": med,
+        rec = {**shape_record(f"train_{run['name']}", model, seq_len, args.batch), "ms": med,
                "min_ms": min(run["rounds"]), "max_ms": max(run["rounds"]),
                "reps": args.reps * args.interleave, "rounds_ms": run["rounds"],
-               "tokens_per_s": args.batch * seq_len / (med * 1e-3),
-               "tflops": flops / (med * 1e-3) / 1e12, "params": run["params"],
-               "compile_s": run["compile_s"], "keys_per_query": keys_per_query(model, seq_len),
-               "loss": run["loss"], "tuned": run["tuned"], "set": run["set"]}
+               **speed_fields(model, run["params"], seq_len, args.batch, med * 1e-3),
+               "params": run["params"], "compile_s": run["compile_s"], "loss": run["loss"],
+               "tuned": run["tuned"], "set": run["set"]}
         if full is not None and run is not full:
             ratios = [f / x for f, x in zip(full["rounds"], run["rounds"], strict=True)]
             rec["rounds_ratio"] = ratios
@@ -388,20 +392,24 @@ def register_policies(items: list[str]) -> None:
         print(f"remat policy {name} keeps {names}", flush=True)
 
 
-def apply_tuned(items: list[str]) -> dict:
-    """Applies ``--tuned TABLE.FIELD=VALUE`` overrides to ``pallas_kernels.tuned_block_sizes``
-    (read when the kernels are traced, so before anything compiles); returns them. A value is
-    an integer, ``true`` or ``false``; the field must be one of the table's ``BlockSizes``."""
-    import dataclasses
-
-    from pallas_kernels import tuned_block_sizes
+def tuned_classes() -> dict:
+    """The tables of ``pallas_kernels.tuned_block_sizes`` by name, with their ``BlockSizes``."""
     from pallas_kernels.selected import gpu as slc_gpu
     from pallas_kernels.selection import gpu as sel_gpu
     from pallas_kernels.sliding_window import gpu as swa_gpu
 
-    classes = {"SELECTED": slc_gpu.BlockSizes, "SELECTED_SMALL_HEADS": slc_gpu.BlockSizes,
-               "SELECTION": sel_gpu.BlockSizes,
-               "COMPRESSED": swa_gpu.BlockSizes, "SLIDING_WINDOW": swa_gpu.BlockSizes}
+    return {"SELECTED": slc_gpu.BlockSizes, "SELECTED_SMALL_HEADS": slc_gpu.BlockSizes,
+            "SELECTION": sel_gpu.BlockSizes, "COMPRESSED": swa_gpu.BlockSizes,
+            "SLIDING_WINDOW": swa_gpu.BlockSizes}
+
+
+def apply_tuned(items: list[str]) -> dict:
+    """Applies ``--tuned TABLE.FIELD=VALUE`` overrides to ``pallas_kernels.tuned_block_sizes``
+    (read when the kernels are traced, so before anything compiles); returns them. A value is
+    an integer, ``true`` or ``false``; the field must be one of the table's ``BlockSizes``."""
+    from pallas_kernels import tuned_block_sizes
+
+    classes = tuned_classes()
     done = {}
     for item in items:
         key, _, val = item.partition("=")
