@@ -50,6 +50,12 @@ class Case:
                 f"_l{self.cmp_block_size}d{self.cmp_stride}s{self.slc_block_size}"
                 f"n{self.top_n}w{self.window_size}")
 
+    def nsa_config(self, cmp_kind: str = "mean") -> NSAConfig:
+        """The case's block geometry as an ``NSAConfig``."""
+        return NSAConfig(cmp_block_size=self.cmp_block_size, cmp_stride=self.cmp_stride,
+                         slc_block_size=self.slc_block_size, slc_top_n=self.top_n,
+                         window_size=self.window_size, cmp_kind=cmp_kind)
+
     @property
     def num_cmp(self) -> int:
         if self.t < self.cmp_block_size:
@@ -244,9 +250,7 @@ class KernelSuite:
         name = f"under-test-{backend.name}"
         registry.register_backend(dataclasses.replace(backend, name=name, platforms=()))
         case = self.cases[1]
-        cfg = NSAConfig(cmp_block_size=case.cmp_block_size, cmp_stride=case.cmp_stride,
-                        slc_block_size=case.slc_block_size, slc_top_n=case.top_n,
-                        window_size=case.window_size, cmp_kind="mlp")
+        cfg = case.nsa_config("mlp")
         for dtype in self.dtypes:
             ks = jax.random.split(jax.random.key(11), 8)
             q = _normal(ks[0], (case.b, case.t, case.n, case.dk), dtype)

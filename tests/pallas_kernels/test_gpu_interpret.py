@@ -537,7 +537,7 @@ def test_nsa_uses_the_combined_kernel_only_without_gradients():
     one backend's folded kernel with another's selected attention."""
     import dataclasses
 
-    from nsa_jax import NSAConfig, nsa_attention, registry
+    from nsa_jax import nsa_attention, registry
 
     case = DEFAULT_CASES[1]
     backend = gpu_backend.make_backend(interpret=True)
@@ -545,9 +545,7 @@ def test_nsa_uses_the_combined_kernel_only_without_gradients():
     # Selected attention from the reference, everything else (the folded kernel too) here.
     registry.register_backend(dataclasses.replace(backend, name="combined-no-slc",
                                                   platforms=(), selected_attention=None))
-    cfg = NSAConfig(cmp_block_size=case.cmp_block_size, cmp_stride=case.cmp_stride,
-                    slc_block_size=case.slc_block_size, slc_top_n=case.top_n,
-                    window_size=case.window_size, cmp_kind="mean")
+    cfg = case.nsa_config()
     q = jnp.zeros((case.b, case.t, case.n, case.dk))
     k = jnp.zeros((case.b, case.t, case.kh, case.dk))
     gates = jnp.zeros((case.b, case.t, case.n, 3))
@@ -651,7 +649,7 @@ def test_nsa_reads_the_compressed_rows_in_place():
     attention is not used."""
     import dataclasses
 
-    from nsa_jax import NSAConfig, nsa_attention, registry
+    from nsa_jax import nsa_attention, registry
     from pallas_kernels.common import default_scale
     from pallas_kernels.compressed import gpu as compressed_gpu
     from tests.pallas_kernels.test_compressed_residue import _causal
@@ -678,13 +676,9 @@ def test_nsa_reads_the_compressed_rows_in_place():
     registry.register_backend(dataclasses.replace(
         backend, name="rows-in-place", platforms=(), compressed_attention_rows=rows,
         selected_attention_combined=fold))
-    cfg = NSAConfig(cmp_block_size=case.cmp_block_size, cmp_stride=case.cmp_stride,
-                    slc_block_size=case.slc_block_size, slc_top_n=case.top_n,
-                    window_size=case.window_size, cmp_kind="mean")
+    cfg = case.nsa_config()
     ks = jax.random.split(jax.random.key(3), 4)
-    q = _normal(ks[0], (case.b, case.t, case.n, case.dk), jnp.float32)
-    k = _normal(ks[1], (case.b, case.t, case.kh, case.dk), jnp.float32)
-    v = _normal(ks[2], (case.b, case.t, case.kh, case.dv), jnp.float32)
+    q, k, v = _case_qkv(case, ks, jnp.float32)
     gates = jax.nn.sigmoid(_normal(ks[3], (case.b, case.t, case.n, 3), jnp.float32))
 
     def run(impl):
@@ -714,19 +708,15 @@ def test_window_on_another_stream():
     computes), and the lowered stages, forward and backward, carry XLA's stream annotation."""
     import dataclasses
 
-    from nsa_jax import NSAConfig, nsa_attention, registry
+    from nsa_jax import nsa_attention, registry
     from tests.tolerances import assert_close
 
     case = DEFAULT_CASES[1]
     backend = gpu_backend.make_backend(interpret=True, window_stream=1)
     registry.register_backend(dataclasses.replace(backend, name="window-stream", platforms=()))
-    cfg = NSAConfig(cmp_block_size=case.cmp_block_size, cmp_stride=case.cmp_stride,
-                    slc_block_size=case.slc_block_size, slc_top_n=case.top_n,
-                    window_size=case.window_size, cmp_kind="mean")
+    cfg = case.nsa_config()
     ks = jax.random.split(jax.random.key(29), 4)
-    q = _normal(ks[0], (case.b, case.t, case.n, case.dk), jnp.float32)
-    k = _normal(ks[1], (case.b, case.t, case.kh, case.dk), jnp.float32)
-    v = _normal(ks[2], (case.b, case.t, case.kh, case.dv), jnp.float32)
+    q, k, v = _case_qkv(case, ks, jnp.float32)
     gates = jax.nn.sigmoid(_normal(ks[3], (case.b, case.t, case.n, 3), jnp.float32))
 
     def run(impl):
@@ -787,16 +777,14 @@ def test_full_nsa_with_forced_band():
     gates and the compression MLP) still matches the reference, f32 and bf16."""
     import dataclasses
 
-    from nsa_jax import NSAConfig, nsa_attention, registry
+    from nsa_jax import nsa_attention, registry
 
     suite = _ForcedBandSuite()
     suite.test_full_nsa_matches_reference()
     backend = suite.make_backend()
     registry.register_backend(dataclasses.replace(backend, name="band-jaxpr", platforms=()))
     case = suite.cases[1]
-    cfg = NSAConfig(cmp_block_size=case.cmp_block_size, cmp_stride=case.cmp_stride,
-                    slc_block_size=case.slc_block_size, slc_top_n=case.top_n,
-                    window_size=case.window_size, cmp_kind="mean")
+    cfg = case.nsa_config()
     q = jnp.zeros((case.b, case.t, case.n, case.dk))
     k = jnp.zeros((case.b, case.t, case.kh, case.dk))
     gates = jnp.zeros((case.b, case.t, case.n, 3))
