@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 
 from nsa_jax import NSAConfig, nsa_attention  # noqa: E402
 from nsa_jax.compression import compress  # noqa: E402
+from nsa_jax.config import low_memory_branches  # noqa: E402
 from nsa_jax.ops import combine_branches  # noqa: E402
 from pallas_kernels import gpu_backend, tuned_block_sizes  # noqa: E402
 from pallas_kernels.compressed import gpu as cmp_gpu  # noqa: E402
@@ -54,8 +55,24 @@ FORCED_BAND = "pallas_triton_forced_band"
 # The default GPU backend with the window stage on a second GPU stream, for ``--streams``.
 STREAMED = ("pallas_triton_window_stream",)
 # Every stage on the Pallas kernels (no cuDNN, so no cuDNN backward workspace): with
-# low_memory=True, the configuration that aims at the memory target.
+# low_memory, the configurations that aim at the memory target.
 ALL_PALLAS = "pallas_triton_all_pallas"
+# ``--low-memory`` modes: "none" (all-Pallas, no recompute), "all" (all-Pallas, every branch
+# recomputed), "cudnn" (the default chain, every branch recomputed) or branch names
+# ("window", "compressed,window": all-Pallas, those branches recomputed).
+LOW_MEMORY_DEFAULT_MODES = ("all", "none", "cudnn")
+
+
+def low_memory_run(mode: str) -> tuple[str, str, bool | str]:
+    """(record name, backend, low_memory) of a ``--low-memory`` mode."""
+    if mode == "none":
+        return "nsa_all_pallas", ALL_PALLAS, False
+    if mode == "all":
+        return "nsa_low_memory", ALL_PALLAS, True
+    if mode == "cudnn":
+        return "nsa_low_memory_cudnn", "pallas_triton", True
+    branches = low_memory_branches(mode)  # raises on an unknown name
+    return "nsa_low_memory_" + "_".join(branches), ALL_PALLAS, ",".join(branches)
 
 CFG = NSAConfig(cmp_block_size=32, cmp_stride=16, slc_block_size=64, slc_top_n=16,
                 window_size=512, cmp_kind="mean", kv_mode="shared")
@@ -127,7 +144,7 @@ def flops(t, hq, dk, dv, cfg=CFG, b=1):
 # ------------------------------------------------------------------------------------------
 # Functions under test
 # ------------------------------------------------------------------------------------------
-def nsa_fn(impl, low_memory: bool = False):
+def nsa_fn(impl, low_memory: bool | str = False):
     def f(q, k, v, gates):
         return nsa_attention(q, k, v, gates, None, config=CFG, implementation=impl,
                              low_memory=low_memory)
@@ -191,7 +208,7 @@ def stage_fns(t):
 
 # ------------------------------------------------------------------------------------------
 def check(key, band: bool = False, streams: bool = False,
-          low_memory: bool = False) -> list[str]:
+          low_memory: tuple[str, ...] = ()) -> list[str]:
     """Small-size agreement of the GPU backend with the reference: outputs and gradients."""
     lines, ok = [], True
     q, k, v, gates, ct = inputs(key, 1, 2000, 16, 1, 128, 128)
@@ -199,8 +216,7 @@ def check(key, band: bool = False, streams: bool = False,
     runs = [(impl, False) for impl in (("pallas_triton", BANDED_CMP)
                                        + ((FORCED_BAND,) if band else ())
                                        + (STREAMED if streams else ()))]
-    if low_memory:
-        runs += [(ALL_PALLAS, True), ("pallas_triton", True)]
+    runs += [low_memory_run(m)[1:] for m in low_memory]
     for impl, lean in runs:
         o, vjp = jax.vjp(jax.jit(nsa_fn(impl, lean)), q, k, v, gates)
         # "fwd": the forward alone, which may run other kernels (the folded combination)
@@ -208,7 +224,8 @@ def check(key, band: bool = False, streams: bool = False,
                 "fwd": rel_err(jax.jit(nsa_fn(impl, lean))(q, k, v, gates), o_ref)}
         for nm, a, r in zip("q k v gates".split(), vjp(ct), vjp_ref(ct), strict=True):
             errs["d" + nm] = rel_err(a, r)
-        lines.append(f"check nsa {impl}{' low_memory' if lean else ''} T=2000 N=16 K=1 bf16: "
+        tag = "" if lean is False else " low_memory" + ("" if lean is True else f"={lean}")
+        lines.append(f"check nsa {impl}{tag} T=2000 N=16 K=1 bf16: "
                      + ", ".join(f"{a}={b:.2e}" for a, b in errs.items()))
         ok = ok and all(e < 2e-2 for e in errs.values())
     # The two compressed paths at the benchmark's heads (16 per group), against each other.
@@ -499,6 +516,8 @@ def main():
                     choices=["banded", "selected", "selection", "dkv", "steps"],
                     help="which stages' variants --variants times")
     ap.add_argument("--skip-main", action="store_true", help="only the check and the variants")
+    ap.add_argument("--no-stages", action="store_true",
+                    help="skip the per-stage timings (NSA and dense as a whole only)")
     ap.add_argument("--variant-heads", type=lambda x: tuple(int(y) for y in x.split(",")),
                     default=(64, 4, 128), metavar="HQ,HKV,D",
                     help="heads and head dim of the variant timings (16,1,64: the 125M model)")
@@ -508,9 +527,13 @@ def main():
                     help="also time NSA with the window stage on a second GPU stream")
     ap.add_argument("--banded-cmp", action=argparse.BooleanOptionalAction, default=True,
                     help="also time NSA with the banded compressed kernels (same run)")
-    ap.add_argument("--low-memory", action="store_true",
-                    help="also time NSA with low_memory=True (the branch-by-branch backward) "
-                         "on the all-Pallas kernels, and its memory (with and without cuDNN)")
+    ap.add_argument("--low-memory", nargs="*", metavar="MODE",
+                    help="also check, time and measure the memory of NSA with the "
+                         "branch-by-branch backward: 'all' (all-Pallas, every branch "
+                         "recomputed), 'none' (all-Pallas, no recompute), 'cudnn' (default "
+                         "chain, every branch recomputed; memory only) or branch names "
+                         "('window', 'compressed,window': all-Pallas, those recomputed); no "
+                         f"MODE: {' '.join(LOW_MEMORY_DEFAULT_MODES)}")
     ap.add_argument("--slc-parts", action="store_true",
                     help="time the selected branch's passes apart, over dK/dV tilings")
     ap.add_argument("--from-log", help="write the result files from a printed log of a run")
@@ -560,8 +583,12 @@ def main():
 
     dev = jax.devices()[0]
     print(f"device {dev.device_kind}, jax {jax.__version__}", flush=True)
+    if args.low_memory is not None:
+        args.low_memory = tuple(args.low_memory) or LOW_MEMORY_DEFAULT_MODES
+        for mode in args.low_memory:
+            low_memory_run(mode)  # an unknown mode fails before anything compiles
     summary = check(jax.random.key(0), band=args.band, streams=args.streams,
-                    low_memory=args.low_memory)
+                    low_memory=args.low_memory or ())
     print("\n".join(summary), flush=True)
 
     records, table = [], []
@@ -599,17 +626,19 @@ def main():
         for impl in STREAMED if args.streams else ():  # stages on other streams, same run
             for pas, r in time_passes(nsa_fn(impl), (q, k, v, gates), ct, args.reps).items():
                 add("nsa_" + impl.removeprefix("pallas_triton_"), pas, r, fl["nsa"])
-        if args.low_memory:  # the branch-by-branch backward on the all-Pallas kernels
-            for pas, r in time_passes(nsa_fn(ALL_PALLAS, True), (q, k, v, gates), ct,
+        for mode in args.low_memory or ():  # the branch-by-branch backward
+            if mode == "cudnn":
+                continue  # memory only (the cuDNN workspace stays)
+            name, impl, lean = low_memory_run(mode)
+            for pas, r in time_passes(nsa_fn(impl, lean), (q, k, v, gates), ct,
                                       args.reps).items():
-                add("nsa_low_memory", pas, r, fl["nsa"])
+                add(name, pas, r, fl["nsa"])
         mem_fns = [("nsa", nsa), ("cudnn_dense", cudnn_dense)]
         if args.banded_cmp:
             mem_fns.append(("nsa_banded_cmp", nsa_fn(BANDED_CMP)))
-        if args.low_memory:
-            mem_fns += [("nsa_low_memory", nsa_fn(ALL_PALLAS, True)),
-                        ("nsa_all_pallas", nsa_fn(ALL_PALLAS)),
-                        ("nsa_low_memory_cudnn", nsa_fn("pallas_triton", True))]
+        for mode in args.low_memory or ():
+            name, impl, lean = low_memory_run(mode)
+            mem_fns.append((name, nsa_fn(impl, lean)))
         for name, fn in mem_fns:
             try:
                 records.append(dict(name=name, **{"pass": "memory"}, **base,
@@ -624,45 +653,48 @@ def main():
                     add(name, pas, r, f)
             except Exception as err:  # cuDNN may reject a shape (e.g. Dk != Dv)
                 print(f"{name} T={t} Dk={dk}: {type(err).__name__}: {str(err)[:300]}")
-        cmp_s, topn_s, slc_s, swa_s, comb_s = stage_fns(t)
-        o_cmp, lse, k_cmp = cmp_s(q, k, v)
-        idx = topn_s(q, k_cmp, lse)
-        o_slc, o_swa = slc_s(q, k, v, idx), swa_s(q, k, v)
-        add("nsa/compressed", "fwd", timeit(cmp_s, q, k, v, reps=args.reps), fl["cmp"])
-        add("nsa/topn", "fwd", timeit(topn_s, q, k_cmp, lse, reps=args.reps), fl["topn"])
-        add("nsa/selected", "fwd", timeit(slc_s, q, k, v, idx, reps=args.reps), fl["slc"])
-        add("nsa/window", "fwd", timeit(swa_s, q, k, v, reps=args.reps), fl["swa"])
-        add("nsa/combine", "fwd", timeit(comb_s, gates, o_cmp, o_slc, o_swa, reps=args.reps))
-        # The selected stage with the combination folded in (what the forward alone runs).
-        add("nsa/selected_combined", "fwd", timeit(
-            jax.jit(lambda q, k, v, idx, g, oc, ow: slc_gpu.selected_attention_combined(
-                q, k, v, idx, g, oc, ow, block_size=CFG.slc_block_size, forced_included=True)),
-            q, k, v, idx, gates, o_cmp, o_swa, reps=args.reps), fl["slc"])
-        # Each attention stage forward + backward (cotangent: its own output).
-        v_cmp = compress(v, {}, kind="mean", block_size=CFG.cmp_block_size, stride=CFG.cmp_stride)
-        add("nsa/compressed_banded", "fwd", timeit(
-            jax.jit(lambda q, kc, vc: cmp_gpu.compressed_attention(q, kc, vc, **CMP_KW)),
-            q, k_cmp, v_cmp, reps=args.reps), fl["cmp"])
-        add("nsa/compressed_cudnn", "fwd", timeit(
-            jax.jit(lambda q, kc, vc: cmp_gpu.compressed_attention_cudnn(q, kc, vc, min_rows=0,
-                                                                         **CMP_KW)),
-            q, k_cmp, v_cmp, reps=args.reps), fl["cmp"])
-        for name, fn, a, f in (
-            ("nsa/compressed", lambda q, kc, vc: gpu_backend.BACKEND.compressed_attention(
-                q, kc, vc, **CMP_KW), (q, k_cmp, v_cmp), fl["cmp"]),
-            ("nsa/compressed_cudnn", lambda q, kc, vc: cmp_gpu.compressed_attention_cudnn(
-                q, kc, vc, min_rows=0, **CMP_KW), (q, k_cmp, v_cmp), fl["cmp"]),
-            ("nsa/compressed_banded", lambda q, kc, vc: cmp_gpu.compressed_attention(
-                q, kc, vc, **CMP_KW), (q, k_cmp, v_cmp), fl["cmp"]),
-            ("nsa/selected", lambda q, k, v, idx=idx: slc_gpu.selected_attention(
-                q, k, v, idx, block_size=CFG.slc_block_size), (q, k, v), fl["slc"]),
-            ("nsa/window", lambda q, k, v: gpu_backend.BACKEND.sliding_window_attention(
-                q, k, v, window_size=CFG.window_size), (q, k, v), fl["swa"]),
-            ("nsa/window_banded", lambda q, k, v: swa_gpu.sliding_window_attention(
-                q, k, v, window_size=CFG.window_size), (q, k, v), fl["swa"]),
-        ):
-            add(name, "fwdbwd", timeit(jax.jit(grad_of(fn)), *a, reps=args.reps), f)
-        del q, k, v, gates, ct, o_cmp, lse, k_cmp, v_cmp, idx, o_slc, o_swa
+        if not args.no_stages:
+            cmp_s, topn_s, slc_s, swa_s, comb_s = stage_fns(t)
+            o_cmp, lse, k_cmp = cmp_s(q, k, v)
+            idx = topn_s(q, k_cmp, lse)
+            o_slc, o_swa = slc_s(q, k, v, idx), swa_s(q, k, v)
+            add("nsa/compressed", "fwd", timeit(cmp_s, q, k, v, reps=args.reps), fl["cmp"])
+            add("nsa/topn", "fwd", timeit(topn_s, q, k_cmp, lse, reps=args.reps), fl["topn"])
+            add("nsa/selected", "fwd", timeit(slc_s, q, k, v, idx, reps=args.reps), fl["slc"])
+            add("nsa/window", "fwd", timeit(swa_s, q, k, v, reps=args.reps), fl["swa"])
+            add("nsa/combine", "fwd", timeit(comb_s, gates, o_cmp, o_slc, o_swa, reps=args.reps))
+            # The selected stage with the combination folded in (what the forward alone runs).
+            add("nsa/selected_combined", "fwd", timeit(
+                jax.jit(lambda q, k, v, idx, g, oc, ow: slc_gpu.selected_attention_combined(
+                    q, k, v, idx, g, oc, ow, block_size=CFG.slc_block_size, forced_included=True)),
+                q, k, v, idx, gates, o_cmp, o_swa, reps=args.reps), fl["slc"])
+            # Each attention stage forward + backward (cotangent: its own output).
+            v_cmp = compress(v, {}, kind="mean", block_size=CFG.cmp_block_size,
+                             stride=CFG.cmp_stride)
+            add("nsa/compressed_banded", "fwd", timeit(
+                jax.jit(lambda q, kc, vc: cmp_gpu.compressed_attention(q, kc, vc, **CMP_KW)),
+                q, k_cmp, v_cmp, reps=args.reps), fl["cmp"])
+            add("nsa/compressed_cudnn", "fwd", timeit(
+                jax.jit(lambda q, kc, vc: cmp_gpu.compressed_attention_cudnn(q, kc, vc, min_rows=0,
+                                                                             **CMP_KW)),
+                q, k_cmp, v_cmp, reps=args.reps), fl["cmp"])
+            for name, fn, a, f in (
+                ("nsa/compressed", lambda q, kc, vc: gpu_backend.BACKEND.compressed_attention(
+                    q, kc, vc, **CMP_KW), (q, k_cmp, v_cmp), fl["cmp"]),
+                ("nsa/compressed_cudnn", lambda q, kc, vc: cmp_gpu.compressed_attention_cudnn(
+                    q, kc, vc, min_rows=0, **CMP_KW), (q, k_cmp, v_cmp), fl["cmp"]),
+                ("nsa/compressed_banded", lambda q, kc, vc: cmp_gpu.compressed_attention(
+                    q, kc, vc, **CMP_KW), (q, k_cmp, v_cmp), fl["cmp"]),
+                ("nsa/selected", lambda q, k, v, idx=idx: slc_gpu.selected_attention(
+                    q, k, v, idx, block_size=CFG.slc_block_size), (q, k, v), fl["slc"]),
+                ("nsa/window", lambda q, k, v: gpu_backend.BACKEND.sliding_window_attention(
+                    q, k, v, window_size=CFG.window_size), (q, k, v), fl["swa"]),
+                ("nsa/window_banded", lambda q, k, v: swa_gpu.sliding_window_attention(
+                    q, k, v, window_size=CFG.window_size), (q, k, v), fl["swa"]),
+            ):
+                add(name, "fwdbwd", timeit(jax.jit(grad_of(fn)), *a, reps=args.reps), f)
+            del o_cmp, lse, k_cmp, v_cmp, idx, o_slc, o_swa
+        del q, k, v, gates, ct
         write_results(args, dev.device_kind, summary, records, quiet=True)  # after every shape
 
     if args.slc_parts:
@@ -802,6 +834,26 @@ def write_markdown(doc, path):
                 f" ({c['ms'] / r['ms']:.2f}x)" if c else ""))
         return cells
 
+    lean = sorted({r["name"] for r in recs if r["name"] == "nsa_all_pallas"
+                   or r["name"].startswith("nsa_low_memory")})
+    if lean:
+        lines += ["", "The branch-by-branch backward (`low_memory`; `nsa_all_pallas`: the "
+                  "all-Pallas backend without it, `nsa_low_memory`: every branch recomputed, "
+                  "`nsa_low_memory_<branches>`: those recomputed, all on all-Pallas unless "
+                  "`_cudnn`; same run; ms, ratio to cuDNN dense; memory GiB, dense's in the "
+                  "last column):", "",
+                  "| T | Dk/Dv | configuration | fwd | bwd | fwdbwd | memory | dense memory |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for t, dk, dv in keys:
+            c = _get(recs, "cudnn_dense", "memory", t, dk)
+            for name in lean:
+                m = _get(recs, name, "memory", t, dk)
+                cells = pass_cells(name, t, dk)
+                if m is None and cells == ["-"] * 3:
+                    continue
+                cells.append("-" if m is None else f"{m['peak_bytes'] / 2.0 ** 30:.2f}")
+                cells.append("-" if c is None else f"{c['peak_bytes'] / 2.0 ** 30:.2f}")
+                lines.append(f"| {t} | {dk}/{dv} | `{name}` | " + " | ".join(cells) + " |")
     banded = [k for k in keys if _get(recs, "nsa_banded_cmp", "fwd", k[0], k[1])]
     if banded:
         lines += ["", "The same NSA with the banded compressed kernels instead of cuDNN's "

@@ -124,6 +124,35 @@ ATTENTION_KINDS: tuple[str, ...] = ("nsa", "full", "window")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 # The keys of ``ops.REMAT_POLICIES`` (config.py imports nothing of the kernels).
 REMAT_POLICY_NAMES: tuple[str, ...] = ("attention_out", "selection", "nothing")
+# The branches ``low_memory`` can recompute in the backward pass, in the order the backward
+# takes them (the selected one, the compressed one, the window).
+LOW_MEMORY_BRANCHES: tuple[str, ...] = ("selected", "compressed", "window")
+
+
+def low_memory_branches(low_memory) -> tuple[str, ...]:
+    """The branches a ``low_memory`` setting recomputes in the backward pass.
+
+    ``False`` (or ``None``, ``""``): none; ``True``: all three; a branch name, a comma-separated
+    list of them (``"compressed,window"``) or a sequence of them: those. Returned in
+    ``LOW_MEMORY_BRANCHES`` order.
+    """
+    if low_memory is None or low_memory is False:
+        return ()
+    if low_memory is True:
+        return LOW_MEMORY_BRANCHES
+    if isinstance(low_memory, str):
+        names = [n.strip() for n in low_memory.split(",") if n.strip()]
+    elif isinstance(low_memory, (tuple, list, frozenset, set)):
+        names = list(low_memory)
+    else:
+        raise TypeError(f"low_memory must be a bool, a branch name or a sequence of them "
+                        f"{LOW_MEMORY_BRANCHES}, got {low_memory!r}")
+    unknown = [n for n in names if n not in LOW_MEMORY_BRANCHES]
+    if unknown:
+        raise ValueError(f"low_memory={low_memory!r}: unknown branch {unknown}; the branches "
+                         f"are {LOW_MEMORY_BRANCHES}")
+    return tuple(n for n in LOW_MEMORY_BRANCHES if n in names)
+
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -150,7 +179,8 @@ class ModelConfig:
       implementation: NSA backend name for ``nsa_attention`` (``None``: platform default).
       low_memory: NSA's backward recomputes its branches one at a time
         (``nsa_attention(..., low_memory=True)``): less memory, one more forward of the
-        attention branches.
+        attention branches; a branch name or comma-separated names (``"window"``,
+        ``"compressed,window"``) recompute those only and keep the others' residuals.
       remat: rematerialise each block in the backward pass (saves activation memory).
       remat_policy: what a rematerialised block keeps (``ops.REMAT_POLICIES``):
         ``"attention_out"`` (every attention layer's output, so NSA's gated sum is not
@@ -175,7 +205,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     implementation: str | None = None
-    low_memory: bool = False
+    low_memory: bool | str = False
     remat: bool = False
     remat_policy: str = "attention_out"
 
@@ -197,6 +227,7 @@ class ModelConfig:
                              f"{REMAT_POLICY_NAMES}")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION_KINDS}")
+        low_memory_branches(self.low_memory)  # raises on a bad value
         if not isinstance(self.nsa, NSAConfig):
             raise TypeError(f"nsa must be an NSAConfig, got {type(self.nsa).__name__}")
         for name in ("dtype", "param_dtype"):

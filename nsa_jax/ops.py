@@ -16,7 +16,7 @@ from jaxtyping import Array, Float, Int
 
 from nsa_jax import registry
 from nsa_jax.compression import PHI_HIDDEN_NAME, compress, expected_param_shapes
-from nsa_jax.config import REMAT_POLICY_NAMES, NSAConfig
+from nsa_jax.config import LOW_MEMORY_BRANCHES, REMAT_POLICY_NAMES, NSAConfig, low_memory_branches
 from pallas_kernels.common import QUERY_ROWS_NAME, combine_outputs, rows_to_every_query
 
 # The selected blocks' name for ``jax.checkpoint`` policies.
@@ -166,7 +166,7 @@ def nsa_attention(
     v_swa: Float[Array, "B T K Hv"] | None = None,
     implementation: str | None = None,
     return_aux: bool = False,
-    low_memory: bool = False,
+    low_memory: bool | str | tuple[str, ...] = False,
 ) -> Float[Array, "B T N Hv"] | tuple[Float[Array, "B T N Hv"], NSAAux]:
     """Native Sparse Attention over one causal sequence per batch entry.
 
@@ -190,12 +190,16 @@ def nsa_attention(
         recomputes the branches one at a time (``_branchwise``): forward, gate gradient and
         backward of one branch, then the next, ordered by optimisation barriers, so that one
         branch's output and cotangent are live at a time instead of three. It costs a second
-        forward of the three attention branches. Ignored with ``return_aux``.
+        forward of the three attention branches. A branch name, comma-separated names or a
+        sequence of them (from ``"selected"``, ``"compressed"``, ``"window"``) recompute only
+        those: the others keep their residuals from the forward, and the backward takes them
+        first. Ignored with ``return_aux``.
 
     Returns:
       ``[B, T, N, Dv]`` in ``q.dtype`` (and :class:`NSAAux` when ``return_aux``).
     """
     validate_inputs(q, k, v, gates, cmp_params, config, k_slc, v_slc, k_swa, v_swa)
+    recompute = low_memory_branches(low_memory)
     k_slc, v_slc = (k, v) if k_slc is None else (k_slc, v_slc)
     k_swa, v_swa = (k, v) if k_swa is None else (k_swa, v_swa)
     chain = registry.resolve(implementation)
@@ -206,8 +210,9 @@ def nsa_attention(
     # layer) and not recompute phi in the backward pass (``REMAT_POLICIES``).
     k_cmp = checkpoint_name(compress(k, params["k"], **geom), COMPRESSED_NAME)  # [B, C, K, Dk]
     v_cmp = checkpoint_name(compress(v, params["v"], **geom), COMPRESSED_NAME)  # [B, C, K, Dv]
-    if low_memory and not return_aux:
-        return _branchwise(chain, cfg, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates)
+    if recompute and not return_aux:
+        return _branchwise(chain, cfg, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates,
+                           recompute=recompute)
     out, indices, branches = _branches(chain, cfg, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa,
                                        gates, fold_allowed=not return_aux)
     if return_aux:
@@ -283,65 +288,114 @@ def _branches(chain, cfg: NSAConfig, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa
     return out, indices, (o_cmp, o_slc, o_swa, lse_cmp)
 
 
-def _branchwise(chain, cfg: NSAConfig, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates):
+def _branchwise(chain, cfg: NSAConfig, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, *,
+                recompute: tuple[str, ...] = LOW_MEMORY_BRANCHES):
     """NSA's attention and gated sum (from the compressed keys on) with a backward pass that
-    recomputes the branches one after another (``nsa_attention(..., low_memory=True)``).
+    takes the branches one after another and recomputes those in ``recompute``
+    (``nsa_attention(..., low_memory=...)``).
 
-    The forward (:func:`_branches`, the gated sum folded where the backend can) keeps its
-    inputs and the selection. The backward takes the selected branch, then the compressed
-    one, then the window: for each it reruns the stage's forward under ``jax.vjp``, takes the
-    gate's gradient ``sum(dO * o_b)`` and the branch cotangent ``g_b * dO`` (the autodiff of
-    ``combine_branches``, in float32), runs the stage's backward and adds its query gradient
-    to the running sum. An ``optimization_barrier`` passes the next branch's operands (``dO``
-    among them) together with the gradients so far, so XLA starts a branch only after the
-    previous one's gradients exist, and never holds the three branch outputs or cotangents at
-    once. The stages are the chain's, with their own gradients; the result equals the default
-    path's up to the order of the ``dq`` sum.
+    The forward keeps its inputs, the selection and, for each branch not in ``recompute``,
+    that stage's residuals (its output among them). With every branch recomputed it is
+    :func:`_branches` (the gated sum folded where the backend can); otherwise the kept
+    branches run under ``jax.vjp``, and the gated sum is folded only when the selected branch
+    is recomputed (the fold does not return that branch's output).
+
+    The backward takes the kept branches first (their residuals die early), then the
+    recomputed ones, each in the order selected, compressed, window. For each it has the
+    stage's output and vjp (kept, or from rerunning the stage's forward under ``jax.vjp``),
+    takes the gate's gradient ``sum(dO * o_b)`` and the branch cotangent ``g_b * dO`` (the
+    autodiff of ``combine_branches``, in float32), runs the stage's backward and adds its
+    query gradient to the running sum. An ``optimization_barrier`` passes the next branch's
+    operands (``dO`` among them) together with the gradients so far, so XLA starts a branch
+    only after the previous one's gradients exist, and never holds the three branch outputs
+    or cotangents at once. The stages are the chain's, with their own gradients; the result
+    equals the default path's up to the order of the ``dq`` sum.
     """
     kw = _stage_kwargs(cfg, q.shape[1])
+    kept = tuple(b for b in LOW_MEMORY_BRANCHES if b not in recompute)
+    slot_of = {"compressed": 0, "selected": 1, "window": 2}
 
     def stage(name, *static):
         return lambda q, k, v: registry.call_stage(chain, name, q, k, v, *static, **kw[name])
 
+    def operands(branch, res):
+        """(stage function, q, keys, values) of ``branch`` from the residuals."""
+        q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, _, indices = res
+        if branch == "selected":
+            return stage("selected_attention", indices), q, k_slc, v_slc
+        if branch == "compressed":
+            return stage("compressed_attention"), q, k_cmp, v_cmp
+        return stage("sliding_window_attention"), q, k_swa, v_swa
+
+    def forward(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates):
+        """``(out, residuals)``: the kept branches' outputs and vjps by name."""
+        if not kept:
+            out, indices, _ = _branches(chain, cfg, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa,
+                                        gates, fold_allowed=True)
+            return out, ((q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, indices), {})
+        saved = {}
+
+        def run(branch, fn, qb, kb, vb):
+            if branch in kept:
+                (o_b, lse_b), vjp = jax.vjp(fn, qb, kb, vb)
+                saved[branch] = (o_b, vjp)
+                return o_b, lse_b
+            return fn(qb, kb, vb)
+
+        o_cmp, lse_cmp = run("compressed", stage("compressed_attention"), q, k_cmp, v_cmp)
+        indices = registry.call_stage(chain, "select_blocks", q, k_cmp, lse_cmp,
+                                      **kw["select_blocks"])
+        indices = checkpoint_name(jax.lax.stop_gradient(indices), SELECTION_NAME)
+        o_swa, _ = run("window", stage("sliding_window_attention"), q, k_swa, v_swa)
+        res = (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, indices)
+        fold = None if "selected" in kept else _paired(chain, "selected_attention",
+                                                       "selected_attention_combined")
+        if fold is not None:
+            try:
+                return fold(q, k_slc, v_slc, indices, gates, o_cmp, o_swa,
+                            **kw["selected_attention"]), (res, saved)
+            except NotImplementedError:
+                pass
+        o_slc, _ = run("selected", stage("selected_attention", indices), q, k_slc, v_slc)
+        return combine_branches(gates, o_cmp, o_slc, o_swa), (res, saved)
+
     @jax.custom_vjp
     def attend(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates):
-        return _branches(chain, cfg, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates,
-                         fold_allowed=True)[0]
+        return forward(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates)[0]
 
-    def attend_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates):
-        # The selection is named in ``_branches``, so a rematerialised block keeps it here too.
-        out, indices, _ = _branches(chain, cfg, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa,
-                                    gates, fold_allowed=True)
-        return out, (q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, indices)
-
-    def attend_bwd(res, do):
-        q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates, indices = res
-        # (gate slot, stage, its keys and values), in the order they run.
-        branches = ((1, stage("selected_attention", indices), k_slc, v_slc),
-                    (0, stage("compressed_attention"), k_cmp, v_cmp),
-                    (2, stage("sliding_window_attention"), k_swa, v_swa))
+    def attend_bwd(residuals, do):
+        res, saved = residuals
+        gates = res[7]
         dq, dkv, dgates, done = None, {}, [None] * 3, None
-        for slot, fn, k, v in branches:
-            # Start only once the previous branch's gradients exist (and, for the first, once
-            # the cotangent does: the recompute is then no copy of the forward's kernels that
-            # XLA could merge with them, keeping their outputs live in between).
-            operands, _ = jax.lax.optimization_barrier(((q, k, v, do, gates), done))
-            qb, kb, vb, dob, gb = operands
-            (o_b, lse_b), vjp = jax.vjp(fn, qb, kb, vb)
+        for branch in kept + recompute:
+            slot = slot_of[branch]
+            fn, q, k, v = operands(branch, res)
+            if branch in saved:
+                o_b, vjp = saved[branch]
+                (dob, gb, o_b), _ = jax.lax.optimization_barrier(((do, gates, o_b), done))
+            else:
+                # Start only once the previous branch's gradients exist (and, for the first
+                # recomputed one, once the cotangent does: the recompute is then no copy of the
+                # forward's kernels that XLA could merge with them, keeping their outputs live
+                # in between).
+                (qb, kb, vb, dob, gb), _ = jax.lax.optimization_barrier(
+                    ((q, k, v, do, gates), done))
+                (o_b, _), vjp = jax.vjp(fn, qb, kb, vb)
             do32 = dob.astype(jnp.float32)
             dg = jnp.sum(do32 * o_b.astype(jnp.float32), axis=-1)
             do_b = (gb[..., slot].astype(jnp.float32)[..., None] * do32).astype(o_b.dtype)
             # The gate's gradient before the branch's backward kernels, so that the branch
             # output is not kept alive through them for a reduction scheduled late.
             do_b, dgates[slot] = jax.lax.optimization_barrier((do_b, dg))
-            dqb, dkb, dvb = vjp((do_b, jnp.zeros_like(lse_b)))
+            lse_shape = jax.eval_shape(fn, q, k, v)[1]
+            dqb, dkb, dvb = vjp((do_b, jnp.zeros(lse_shape.shape, lse_shape.dtype)))
             dq = dqb if dq is None else dq + dqb
             dkv[slot] = (dkb, dvb)
             done = (dq, dkb, dvb)
         dg = jnp.stack(dgates, axis=-1).astype(gates.dtype)
         return (dq, *dkv[0], *dkv[1], *dkv[2], dg)
 
-    attend.defvjp(attend_fwd, attend_bwd)
+    attend.defvjp(forward, attend_bwd)
     return attend(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates)
 
 

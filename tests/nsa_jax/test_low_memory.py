@@ -56,6 +56,50 @@ def test_low_memory_matches_default_reference(case, dtype):
                 assert_close(a, b, dtype, what=f"d{name}")
 
 
+# Partial recomputes: the named branches are recomputed, the others keep their residuals.
+PARTIAL = ["window", "compressed,window", ("selected",), "selected,compressed"]
+
+
+@pytest.mark.parametrize("low_memory", PARTIAL, ids=str)
+@pytest.mark.parametrize("case", CASES[:2], ids=lambda c: c.name)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_partial_recompute_matches_default_reference(case, dtype, low_memory):
+    inputs = make_inputs(case, dtype)
+    out, grads = _loss_and_grads(inputs, case.config, "reference", False)
+    out_lm, grads_lm = _loss_and_grads(inputs, case.config, "reference", low_memory)
+    if dtype == jnp.float32:
+        # Without the fold (the selected branch kept) the gated sum is the same XLA sum.
+        np.testing.assert_allclose(np.asarray(out_lm), np.asarray(out), rtol=1e-6, atol=1e-7)
+    else:
+        assert_close(out_lm, out, dtype, what="o")
+    for name in grads:
+        for a, b in zip(jax.tree.leaves(grads_lm[name]), jax.tree.leaves(grads[name]), strict=True):
+            if dtype == jnp.float32:
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5,
+                                           atol=2e-6, err_msg=name)
+            else:
+                assert_close(a, b, dtype, what=f"d{name}")
+
+
+@pytest.mark.parametrize("bad", ["windows", ("window", "dense"), 3])
+def test_low_memory_rejects_unknown_branches(bad):
+    case = CASES[0]
+    inputs = make_inputs(case, jnp.float32)
+    with pytest.raises((ValueError, TypeError), match="low_memory"):
+        nsa_attention(**inputs, config=case.config, implementation="reference", low_memory=bad)
+
+
+def test_low_memory_branch_names():
+    from nsa_jax.config import ModelConfig, low_memory_branches
+
+    assert low_memory_branches(False) == low_memory_branches(None) == ()
+    assert low_memory_branches(True) == ("selected", "compressed", "window")
+    assert low_memory_branches("window, compressed") == ("compressed", "window")
+    assert low_memory_branches(["window"]) == ("window",)
+    with pytest.raises(ValueError, match="'swa'"):
+        ModelConfig(low_memory="swa")
+
+
 @pytest.fixture(scope="module")
 def interpret_backend():
     backend = gpu_backend.make_backend(interpret=True, name="low_memory_test_interpret",
@@ -83,6 +127,40 @@ def test_low_memory_on_the_kernels(interpret_backend, dtype):
     assert names.count("nsa_slc_fwd_combined") == names.count("nsa_slc_fwd") == 1, names
     out, grads = _loss_and_grads(inputs, case.config, interpret_backend, False)
     out_lm, grads_lm = _loss_and_grads(inputs, case.config, interpret_backend, True)
+    assert_close(out_lm, out, dtype, what="o")
+    for name in grads:
+        for a, b in zip(jax.tree.leaves(grads_lm[name]), jax.tree.leaves(grads[name]), strict=True):
+            assert_close(a, b, dtype, what=f"d{name}")
+
+
+# (low_memory, kernel launches in the forward and backward traced together): the kept
+# branches run once, the recomputed ones twice; the fold runs only when the selected branch
+# is recomputed.
+KERNEL_COUNTS = [
+    ("window", dict(nsa_cmp_fwd=1, nsa_swa_fwd=2, nsa_slc_fwd=1, nsa_slc_fwd_combined=0)),
+    ("selected", dict(nsa_cmp_fwd=1, nsa_swa_fwd=1, nsa_slc_fwd=1, nsa_slc_fwd_combined=1)),
+    ("compressed,window", dict(nsa_cmp_fwd=2, nsa_swa_fwd=2, nsa_slc_fwd=1,
+                               nsa_slc_fwd_combined=0)),
+]
+
+
+@pytest.mark.parametrize("low_memory,counts", KERNEL_COUNTS, ids=[c[0] for c in KERNEL_COUNTS])
+def test_partial_recompute_on_the_kernels(interpret_backend, low_memory, counts):
+    """Partial recomputes on the interpreted Triton kernels (bf16) against the default path
+    on the same kernels, with the kernels each one runs."""
+    dtype = jnp.bfloat16
+    case = Case("G4_T90", t=90, n=8, kh=2, dk=16, dv=16)
+    inputs = make_inputs(case, dtype, seed=5)
+    extra = {k: inputs[k] for k in ("k_slc", "v_slc", "k_swa", "v_swa")}
+    grad_fn = jax.grad(lambda q, k, v, g, p: nsa_attention(
+        q, k, v, g, p, config=case.config, implementation=interpret_backend,
+        low_memory=low_memory, **extra).astype(jnp.float32).sum(), argnums=(0, 1, 2, 3))
+    jaxpr = jax.make_jaxpr(grad_fn)(inputs["q"], inputs["k"], inputs["v"], inputs["gates"],
+                                    inputs["cmp_params"])
+    names = [e.params["name"] for e in pallas_eqns(jaxpr.jaxpr)]
+    assert {n: names.count(n) for n in counts} == counts, names
+    out, grads = _loss_and_grads(inputs, case.config, interpret_backend, False)
+    out_lm, grads_lm = _loss_and_grads(inputs, case.config, interpret_backend, low_memory)
     assert_close(out_lm, out, dtype, what="o")
     for name in grads:
         for a, b in zip(jax.tree.leaves(grads_lm[name]), jax.tree.leaves(grads[name]), strict=True):

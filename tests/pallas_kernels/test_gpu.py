@@ -270,11 +270,15 @@ def test_nsa_fold_reads_cudnn_compressed_rows(t):
         assert_close(g, g_r, jnp.bfloat16, f"fold on cuDNN rows T={t} {name}")
 
 
-@pytest.mark.parametrize("impl", ["pallas_triton_all_pallas", "pallas_triton"])
-def test_nsa_low_memory_backward(impl):
-    """``low_memory=True`` (the branch-by-branch backward) on the compiled kernels at the
-    paper's geometry in bf16, T off the block multiples: output and gradients against the
-    reference, on the all-Pallas backend (the low-memory configuration) and the default."""
+@pytest.mark.parametrize("impl,low_memory", [
+    ("pallas_triton_all_pallas", True), ("pallas_triton", True),
+    ("pallas_triton_all_pallas", "window"), ("pallas_triton_all_pallas", "compressed,window"),
+    ("pallas_triton", "selected")])
+def test_nsa_low_memory_backward(impl, low_memory):
+    """``low_memory`` (the branch-by-branch backward; every branch recomputed, or some) on
+    the compiled kernels at the paper's geometry in bf16, T off the block multiples: output
+    and gradients against the reference, on the all-Pallas backend (the low-memory
+    configurations) and the default."""
     from nsa_jax import NSAConfig, nsa_attention
 
     cfg = NSAConfig(cmp_kind="mean")  # l=32, d=16, l'=64, n=16, w=512
@@ -294,11 +298,11 @@ def test_nsa_low_memory_backward(impl):
         return jax.jit(lambda *a: (lambda o, vjp: (o, vjp(ct)))(*jax.vjp(fn, *a)))(
             q, k, v, gates)
 
-    out, grads = out_and_grads(run(impl, True))
+    out, grads = out_and_grads(run(impl, low_memory))
     out_r, grads_r = out_and_grads(run("reference", False))
-    assert_close(out, out_r, jnp.bfloat16, f"{impl} low_memory output")
+    assert_close(out, out_r, jnp.bfloat16, f"{impl} low_memory={low_memory} output")
     for name, g, g_r in zip(("dq", "dk", "dv", "dgates"), grads, grads_r, strict=True):
-        assert_close(g, g_r, jnp.bfloat16, f"{impl} low_memory {name}")
+        assert_close(g, g_r, jnp.bfloat16, f"{impl} low_memory={low_memory} {name}")
 
 
 def test_decode_at_the_int32_offset_limit():
