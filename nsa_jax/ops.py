@@ -295,10 +295,10 @@ def _branchwise(chain, cfg: NSAConfig, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_s
     (``nsa_attention(..., low_memory=...)``).
 
     The forward keeps its inputs, the selection and, for each branch not in ``recompute``,
-    that stage's residuals (its output among them). With every branch recomputed it is
-    :func:`_branches` (the gated sum folded where the backend can); otherwise the kept
-    branches run under ``jax.vjp``, and the gated sum is folded only when the selected branch
-    is recomputed (the fold does not return that branch's output).
+    that stage's residuals (its output among them). With every branch recomputed, or with no
+    gradient taken, it is :func:`_branches` (the gated sum folded where the backend can);
+    otherwise the kept branches run under ``jax.vjp``, and the gated sum is folded only when
+    the selected branch is recomputed (the fold does not return that branch's output).
 
     The backward takes the kept branches first (their residuals die early), then the
     recomputed ones, each in the order selected, compressed, window. For each it has the
@@ -361,7 +361,9 @@ def _branchwise(chain, cfg: NSAConfig, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_s
 
     @jax.custom_vjp
     def attend(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates):
-        return forward(q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates)[0]
+        # Without a gradient nothing is kept: the default forward (the gated sum folded).
+        return _branches(chain, cfg, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_swa, gates,
+                         fold_allowed=True)[0]
 
     def attend_bwd(residuals, do):
         res, saved = residuals
