@@ -323,3 +323,16 @@ def test_low_memory_under_remat_keeps_the_selection():
         grads = jax.grad(lambda p, t, g=graphdef, r=rest: jnp.mean(nnx.merge(g, p, r)(t)))
         jaxpr = jax.make_jaxpr(grads)(params, tokens).jaxpr
         assert _count_primitive(jaxpr, "top_k") == cfg.num_layers, cfg
+
+
+def test_low_memory_from_the_command_line():
+    """``--set model.low_memory=...`` takes a bool or branch names, and rejects others."""
+    from train.config import TrainConfig, apply_overrides
+
+    base = TrainConfig()
+    assert apply_overrides(base, ["model.low_memory=window"]).model.low_memory == "window"
+    assert apply_overrides(base, ["model.low_memory=true"]).model.low_memory is True
+    assert apply_overrides(
+        base, ["model.low_memory=compressed,window"]).model.low_memory == "compressed,window"
+    with pytest.raises(ValueError, match="low_memory"):
+        apply_overrides(base, ["model.low_memory=dense"])
