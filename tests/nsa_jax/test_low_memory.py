@@ -210,10 +210,12 @@ def test_model_with_low_memory(remat):
         loss = lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(tokens) ** 2)  # noqa: E731
         return jax.jit(jax.value_and_grad(loss))(params)
 
-    (l0, g0), (l1, g1) = loss_and_grads(cfg), loss_and_grads(cfg.replace(low_memory=True))
-    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-7)
+    l0, g0 = loss_and_grads(cfg)
+    for low_memory in (True, "window"):
+        l1, g1 = loss_and_grads(cfg.replace(low_memory=low_memory))
+        np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-7)
 
 
 SHARDED_SCRIPT = """
@@ -224,7 +226,7 @@ from nsa_jax import sharding
 preset = configs.get_config("tiny")
 mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, devices=jax.devices()[:8])
 out = {}
-for low_memory in (False, True):
+for low_memory in (False, True, "window"):
     model = preset.model.replace(low_memory=low_memory)
     state, step, batch_sharding, _ = bench.build(model, preset.optim, mesh)
     batch = jax.device_put(bench.synthetic_batch(jax.random.key(1), 8, 128, model.vocab_size),
@@ -240,7 +242,8 @@ print("RESULT " + json.dumps(out))
 
 def test_low_memory_on_a_sharded_mesh():
     """Training steps of the tiny preset on 8 CPU devices (data, fsdp and tensor axes of 2,
-    the NSA stages inside ``shard_map``) give the same losses with ``low_memory=True``."""
+    the NSA stages inside ``shard_map``) give the same losses with ``low_memory=True`` and
+    ``low_memory="window"``."""
     import json
     import os
     import subprocess
@@ -256,11 +259,16 @@ def test_low_memory_on_a_sharded_mesh():
     res = json.loads(line[len("RESULT "):])
     assert res["False"][0] != res["False"][-1]  # the steps train
     np.testing.assert_allclose(res["True"], res["False"], rtol=1e-6)
+    np.testing.assert_allclose(res["window"], res["False"], rtol=1e-6)
 
 
-def test_low_memory_on_the_tpu_kernels():
+@pytest.mark.parametrize("low_memory,fwd_runs", [
+    (True, dict(compressed=2, selected=2, sliding_window=2)),
+    ("window", dict(compressed=1, selected=1, sliding_window=2))], ids=["all", "window"])
+def test_low_memory_on_the_tpu_kernels(low_memory, fwd_runs):
     """The Mosaic kernels (TPU interpret mode with race detection) under the branch-by-branch
-    backward, against the default path on the same kernels, f32."""
+    backward (every branch recomputed, or the window only), against the default path on the
+    same kernels, f32."""
     import dataclasses
 
     from jax.experimental.pallas import tpu as pltpu
@@ -275,14 +283,15 @@ def test_low_memory_on_the_tpu_kernels():
     inputs = make_inputs(case, jnp.float32, seed=5)
     extra = {k: inputs[k] for k in ("k_slc", "v_slc", "k_swa", "v_swa")}
     grad_fn = jax.grad(lambda q, k, v, g: nsa_attention(
-        q, k, v, g, None, config=case.config, implementation=backend.name, low_memory=True,
-        **extra).sum(), argnums=(0, 1, 2, 3))
+        q, k, v, g, None, config=case.config, implementation=backend.name,
+        low_memory=low_memory, **extra).sum(), argnums=(0, 1, 2, 3))
     jaxpr = jax.make_jaxpr(grad_fn)(inputs["q"], inputs["k"], inputs["v"], inputs["gates"])
     names = [e.params["name"] for e in pallas_eqns(jaxpr.jaxpr)]
-    for branch in ("compressed", "selected", "sliding_window"):  # the kernels ran, twice forward
-        assert names.count(f"nsa_{branch}_fwd") == 2 and f"nsa_{branch}_bwd_dq" in names, names
+    for branch, runs in fwd_runs.items():  # the kernels ran: forward once, or twice if rerun
+        assert names.count(f"nsa_{branch}_fwd") == runs and f"nsa_{branch}_bwd_dq" in names, \
+            names
     out, grads = _loss_and_grads(inputs, case.config, backend.name, False)
-    out_lm, grads_lm = _loss_and_grads(inputs, case.config, backend.name, True)
+    out_lm, grads_lm = _loss_and_grads(inputs, case.config, backend.name, low_memory)
     np.testing.assert_allclose(np.asarray(out_lm), np.asarray(out), rtol=1e-6, atol=1e-6)
     for name in grads:
         for a, b in zip(jax.tree.leaves(grads_lm[name]), jax.tree.leaves(grads[name]), strict=True):
@@ -299,7 +308,8 @@ def test_low_memory_under_remat_keeps_the_selection():
     from tests.nsa_jax.test_layers import MODEL, _count_primitive
 
     tokens = jax.random.randint(jax.random.key(5), (1, 40), 0, 259)
-    for cfg in (MODEL.replace(remat=True, low_memory=True), MODEL.replace(low_memory=True)):
+    for cfg in (MODEL.replace(remat=True, low_memory=True), MODEL.replace(low_memory=True),
+                MODEL.replace(remat=True, low_memory="window")):
         graphdef, params, rest = nnx.split(NSATransformer(cfg, rngs=nnx.Rngs(0)), nnx.Param,
                                            ...)
         grads = jax.grad(lambda p, t, g=graphdef, r=rest: jnp.mean(nnx.merge(g, p, r)(t)))
