@@ -67,7 +67,7 @@ PARTIAL = ["window", "compressed,window", ("selected",), "selected,compressed"]
 
 
 @pytest.mark.parametrize("low_memory", PARTIAL, ids=str)
-@pytest.mark.parametrize("case", CASES[:2], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_partial_recompute_matches_default_reference(case, dtype, low_memory):
     inputs = make_inputs(case, dtype)
