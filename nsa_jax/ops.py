@@ -338,7 +338,7 @@ def _branchwise(chain, cfg: NSAConfig, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_s
         def run(branch, fn, qb, kb, vb):
             if branch in kept:
                 (o_b, lse_b), vjp = jax.vjp(fn, qb, kb, vb)
-                saved[branch] = (o_b, vjp)
+                saved[branch] = (o_b, lse_b, vjp)  # lse_b: the vjp's own residual
                 return o_b, lse_b
             return fn(qb, kb, vb)
 
@@ -371,26 +371,25 @@ def _branchwise(chain, cfg: NSAConfig, q, k_cmp, v_cmp, k_slc, v_slc, k_swa, v_s
         dq, dkv, dgates, done = None, {}, [None] * 3, None
         for branch in kept + recompute:
             slot = slot_of[branch]
-            fn, q, k, v = operands(branch, res)
             if branch in saved:
-                o_b, vjp = saved[branch]
+                o_b, lse_b, vjp = saved[branch]
                 (dob, gb, o_b), _ = jax.lax.optimization_barrier(((do, gates, o_b), done))
             else:
                 # Start only once the previous branch's gradients exist (and, for the first
                 # recomputed one, once the cotangent does: the recompute is then no copy of the
                 # forward's kernels that XLA could merge with them, keeping their outputs live
                 # in between).
+                fn, q, k, v = operands(branch, res)
                 (qb, kb, vb, dob, gb), _ = jax.lax.optimization_barrier(
                     ((q, k, v, do, gates), done))
-                (o_b, _), vjp = jax.vjp(fn, qb, kb, vb)
+                (o_b, lse_b), vjp = jax.vjp(fn, qb, kb, vb)
             do32 = dob.astype(jnp.float32)
             dg = jnp.sum(do32 * o_b.astype(jnp.float32), axis=-1)
             do_b = (gb[..., slot].astype(jnp.float32)[..., None] * do32).astype(o_b.dtype)
             # The gate's gradient before the branch's backward kernels, so that the branch
             # output is not kept alive through them for a reduction scheduled late.
             do_b, dgates[slot] = jax.lax.optimization_barrier((do_b, dg))
-            lse_shape = jax.eval_shape(fn, q, k, v)[1]
-            dqb, dkb, dvb = vjp((do_b, jnp.zeros(lse_shape.shape, lse_shape.dtype)))
+            dqb, dkb, dvb = vjp((do_b, jnp.zeros_like(lse_b)))
             dq = dqb if dq is None else dq + dqb
             dkv[slot] = (dkb, dvb)
             done = (dq, dkb, dvb)
