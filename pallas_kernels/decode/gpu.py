@@ -128,6 +128,15 @@ class BlockSizes:
         branch's partials and applies the gates; ``False`` leaves that to XLA.
       select_num_warps, sparse_num_warps, combine_num_warps: warps of the select, sparse and
         combine kernels (``0``: ``num_warps``).
+      select_in_cmp: with the select kernel's geometry, the last compressed program of each
+        (sequence, KV group) selects for the group, as one select program would, in place of
+        the select launch, when the cache holds at most this many select chunks (``0``:
+        never).
+      combine_in_sparse: the last sparse program of each (sequence, KV group) merges and gates
+        every branch in place of the combine launch when there are at most this many
+        (sequence, KV group) rows (``0``: never).
+      select_rank_max: a select program with at most this many blocks ranks them all at once;
+        with more it takes ``n`` rounds of argmax.
     """
 
     block_k: int = 64
@@ -149,6 +158,9 @@ class BlockSizes:
     select_num_warps: int = 0
     sparse_num_warps: int = 0
     combine_num_warps: int = 0
+    select_in_cmp: int = 0
+    combine_in_sparse: int = 0
+    select_rank_max: int = RANK_TOPN_MAX
 
     def __post_init__(self):
         if self.block_k < 16 or self.block_k & (self.block_k - 1):
@@ -169,7 +181,8 @@ class BlockSizes:
             raise ValueError(f"cmp_block_k must be 0 or a power of two >= 16, got "
                              f"{self.cmp_block_k}")
         for name in ("cmp_num_warps", "cmp_num_stages", "select_programs", "select_num_warps",
-                     "sparse_num_warps", "combine_num_warps"):
+                     "sparse_num_warps", "combine_num_warps", "select_in_cmp",
+                     "combine_in_sparse", "select_rank_max"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -256,15 +269,49 @@ def _num_visible(t, l, d, num_cmp):  # noqa: E741  (the paper's symbol)
     return jnp.minimum(n, num_cmp)
 
 
-def _cmp_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, s_ref, *, l, d, splits, **kw):  # noqa: E741
+def _cmp_kernel(len_ref, q_ref, k_ref, v_ref, *refs, l, d, splits, select, **kw):  # noqa: E741
     """``nsa_decode_cmp``: program ``j`` attends its share of the visible compressed tokens
-    (``split_range`` of ``[0, n_vis - 1]``) and writes their logits."""
-    hi = _num_visible(len_ref[()] - 1, l, d, k_ref.shape[0]) - 1
-    lo, hi = _split_piece(0, hi, splits, pl.program_id(2), kw["block_k"])
+    (``split_range`` of ``[0, n_vis - 1]``) and writes their logits.
+
+    With ``select`` (a one-split ``_SelectGeom``) the programs of a (sequence, KV group) count
+    themselves out on a zeroed counter, and the last one, which then sees every program's
+    partial softmax and logits, takes the group's top-n as the select kernel's one program
+    would, and zeroes the counter again for the sparse kernel."""
+    t = len_ref[()] - 1
+    j = pl.program_id(2)
+    hi = _num_visible(t, l, d, k_ref.shape[0]) - 1
+    lo, hi = _split_piece(0, hi, splits, j, kw["block_k"])
+    if select is None:
+        o_ref, m_ref, l_ref, s_ref = refs
+        o, m_i, l_i = _attend_range(q_ref[...], k_ref, v_ref, lo, hi, s_ref=s_ref, **kw)
+        o_ref[...] = o
+        m_ref[...] = m_i
+        l_ref[...] = l_i
+        return
+    (w_in_ref, w_next_ref, _, o_ref, m_ref, l_ref, s_ref, idx_ref, val_ref, score_ref, lse_ref,
+     cnt_ref) = refs
     o, m_i, l_i = _attend_range(q_ref[...], k_ref, v_ref, lo, hi, s_ref=s_ref, **kw)
     o_ref[...] = o
-    m_ref[...] = m_i
-    l_ref[...] = l_i
+    m_ref[pl.ds(j, 1), :] = m_i[None, :]  # [Mc, Gp]: the group's rows, one per program
+    l_ref[pl.ds(j, 1), :] = l_i[None, :]
+    done = _count_done(cnt_ref, select.interpret)
+
+    @pl.when(done == splits - 1)
+    def _():
+        _select_run(t, 0, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, idx_ref, val_ref,
+                    score_ref, lse_ref, select)
+        # Zero again, for the sparse kernel: every program of the group has counted itself.
+        plgpu.atomic_add(cnt_ref, (jnp.int32(0),), jnp.int32(-splits))
+
+
+def _count_done(cnt_ref, interpret: bool):
+    """Adds this program to a (sequence, KV group)'s counter once its writes are done, and
+    returns how many had before it (``count - 1``: it is the last). The CTA barrier orders
+    every thread's stores before the atomic; the atomic (acquire-release, GPU scope) publishes
+    them to, and orders the later loads of, the program that sees the full count."""
+    if not interpret:
+        plgpu.debug_barrier()
+    return plgpu.atomic_add(cnt_ref, (jnp.int32(0),), jnp.int32(1))
 
 
 def _merged_slots(ids_ref, vals_ref, first, count: int, top_n: int):
@@ -296,19 +343,31 @@ def _merged_slots(ids_ref, vals_ref, first, count: int, top_n: int):
 
 
 def _sparse_ranges_kernel(len_ref, ids_ref, vals_ref, q_ref, k_slc_ref, v_slc_ref, k_swa_ref,
-                          v_swa_ref, o_ref, m_ref, l_ref, *, num_slc, num_swa, slots, top_n, lp,
-                          window, **kw):
+                          v_swa_ref, *refs, num_slc, num_swa, slots, top_n, lp, window, ordered,
+                          combine, **kw):
     """``nsa_decode_sparse`` with its blocks and ranges found here: program ``j < num_slc``
     merges the select programs' candidates ``ids, vals [M]`` and attends the blocks of slots
     ``jP .. jP + P - 1`` (``-1``: nothing), each cut at the query ``t``, in one softmax; the
-    others piece ``j - num_slc`` of the window ``[t - w + 1, t]``."""
+    others piece ``j - num_slc`` of the window ``[t - w + 1, t]``. With ``ordered`` the
+    candidates are one list already in slot order (``-1`` unused), read as they are.
+
+    With ``combine`` (``(cmp_merged, interpret)``) the group's programs count themselves out
+    on a zeroed counter and the last one merges every branch and gates them, as the combine
+    kernel does: the partials go to the group's rows ``[M, Gp, Dv]``, and the compressed
+    branch comes as split partials or, with ``cmp_merged``, as its merged output."""
     t = len_ref[()] - 1  # the query's position
     q = q_ref[...]
     j = pl.program_id(2)  # read outside the branches (the interpreter cannot inside)
 
     def selected():
         carry = None
-        for blk in _merged_slots(ids_ref, vals_ref, j * slots, slots, top_n):
+        if ordered:  # slot r holds ids[r] (the index clamped: slots past n hold nothing)
+            blocks = [jnp.where(j * slots + s < top_n,
+                                ids_ref[jnp.minimum(j * slots + s, top_n - 1)], -1)
+                      for s in range(slots)]
+        else:
+            blocks = _merged_slots(ids_ref, vals_ref, j * slots, slots, top_n)
+        for blk in blocks:
             lo = blk * lp
             lo, hi = (jnp.where(blk >= 0, lo, 0),
                       jnp.where(blk >= 0, jnp.minimum(jnp.minimum(lo + lp - 1, t),
@@ -322,46 +381,99 @@ def _sparse_ranges_kernel(len_ref, ids_ref, vals_ref, q_ref, k_slc_ref, v_slc_re
         return _attend_range(q, k_swa_ref, v_swa_ref, lo, hi, ring=True, **kw)
 
     o, m_i, l_i = jax.lax.cond(j < num_slc, selected, window_piece)
-    o_ref[...] = o
-    m_ref[...] = m_i
-    l_ref[...] = l_i
+    if combine is None:
+        o_ref, m_ref, l_ref = refs
+        o_ref[...] = o
+        m_ref[...] = m_i
+        l_ref[...] = l_i
+        return
+    cmp_merged, interpret = combine
+    if cmp_merged:
+        _, c_o_ref, g_ref, o_ref, m_ref, l_ref, out_ref, cnt_ref = refs
+        cmp_parts = c_o_ref
+    else:
+        _, c_o_ref, c_m_ref, c_l_ref, g_ref, o_ref, m_ref, l_ref, out_ref, cnt_ref = refs
+        cmp_parts = (c_o_ref, c_m_ref, c_l_ref)
+    o_ref[pl.ds(j, 1), :, :] = o[None]
+    m_ref[pl.ds(j, 1), :] = m_i[None, :]
+    l_ref[pl.ds(j, 1), :] = l_i[None, :]
+    done = _count_done(cnt_ref, interpret)
+
+    @pl.when(done == num_slc + num_swa - 1)
+    def _():
+        _gated_merge(cmp_parts, (o_ref, m_ref, l_ref), g_ref, out_ref, num_slc=num_slc,
+                     num_swa=num_swa)
 
 
-def _merge_chunks(o_ref, m_ref, l_ref, start: int, count: int):
-    """``merge_partials`` over partials ``start .. start + count - 1`` (``count`` a power of
-    two) of refs ``o [M, Gp, Dvs]``, ``m, l [M, Gp]``, up to 16 at a time as ``[16, Gp, Dvs]``
-    tiles with every load issued before the arithmetic: the normalised output ``[Gp, Dvs]``,
-    0 where every partial is empty."""
+MERGE_TILE = 8192  # most f32 elements of one ``[chunk, Gp, cols]`` tile of merged partials
+
+
+def _merge_weights(m_ref, l_ref, start: int, count: int):
+    """``merge_partials``' weights for partials ``start .. start + count - 1`` (``count`` a
+    power of two) of ``m, l [M, Gp]``, up to 16 a chunk: ``(starts, chunk, weights, safe)``,
+    ``weights[i] = exp(m - m_max)`` of chunk ``i`` and ``safe`` the summed weights (1 where
+    every partial is empty)."""
     chunk = min(count, 16)
     starts = range(start, start + count, chunk)
     ms = [m_ref[pl.ds(j, chunk), :] for j in starts]  # [chunk, Gp]
     ls = [l_ref[pl.ds(j, chunk), :] for j in starts]
-    os_ = [o_ref[pl.ds(j, chunk), :, :] for j in starts]  # [chunk, Gp, Dvs]
     m_max = functools.reduce(jnp.maximum, [m.max(axis=0) for m in ms])  # [Gp]
-    l_tot, o_tot = None, None
-    for m, l_j, o in zip(ms, ls, os_, strict=True):
-        a = jnp.exp(m - m_max[None, :])  # [chunk, Gp]
-        l_c, o_c = (a * l_j).sum(axis=0), (a[:, :, None] * o).sum(axis=0)
+    weights = [jnp.exp(m - m_max[None, :]) for m in ms]
+    l_tot = None
+    for a, l_j in zip(weights, ls, strict=True):
+        l_c = (a * l_j).sum(axis=0)
         l_tot = l_c if l_tot is None else l_tot + l_c
+    return starts, chunk, weights, jnp.where(l_tot > 0, l_tot, 1.0)
+
+
+def _merge_cols(o_ref, merge, c0: int, cols: int):
+    """Columns ``c0 .. c0 + cols - 1`` of the merged output ``[Gp, cols]`` of ``o [M, Gp, Dv]``
+    with ``merge = _merge_weights(...)`` (every chunk's loads issued before the arithmetic);
+    0 where every partial is empty."""
+    starts, chunk, weights, safe = merge
+    os_ = [o_ref[pl.ds(j, chunk), :, pl.ds(c0, cols)] for j in starts]  # [chunk, Gp, cols]
+    o_tot = None
+    for a, o in zip(weights, os_, strict=True):
+        o_c = (a[:, :, None] * o).sum(axis=0)
         o_tot = o_c if o_tot is None else o_tot + o_c
-    return o_tot / jnp.where(l_tot > 0, l_tot, 1.0)[:, None]
+    return o_tot / safe[:, None]
+
+
+def _gated_merge(cmp_parts, sparse_parts, g_ref, out_ref, *, num_slc, num_swa):
+    """Merges each branch's partials and gates them into ``out [Gp, Dv]``, each branch first
+    rounded to the output dtype (the twin's ``combine_gated``): the compressed branch's from
+    ``cmp_parts`` (``(o, m, l)`` split partials, or its merged ``[Gp, Dv]`` output), the
+    ``num_slc`` selected and then ``num_swa`` window partials of ``sparse_parts`` (powers of
+    two), a few columns at a time so that a tile holds at most ``MERGE_TILE`` elements."""
+    s_o, s_m, s_l = sparse_parts
+    gp, dv = out_ref.shape
+    cols = max(1, min(dv, MERGE_TILE // (16 * gp)))
+    merged_cmp = not isinstance(cmp_parts, tuple)
+    w_cmp = None if merged_cmp else _merge_weights(cmp_parts[1], cmp_parts[2], 0,
+                                                   cmp_parts[1].shape[0])
+    w_slc = _merge_weights(s_m, s_l, 0, num_slc)
+    w_swa = _merge_weights(s_m, s_l, num_slc, num_swa)
+    dtype = out_ref.dtype
+
+    def gated(c, o):
+        return g_ref[:, c].astype(jnp.float32)[:, None] * o.astype(dtype).astype(jnp.float32)
+
+    for c0 in range(0, dv, cols):
+        o_cmp = (cmp_parts[:, pl.ds(c0, cols)] if merged_cmp
+                 else _merge_cols(cmp_parts[0], w_cmp, c0, cols))
+        o_slc = _merge_cols(s_o, w_slc, c0, cols)
+        o_swa = _merge_cols(s_o, w_swa, c0, cols)
+        out_ref[:, pl.ds(c0, cols)] = (gated(0, o_cmp) + gated(1, o_slc)
+                                       + gated(2, o_swa)).astype(dtype)
 
 
 def _combine_kernel(c_o_ref, c_m_ref, c_l_ref, s_o_ref, s_m_ref, s_l_ref, g_ref, out_ref, *,
                     num_slc, num_swa):
     """``nsa_decode_combine``: merges the compressed kernel's and the sparse kernel's partials
     (``num_slc`` selected, then ``num_swa`` window; powers of two) over this program's columns
-    and gates them, each branch first rounded to the output dtype (the twin's
-    ``combine_gated``)."""
-    o_cmp = _merge_chunks(c_o_ref, c_m_ref, c_l_ref, 0, c_o_ref.shape[0])
-    o_slc = _merge_chunks(s_o_ref, s_m_ref, s_l_ref, 0, num_slc)
-    o_swa = _merge_chunks(s_o_ref, s_m_ref, s_l_ref, num_slc, num_swa)
-    dtype = out_ref.dtype
-
-    def gated(c, o):
-        return g_ref[:, c].astype(jnp.float32)[:, None] * o.astype(dtype).astype(jnp.float32)
-
-    out_ref[...] = (gated(0, o_cmp) + gated(1, o_slc) + gated(2, o_swa)).astype(dtype)
+    and gates them."""
+    _gated_merge((c_o_ref, c_m_ref, c_l_ref), (s_o_ref, s_m_ref, s_l_ref), g_ref, out_ref,
+                 num_slc=num_slc, num_swa=num_swa)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,6 +490,7 @@ class _SelectGeom:
     chunk: int  # compressed tokens per step
     interpret: bool
     max_splits: int = 1  # programs per (sequence, KV group), at most
+    rank_max: int = RANK_TOPN_MAX  # most blocks a program ranks at once (else argmax rounds)
 
     @property
     def rp(self) -> int:
@@ -502,16 +615,22 @@ def _select_kernel(len_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, *refs, ge
     if merge_o:
         o_ref, idx_ref, val_ref, score_ref, lse_ref, oc_ref = refs
     else:
-        idx_ref, val_ref, score_ref, lse_ref = refs
-    t = len_ref[()] - 1  # the query's position
-    cur = jnp.minimum(t // geom.lp, geom.num_blocks - 1)  # the current block (in the cache)
-    split = pl.program_id(2)
+        (idx_ref, val_ref, score_ref, lse_ref), o_ref, oc_ref = refs, None, None
+    _select_run(len_ref[()] - 1, pl.program_id(2), m_ref, l_ref, s_ref, w_in_ref, w_next_ref,
+                idx_ref, val_ref, score_ref, lse_ref, geom, o_ref=o_ref, oc_ref=oc_ref)
 
-    # 1. Merge the compressed kernel's split softmaxes. With merge_o, program ``split`` merges
+
+def _select_run(t, split, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, idx_ref, val_ref,
+                score_ref, lse_ref, geom: _SelectGeom, o_ref=None, oc_ref=None):
+    """One select program's work for the query at ``t``: program ``split`` of its (sequence,
+    KV group) (the select kernel's, or the compressed kernel's last program with one split)."""
+    cur = jnp.minimum(t // geom.lp, geom.num_blocks - 1)  # the current block (in the cache)
+
+    # 1. Merge the compressed kernel's split softmaxes. With o_ref, program ``split`` merges
     # its own slice of the output's columns.
     m_max, safe, has, lse = _cmp_lse(m_ref, l_ref)
     lse_ref[...] = jnp.where(has, lse, -jnp.inf)
-    if merge_o:
+    if o_ref is not None:
         o = jnp.zeros(oc_ref.shape, jnp.float32)
         for j in range(o_ref.shape[0]):  # a few splits, unrolled so the loads issue together
             o = o + jnp.exp(m_ref[j, :] - m_max)[:, None] * o_ref[j]  # [Gg, Dv / splits]
@@ -540,7 +659,7 @@ def _top_candidates(score_ref, idx_ref, val_ref, c0, cur, geom: _SelectGeom):
     slot = jnp.arange(idx_ref.shape[0], dtype=jnp.int32)
     rounds = jnp.clip(cur + 1 - j0, 0, min(geom.top_n, jp))
     jl = jnp.arange(jp, dtype=jnp.int32)
-    if jp <= RANK_TOPN_MAX:
+    if jp <= geom.rank_max:
         # Every block's rank at once; slot r takes the block of rank r.
         rank, pri = _block_ranks(score_ref, j0, cur, jp // min(jp, RANK_TILE))
         hit = rank[None, :] == slot[:, None]  # [n', J']: one block per slot
@@ -631,54 +750,108 @@ def _len_spec():
 
 
 def _cmp_call(lens, qg, k, v, *, l, d, splits, scale, block_k, precision, params, interpret,  # noqa: E741
-              logits_len):
+              logits_len, select=None):
     """``nsa_decode_cmp`` over grid ``B x K x splits``: split partials and the logits
-    ``[B, K, Gp, logits_len]`` (only visited tiles are written)."""
+    ``[B, K, Gp, logits_len]`` (only visited tiles are written).
+
+    With ``select`` (a one-split ``_SelectGeom``), the group's last program also selects: the
+    outputs go on with the select kernel's (candidates and scores ``[B, K, n']``, scratch
+    ``[B, K, J']``, lse ``[B, K, Gp]``) and a zeroed counter ``int32 [B, K, 1]``."""
     b, kh = k.shape[0], k.shape[2]
     gp, dk = qg.shape[2:]
     c, dv = k.shape[1], v.shape[-1]
-    kernel = functools.partial(_cmp_kernel, l=l, d=d, splits=splits, scale=scale,
+    kernel = functools.partial(_cmp_kernel, l=l, d=d, splits=splits, select=select, scale=scale,
                                block_k=block_k, precision=precision)
+    in_specs = [_len_spec(), pl.BlockSpec((None, None, gp, dk), lambda b, k, j: (b, k, 0, 0)),
+                _seq_spec(c, dk), _seq_spec(c, dv)]
+    out_specs = _partial_specs(gp, dv) + [
+        pl.BlockSpec((None, None, gp, logits_len), lambda b, k, j: (b, k, 0, 0))]
+    out_shape = _partial_shapes(b, kh, splits, gp, dv) + [
+        jax.ShapeDtypeStruct((b, kh, gp, logits_len), jnp.float32)]
+    args = [lens, qg, k, v]
+    aliases = {}
+    if select is not None:
+        n_slots = max(16, _next_pow2(select.top_n))
+        w_in, w_next = overlap_tables(select.l, select.d, select.lp, select.chunk)
+        group = lambda *shape: pl.BlockSpec(  # noqa: E731
+            (None, None, *shape), lambda b, k, j: (b, k) + (0,) * len(shape))
+        in_specs += [pl.BlockSpec((select.chunk, select.blocks_per_chunk), lambda b, k, j: (0, 0)),
+                     pl.BlockSpec((select.chunk,), lambda b, k, j: (0,)), group(1)]
+        args += [jnp.asarray(w_in), jnp.asarray(w_next[:, 0]), jnp.zeros((b, kh, 1), jnp.int32)]
+        aliases = {len(args) - 1: 8}
+        out_specs[1:3] = [group(splits, gp), group(splits, gp)]  # m, l: the group's rows
+        out_specs += [group(n_slots), group(n_slots), group(select.score_len), group(gp),
+                      group(1)]
+        out_shape += [jax.ShapeDtypeStruct((b, kh, n_slots), jnp.int32),
+                      jax.ShapeDtypeStruct((b, kh, n_slots), jnp.float32),
+                      jax.ShapeDtypeStruct((b, kh, select.score_len), jnp.float32),
+                      jax.ShapeDtypeStruct((b, kh, gp), jnp.float32),
+                      jax.ShapeDtypeStruct((b, kh, 1), jnp.int32)]
     return pl.pallas_call(
         kernel,
         grid=(b, kh, splits),
-        in_specs=[_len_spec(), pl.BlockSpec((None, None, gp, dk), lambda b, k, j: (b, k, 0, 0)),
-                  _seq_spec(c, dk), _seq_spec(c, dv)],
-        out_specs=_partial_specs(gp, dv) + [
-            pl.BlockSpec((None, None, gp, logits_len), lambda b, k, j: (b, k, 0, 0))],
-        out_shape=_partial_shapes(b, kh, splits, gp, dv) + [
-            jax.ShapeDtypeStruct((b, kh, gp, logits_len), jnp.float32)],
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=params,
         interpret=interpret,
         name="nsa_decode_cmp",
-    )(lens, qg, k, v)
+    )(*args)
 
 
 def _sparse_ranges_call(lens, ids, vals, qg, k_slc, v_slc, k_swa, v_swa, *, num_slc, num_swa,
-                        slots, top_n, lp, window, scale, block_k, precision, params, interpret):
+                        slots, top_n, lp, window, scale, block_k, precision, params, interpret,
+                        ordered=False, combine=None):
     """Candidates ``ids, vals [B, K, M]``: ``num_slc`` programs of ``slots`` selected blocks,
-    then ``num_swa`` window pieces; split partials ``[B, K, num_slc + num_swa, ...]``."""
+    then ``num_swa`` window pieces; split partials ``[B, K, num_slc + num_swa, ...]``.
+
+    With ``combine = (cnt, cmp_parts, gates)`` (a zeroed ``int32 [B, K, 1]`` counter, the
+    compressed branch's split partials or merged ``[B, K, Gp, Dv]`` output, and the gates
+    ``[B, K, Gp, 3]``) the group's last program merges and gates every branch: returns the
+    partials and ``o [B, K, Gp, Dv]`` in ``q``'s dtype."""
     b, kh, mcand = ids.shape
     gp, dk = qg.shape[2:]
     dv = v_slc.shape[-1]
     m = num_slc + num_swa
+    cmp_merged = combine is not None and not isinstance(combine[1], tuple)
     kernel = functools.partial(_sparse_ranges_kernel, num_slc=num_slc, num_swa=num_swa,
                                slots=slots, top_n=top_n, lp=lp, window=window, scale=scale,
-                               block_k=block_k, precision=precision)
+                               block_k=block_k, precision=precision, ordered=ordered,
+                               combine=None if combine is None else (cmp_merged, interpret))
     cand_spec = pl.BlockSpec((None, None, mcand), lambda b, k, j: (b, k, 0))
+    in_specs = [_len_spec(), cand_spec, cand_spec,
+                pl.BlockSpec((None, None, gp, dk), lambda b, k, j: (b, k, 0, 0)),
+                _seq_spec(k_slc.shape[1], dk), _seq_spec(v_slc.shape[1], dv),
+                _seq_spec(k_swa.shape[1], dk), _seq_spec(v_swa.shape[1], dv)]
+    args = [lens, ids, vals, qg, k_slc, v_slc, k_swa, v_swa]
+    out_specs, out_shape = _partial_specs(gp, dv), _partial_shapes(b, kh, m, gp, dv)
+    aliases = {}
+    if combine is not None:
+        cnt, cmp_parts, gates = combine
+
+        def group(x):  # the whole (sequence, KV group) slice of a [B, K, ...] array
+            return pl.BlockSpec((None, None, *x.shape[2:]),
+                                lambda b, k, j: (b, k) + (0,) * (len(x.shape) - 2))
+
+        extra = [cnt, *(cmp_parts if isinstance(cmp_parts, tuple) else (cmp_parts,)), gates]
+        aliases = {len(args): 4}
+        in_specs += [group(x) for x in extra]
+        args += extra
+        out_shape += [jax.ShapeDtypeStruct((b, kh, gp, dv), qg.dtype),
+                      jax.ShapeDtypeStruct((b, kh, 1), jnp.int32)]
+        out_specs = [group(x) for x in out_shape]
     return pl.pallas_call(
         kernel,
         grid=(b, kh, m),
-        in_specs=[_len_spec(), cand_spec, cand_spec,
-                  pl.BlockSpec((None, None, gp, dk), lambda b, k, j: (b, k, 0, 0)),
-                  _seq_spec(k_slc.shape[1], dk), _seq_spec(v_slc.shape[1], dv),
-                  _seq_spec(k_swa.shape[1], dk), _seq_spec(v_swa.shape[1], dv)],
-        out_specs=_partial_specs(gp, dv),
-        out_shape=_partial_shapes(b, kh, m, gp, dv),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=params,
         interpret=interpret,
         name="nsa_decode_sparse",
-    )(lens, ids, vals, qg, k_slc, v_slc, k_swa, v_swa)
+    )(*args)
 
 
 def _combine_call(cmp_parts, sparse_parts, gates, *, num_slc, num_swa, col_splits, dtype,
@@ -1032,7 +1205,7 @@ def decode_stages(
     geom = _SelectGeom(
         l=cmp_block_size, d=cmp_stride, lp=slc_block_size, top_n=top_n, g=g, num_cmp=c,
         num_blocks=num_blocks, chunk=max(bs.select_chunk, slc_block_size // cmp_stride),
-        interpret=interpret,
+        interpret=interpret, rank_max=bs.select_rank_max,
         max_splits=min(_next_pow2(-(-(bs.select_programs or bs.target_programs) // per_row)),
                        bs.select_splits or 1 << 30))
     if not bs.select_kernel or _select_unsupported(geom):
@@ -1052,9 +1225,24 @@ def decode_stages(
              _prev_pow2(c // block_kc))
     logits_len = max(c, geom.logits_len) if geom else c
     cmp_params = params_for(bs.cmp_num_warps, bs.cmp_num_stages)
-    o_p, m_p, l_p, s_cmp = _cmp_call(
-        lens, qg, k_cmp, v_cmp, l=cmp_block_size, d=cmp_stride, splits=mc, block_k=block_kc,
-        logits_len=logits_len, **dict(common, params=cmp_params))
+    # The compressed kernel's last program of each group selects (no select launch) when the
+    # cache has few select chunks; the sparse kernel's last program merges and gates (no
+    # combine launch) when there are few (sequence, KV group) rows.
+    select_tail = (upto != "cmp" and geom is not None and bs.select_in_cmp > 0
+                   and geom.num_chunks <= bs.select_in_cmp)
+    combine_tail = (upto == "full" and combine and bs.combine_in_sparse > 0
+                    and per_row <= bs.combine_in_sparse)
+    cnt = None
+    if select_tail:
+        geom1 = dataclasses.replace(geom, max_splits=1)
+        (o_p, m_p, l_p, s_cmp, tail_ids, tail_vals, _, _, cnt) = _cmp_call(
+            lens, qg, k_cmp, v_cmp, l=cmp_block_size, d=cmp_stride, splits=mc,
+            block_k=block_kc, logits_len=logits_len, select=geom1,
+            **dict(common, params=cmp_params))
+    else:
+        o_p, m_p, l_p, s_cmp = _cmp_call(
+            lens, qg, k_cmp, v_cmp, l=cmp_block_size, d=cmp_stride, splits=mc,
+            block_k=block_kc, logits_len=logits_len, **dict(common, params=cmp_params))
     cmp_parts = (o_p, m_p, l_p)
 
     def merge_cmp():
@@ -1066,13 +1254,21 @@ def decode_stages(
 
     # 2. Selection from the branch's own probabilities. (With the combine kernel, that kernel
     # merges o_cmp; the selection stage alone merges it in XLA.)
-    if geom is not None:
-        merge_o = (not combine and mc <= bs.select_merge_splits
-                   and _can_merge_o(dv, geom.splits))
+    o_cmp_full = None  # the select kernel's merged o_cmp [B, K, Gp, Dv] for the sparse kernel
+    if select_tail:
+        cand_ids, cand_vals = tail_ids, tail_vals  # [B, K, n']: one list in slot order
+        indices = tail_ids[:, :, :top_n]
+        o_cmp = None
+    elif geom is not None:
+        gg = _next_pow2(g)
+        merge_o = (mc <= bs.select_merge_splits and _can_merge_o(dv, geom.splits)
+                   and (not combine or (combine_tail and gg == gp)))
         cand_ids, cand_vals, _, _, o_cmp = _select_call(
             lens, m_p, l_p, s_cmp, o_p if merge_o else None, geom=geom,
             params=params_for(bs.select_num_warps))
         indices = merge_candidates(cand_ids, cand_vals, top_n)  # [B, K, n]
+        if merge_o and combine_tail:
+            o_cmp_full = o_cmp
         o_cmp = o_cmp[:, :, :g] if merge_o else None
     else:
         o_cmp, lse_cmp = merge_cmp()
@@ -1098,26 +1294,40 @@ def decode_stages(
         # themselves; both groups of programs are rounded up to powers of two (the extra ones
         # attend nothing), so the combine kernel merges each group in whole tiles.
         ns_p, mw_p = _next_pow2(ns), _next_pow2(mw)
+        n_pad = max(16, _next_pow2(top_n))
         if cand_ids is not None:
             cand_ids, cand_vals = cand_ids.reshape(b, kh, -1), cand_vals.reshape(b, kh, -1)
         if cand_ids is None or cand_ids.shape[-1] > MAX_SPARSE_CANDIDATES:
             # The merged indices as the candidates of one program (XLA selected, or too many
             # proposals to merge in the kernel): slot order by descending score (-slot), -1
             # unused.
-            n_pad = max(16, _next_pow2(top_n))
             cand_ids = jnp.pad(indices, [(0, 0), (0, 0), (0, n_pad - top_n)],
                                constant_values=-1)
             cand_vals = jnp.where(cand_ids >= 0, -jnp.arange(n_pad, dtype=jnp.float32),
                                   -jnp.inf)
-        parts = _sparse_ranges_call(
-            lens, cand_ids, cand_vals, qg, k_slc, v_slc, k_swa, v_swa, num_slc=ns_p,
-            num_swa=mw_p, slots=slots, top_n=top_n, lp=slc_block_size, window=window_size,
-            block_k=block_k, **dict(common, params=params_for(bs.sparse_num_warps)))
+        # One list (one select program, or merged) is already in slot order.
+        ordered = cand_ids.shape[-1] == n_pad
+        sparse_kw = dict(num_slc=ns_p, num_swa=mw_p, slots=slots, top_n=top_n,
+                         lp=slc_block_size, window=window_size, block_k=block_k,
+                         ordered=ordered, **dict(common, params=params_for(bs.sparse_num_warps)))
+        gates_g = None
         if combine:
-            # 4. One kernel merges every branch over a share of the columns and gates them.
             gates_g = gates.reshape(b, kh, g, 3)
             if gp > g:
                 gates_g = jnp.pad(gates_g, [(0, 0), (0, 0), (0, gp - g), (0, 0)])
+        if combine_tail:
+            # 3+4. The sparse kernel's last program of each group merges and gates.
+            if cnt is None:
+                cnt = jnp.zeros((b, kh, 1), jnp.int32)
+            *_, o, _ = _sparse_ranges_call(
+                lens, cand_ids, cand_vals, qg, k_slc, v_slc, k_swa, v_swa,
+                combine=(cnt, cmp_parts if o_cmp_full is None else o_cmp_full, gates_g),
+                **sparse_kw)
+            return {"o": o[:, :, :g].reshape(b, n, dv), "indices": indices}
+        parts = _sparse_ranges_call(lens, cand_ids, cand_vals, qg, k_slc, v_slc, k_swa, v_swa,
+                                    **sparse_kw)
+        if combine:
+            # 4. One kernel merges every branch over a share of the columns and gates them.
             col_splits = max(1, min(dv // 16, _next_pow2(-(-bs.target_programs // per_row))))
             o = _combine_call(cmp_parts, parts, gates_g, num_slc=ns_p, num_swa=mw_p,
                               col_splits=col_splits, dtype=q.dtype,
