@@ -100,15 +100,6 @@ SWEEP = {
     "combine_w2": gpu.BlockSizes(combine_num_warps=2),
     "combine_w8": gpu.BlockSizes(combine_num_warps=8),
     "stages3_sel528": gpu.BlockSizes(num_stages=3, select_programs=528),
-    # The select step in the compressed kernel's last program and/or the merges and gates in
-    # the sparse kernel's last program (one launch fewer each).
-    "sel_tail": gpu.BlockSizes(select_in_cmp=64),
-    "comb_tail": gpu.BlockSizes(combine_in_sparse=1 << 20),
-    "both_tails": gpu.BlockSizes(select_in_cmp=64, combine_in_sparse=1 << 20),
-    "both_rank256": gpu.BlockSizes(select_in_cmp=64, combine_in_sparse=1 << 20,
-                                   select_rank_max=256),
-    "both_slots2": gpu.BlockSizes(select_in_cmp=64, combine_in_sparse=1 << 20, sparse_slots=2),
-    "sel_tail_rank256": gpu.BlockSizes(select_in_cmp=64, select_rank_max=256),
     # The default again, to read the run's noise off the sweep.
     "default": gpu.BlockSizes(),
 }
@@ -232,13 +223,9 @@ def rel_err(out, ref) -> float:
 
 CHECK_TILINGS = (dict(), dict(fuse_sparse=False), dict(select_kernel=False),
                  dict(sparse_slots=4, select_splits=1), dict(sparse_slots=16, select_splits=4),
-                 dict(combine_kernel=False), dict(select_programs=1024),
-                 dict(select_in_cmp=64), dict(combine_in_sparse=1 << 20),
-                 dict(select_in_cmp=64, combine_in_sparse=1 << 20, select_rank_max=256))
+                 dict(combine_kernel=False), dict(select_programs=1024))
 # At 4x the check context: 32 compressed splits, which the combine kernel merges in tiles.
-CHECK_TILINGS_LONG = (dict(cmp_block_k=16, cmp_splits=32),
-                      dict(cmp_block_k=16, cmp_splits=32, select_in_cmp=64,
-                           combine_in_sparse=1 << 20))
+CHECK_TILINGS_LONG = (dict(cmp_block_k=16, cmp_splits=32),)
 
 
 def check_correctness(ctx: int) -> list[str]:

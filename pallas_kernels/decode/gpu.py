@@ -128,15 +128,10 @@ class BlockSizes:
         branch's partials and applies the gates; ``False`` leaves that to XLA.
       select_num_warps, sparse_num_warps, combine_num_warps: warps of the select, sparse and
         combine kernels (``0``: ``num_warps``).
-      select_in_cmp: with the select kernel's geometry, the last compressed program of each
-        (sequence, KV group) selects for the group, as one select program would, in place of
-        the select launch, when the cache holds at most this many select chunks (``0``:
-        never).
-      combine_in_sparse: the last sparse program of each (sequence, KV group) merges and gates
-        every branch in place of the combine launch when there are at most this many
-        (sequence, KV group) rows (``0``: never).
-      select_rank_max: a select program with at most this many blocks ranks them all at once;
-        with more it takes ``n`` rounds of argmax.
+      candidate_programs: with one selected block per sparse program (``sparse_slots`` 1),
+        ``l'`` one tile and several select programs' candidates to merge, run one sparse
+        program per candidate: it loads its block while it ranks the candidate and keeps it if
+        it is among the top n, so the ranking no longer delays the loads.
     """
 
     block_k: int = 64
@@ -158,9 +153,7 @@ class BlockSizes:
     select_num_warps: int = 0
     sparse_num_warps: int = 0
     combine_num_warps: int = 0
-    select_in_cmp: int = 0
-    combine_in_sparse: int = 0
-    select_rank_max: int = RANK_TOPN_MAX
+    candidate_programs: bool = True
 
     def __post_init__(self):
         if self.block_k < 16 or self.block_k & (self.block_k - 1):
@@ -181,8 +174,7 @@ class BlockSizes:
             raise ValueError(f"cmp_block_k must be 0 or a power of two >= 16, got "
                              f"{self.cmp_block_k}")
         for name in ("cmp_num_warps", "cmp_num_stages", "select_programs", "select_num_warps",
-                     "sparse_num_warps", "combine_num_warps", "select_in_cmp",
-                     "combine_in_sparse", "select_rank_max"):
+                     "sparse_num_warps", "combine_num_warps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -269,49 +261,15 @@ def _num_visible(t, l, d, num_cmp):  # noqa: E741  (the paper's symbol)
     return jnp.minimum(n, num_cmp)
 
 
-def _cmp_kernel(len_ref, q_ref, k_ref, v_ref, *refs, l, d, splits, select, **kw):  # noqa: E741
+def _cmp_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, s_ref, *, l, d, splits, **kw):  # noqa: E741
     """``nsa_decode_cmp``: program ``j`` attends its share of the visible compressed tokens
-    (``split_range`` of ``[0, n_vis - 1]``) and writes their logits.
-
-    With ``select`` (a one-split ``_SelectGeom``) the programs of a (sequence, KV group) count
-    themselves out on a zeroed counter, and the last one, which then sees every program's
-    partial softmax and logits, takes the group's top-n as the select kernel's one program
-    would, and zeroes the counter again for the sparse kernel."""
-    t = len_ref[()] - 1
-    j = pl.program_id(2)
-    hi = _num_visible(t, l, d, k_ref.shape[0]) - 1
-    lo, hi = _split_piece(0, hi, splits, j, kw["block_k"])
-    if select is None:
-        o_ref, m_ref, l_ref, s_ref = refs
-        o, m_i, l_i = _attend_range(q_ref[...], k_ref, v_ref, lo, hi, s_ref=s_ref, **kw)
-        o_ref[...] = o
-        m_ref[...] = m_i
-        l_ref[...] = l_i
-        return
-    (w_in_ref, w_next_ref, _, o_ref, m_ref, l_ref, s_ref, idx_ref, val_ref, score_ref, lse_ref,
-     cnt_ref) = refs
+    (``split_range`` of ``[0, n_vis - 1]``) and writes their logits."""
+    hi = _num_visible(len_ref[()] - 1, l, d, k_ref.shape[0]) - 1
+    lo, hi = _split_piece(0, hi, splits, pl.program_id(2), kw["block_k"])
     o, m_i, l_i = _attend_range(q_ref[...], k_ref, v_ref, lo, hi, s_ref=s_ref, **kw)
     o_ref[...] = o
-    m_ref[pl.ds(j, 1), :] = m_i[None, :]  # [Mc, Gp]: the group's rows, one per program
-    l_ref[pl.ds(j, 1), :] = l_i[None, :]
-    done = _count_done(cnt_ref, select.interpret)
-
-    @pl.when(done == splits - 1)
-    def _():
-        _select_run(t, 0, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, idx_ref, val_ref,
-                    score_ref, lse_ref, select)
-        # Zero again, for the sparse kernel: every program of the group has counted itself.
-        plgpu.atomic_add(cnt_ref, (jnp.int32(0),), jnp.int32(-splits))
-
-
-def _count_done(cnt_ref, interpret: bool):
-    """Adds this program to a (sequence, KV group)'s counter once its writes are done, and
-    returns how many had before it (``count - 1``: it is the last). The CTA barrier orders
-    every thread's stores before the atomic; the atomic (acquire-release, GPU scope) publishes
-    them to, and orders the later loads of, the program that sees the full count."""
-    if not interpret:
-        plgpu.debug_barrier()
-    return plgpu.atomic_add(cnt_ref, (jnp.int32(0),), jnp.int32(1))
+    m_ref[...] = m_i
+    l_ref[...] = l_i
 
 
 def _merged_slots(ids_ref, vals_ref, first, count: int, top_n: int):
@@ -321,7 +279,7 @@ def _merged_slots(ids_ref, vals_ref, first, count: int, top_n: int):
     earlier ones with an equal score, so slot ``r`` holds the candidate of rank ``r``, ``-1``
     if its score is ``-inf`` or ``r >= n``."""
     m = ids_ref.shape[0]
-    vals = vals_ref[...]  # [M]
+    vals, ids = vals_ref[...], ids_ref[...]  # [M]: both loads before the ranking
     pos = jnp.arange(m, dtype=jnp.int32)
     tile = min(m, RANK_TILE)
 
@@ -333,7 +291,7 @@ def _merged_slots(ids_ref, vals_ref, first, count: int, top_n: int):
         return rank + ahead.astype(jnp.int32).sum(axis=1)
 
     rank = jax.lax.fori_loop(0, m // tile, rank_tile, jnp.zeros((m,), jnp.int32))
-    picked = jnp.where(vals > -jnp.inf, ids_ref[...], -1)
+    picked = jnp.where(vals > -jnp.inf, ids, -1)
     out = []
     for s in range(count):
         r = first + s
@@ -343,18 +301,13 @@ def _merged_slots(ids_ref, vals_ref, first, count: int, top_n: int):
 
 
 def _sparse_ranges_kernel(len_ref, ids_ref, vals_ref, q_ref, k_slc_ref, v_slc_ref, k_swa_ref,
-                          v_swa_ref, *refs, num_slc, num_swa, slots, top_n, lp, window, ordered,
-                          combine, **kw):
+                          v_swa_ref, o_ref, m_ref, l_ref, *, num_slc, num_swa, slots, top_n, lp,
+                          window, ordered, **kw):
     """``nsa_decode_sparse`` with its blocks and ranges found here: program ``j < num_slc``
     merges the select programs' candidates ``ids, vals [M]`` and attends the blocks of slots
     ``jP .. jP + P - 1`` (``-1``: nothing), each cut at the query ``t``, in one softmax; the
     others piece ``j - num_slc`` of the window ``[t - w + 1, t]``. With ``ordered`` the
-    candidates are one list already in slot order (``-1`` unused), read as they are.
-
-    With ``combine`` (``(cmp_merged, interpret)``) the group's programs count themselves out
-    on a zeroed counter and the last one merges every branch and gates them, as the combine
-    kernel does: the partials go to the group's rows ``[M, Gp, Dv]``, and the compressed
-    branch comes as split partials or, with ``cmp_merged``, as its merged output."""
+    candidates are one list already in slot order (``-1`` unused), read as they are."""
     t = len_ref[()] - 1  # the query's position
     q = q_ref[...]
     j = pl.program_id(2)  # read outside the branches (the interpreter cannot inside)
@@ -362,9 +315,9 @@ def _sparse_ranges_kernel(len_ref, ids_ref, vals_ref, q_ref, k_slc_ref, v_slc_re
     def selected():
         carry = None
         if ordered:  # slot r holds ids[r] (the index clamped: slots past n hold nothing)
-            blocks = [jnp.where(j * slots + s < top_n,
-                                ids_ref[jnp.minimum(j * slots + s, top_n - 1)], -1)
-                      for s in range(slots)]
+            blocks = [jnp.where(j * slots + i < top_n,
+                                ids_ref[jnp.minimum(j * slots + i, top_n - 1)], -1)
+                      for i in range(slots)]
         else:
             blocks = _merged_slots(ids_ref, vals_ref, j * slots, slots, top_n)
         for blk in blocks:
@@ -381,99 +334,111 @@ def _sparse_ranges_kernel(len_ref, ids_ref, vals_ref, q_ref, k_slc_ref, v_slc_re
         return _attend_range(q, k_swa_ref, v_swa_ref, lo, hi, ring=True, **kw)
 
     o, m_i, l_i = jax.lax.cond(j < num_slc, selected, window_piece)
-    if combine is None:
-        o_ref, m_ref, l_ref = refs
-        o_ref[...] = o
-        m_ref[...] = m_i
-        l_ref[...] = l_i
-        return
-    cmp_merged, interpret = combine
-    if cmp_merged:
-        _, c_o_ref, g_ref, o_ref, m_ref, l_ref, out_ref, cnt_ref = refs
-        cmp_parts = c_o_ref
-    else:
-        _, c_o_ref, c_m_ref, c_l_ref, g_ref, o_ref, m_ref, l_ref, out_ref, cnt_ref = refs
-        cmp_parts = (c_o_ref, c_m_ref, c_l_ref)
-    o_ref[pl.ds(j, 1), :, :] = o[None]
-    m_ref[pl.ds(j, 1), :] = m_i[None, :]
-    l_ref[pl.ds(j, 1), :] = l_i[None, :]
-    done = _count_done(cnt_ref, interpret)
+    o_ref[...] = o
+    m_ref[...] = m_i
+    l_ref[...] = l_i
 
-    @pl.when(done == num_slc + num_swa - 1)
+
+def _sparse_candidates_kernel(len_ref, ids_ref, vals_ref, q_ref, k_slc_ref, v_slc_ref,
+                              k_swa_ref, v_swa_ref, o_ref, m_ref, l_ref, *, num_slc, num_swa,
+                              top_n, lp, window, scale, block_k, precision):
+    """``nsa_decode_sparse`` with one program per select candidate (``l'`` one tile, one block
+    a program): program ``j < M`` loads candidate ``j``'s block while it ranks the candidate
+    (its rank counts the candidates with a higher score and the earlier ones with an equal
+    score, as ``_merged_slots`` does), then writes the block's partial to row ``rank`` if that
+    is below ``n``; rows ``min(valid, n) .. num_slc - 1`` get empty partials. Programs
+    ``j >= M`` write window piece ``j - M`` to row ``num_slc + j - M``. The outputs are the
+    group's rows ``[num_slc + num_swa, Gp, Dv]``, so ranking no longer delays the loads."""
+    t = len_ref[()] - 1  # the query's position
+    q = q_ref[...]
+    mcand = ids_ref.shape[0]
+    j = pl.program_id(2)  # read outside the branches (the interpreter cannot inside)
+
+    def candidate():
+        jc = jnp.minimum(j, mcand - 1)
+        blk, v_j, vals = ids_ref[jc], vals_ref[jc], vals_ref[...]
+        start = pl.multiple_of(jnp.where(blk >= 0, blk, 0) * lp, lp)
+        k = k_slc_ref[pl.ds(start, lp), :]  # [l', Dk]: issued before the ranking's maths
+        v = v_slc_ref[pl.ds(start, lp), :]  # [l', Dv]
+        pos = jnp.arange(mcand, dtype=jnp.int32)
+        ahead = (vals > v_j) | ((vals == v_j) & (pos < jc))
+        rank = ahead.astype(jnp.int32).sum()
+        n_valid = (vals > -jnp.inf).astype(jnp.int32).sum()
+        keep = (blk >= 0) & (v_j > -jnp.inf) & (rank < top_n)
+        hi = jnp.where(keep, jnp.minimum(jnp.minimum(start + lp - 1, t),
+                                         k_slc_ref.shape[0] - 1), -1)
+        s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale  # [Gp, l']
+        kpos = start + jnp.arange(lp, dtype=jnp.int32)
+        valid = ((kpos >= start) & (kpos <= hi))[None, :]
+        s = jnp.where(valid, s, MASK_VALUE)
+        m_i = jnp.maximum(jnp.full((q.shape[0],), MASK_VALUE, jnp.float32), s.max(axis=1))
+        p = jnp.where(valid, jnp.exp(s - m_i[:, None]), 0.0)
+        o = plgpu.dot(p.astype(v.dtype), v, precision=precision)
+        empty = jnp.where((j < num_slc) & (j >= jnp.minimum(n_valid, top_n)), j, -1)
+        return o, m_i, p.sum(axis=1), jnp.where(keep, rank, -1), empty
+
+    def window_piece():
+        lo, hi = _split_piece(jnp.maximum(t - window + 1, 0), t, num_swa, j - mcand, block_k)
+        o, m_i, l_i = _attend_range(q, k_swa_ref, v_swa_ref, lo, hi, ring=True, scale=scale,
+                                    block_k=block_k, precision=precision)
+        return o, m_i, l_i, num_slc + j - mcand, 0 * j - 1  # (a traced -1: cond yields values)
+
+    o, m_i, l_i, row, empty = jax.lax.cond(j < mcand, candidate, window_piece)
+
+    @pl.when(row >= 0)
     def _():
-        _gated_merge(cmp_parts, (o_ref, m_ref, l_ref), g_ref, out_ref, num_slc=num_slc,
-                     num_swa=num_swa)
+        o_ref[pl.ds(row, 1), :, :] = o[None]
+        m_ref[pl.ds(row, 1), :] = m_i[None, :]
+        l_ref[pl.ds(row, 1), :] = l_i[None, :]
+
+    @pl.when(empty >= 0)
+    def _():
+        o_ref[pl.ds(empty, 1), :, :] = jnp.zeros((1, *o.shape), jnp.float32)
+        m_ref[pl.ds(empty, 1), :] = jnp.full((1, m_i.shape[0]), MASK_VALUE, jnp.float32)
+        l_ref[pl.ds(empty, 1), :] = jnp.zeros((1, l_i.shape[0]), jnp.float32)
 
 
-MERGE_TILE = 8192  # most f32 elements of one ``[chunk, Gp, cols]`` tile of merged partials
-
-
-def _merge_weights(m_ref, l_ref, start: int, count: int):
-    """``merge_partials``' weights for partials ``start .. start + count - 1`` (``count`` a
-    power of two) of ``m, l [M, Gp]``, up to 16 a chunk: ``(starts, chunk, weights, safe)``,
-    ``weights[i] = exp(m - m_max)`` of chunk ``i`` and ``safe`` the summed weights (1 where
-    every partial is empty)."""
+def _load_chunks(o_ref, m_ref, l_ref, start: int, count: int):
+    """The loads of ``_merge_loaded``: partials ``start .. start + count - 1`` (``count`` a power
+    of two) of refs ``o [M, Gp, Dvs]``, ``m, l [M, Gp]``, as up to 16 at a time."""
     chunk = min(count, 16)
     starts = range(start, start + count, chunk)
-    ms = [m_ref[pl.ds(j, chunk), :] for j in starts]  # [chunk, Gp]
-    ls = [l_ref[pl.ds(j, chunk), :] for j in starts]
+    return ([m_ref[pl.ds(j, chunk), :] for j in starts],  # [chunk, Gp]
+            [l_ref[pl.ds(j, chunk), :] for j in starts],
+            [o_ref[pl.ds(j, chunk), :, :] for j in starts])  # [chunk, Gp, Dvs]
+
+
+def _merge_loaded(ms, ls, os_):
+    """``merge_partials`` of loaded chunks (``_load_chunks``): the normalised output
+    ``[Gp, Dvs]``, 0 where every partial is empty."""
     m_max = functools.reduce(jnp.maximum, [m.max(axis=0) for m in ms])  # [Gp]
-    weights = [jnp.exp(m - m_max[None, :]) for m in ms]
-    l_tot = None
-    for a, l_j in zip(weights, ls, strict=True):
-        l_c = (a * l_j).sum(axis=0)
+    l_tot, o_tot = None, None
+    for m, l_j, o in zip(ms, ls, os_, strict=True):
+        a = jnp.exp(m - m_max[None, :])  # [chunk, Gp]
+        l_c, o_c = (a * l_j).sum(axis=0), (a[:, :, None] * o).sum(axis=0)
         l_tot = l_c if l_tot is None else l_tot + l_c
-    return starts, chunk, weights, jnp.where(l_tot > 0, l_tot, 1.0)
-
-
-def _merge_cols(o_ref, merge, c0: int, cols: int):
-    """Columns ``c0 .. c0 + cols - 1`` of the merged output ``[Gp, cols]`` of ``o [M, Gp, Dv]``
-    with ``merge = _merge_weights(...)`` (every chunk's loads issued before the arithmetic);
-    0 where every partial is empty."""
-    starts, chunk, weights, safe = merge
-    os_ = [o_ref[pl.ds(j, chunk), :, pl.ds(c0, cols)] for j in starts]  # [chunk, Gp, cols]
-    o_tot = None
-    for a, o in zip(weights, os_, strict=True):
-        o_c = (a[:, :, None] * o).sum(axis=0)
         o_tot = o_c if o_tot is None else o_tot + o_c
-    return o_tot / safe[:, None]
-
-
-def _gated_merge(cmp_parts, sparse_parts, g_ref, out_ref, *, num_slc, num_swa):
-    """Merges each branch's partials and gates them into ``out [Gp, Dv]``, each branch first
-    rounded to the output dtype (the twin's ``combine_gated``): the compressed branch's from
-    ``cmp_parts`` (``(o, m, l)`` split partials, or its merged ``[Gp, Dv]`` output), the
-    ``num_slc`` selected and then ``num_swa`` window partials of ``sparse_parts`` (powers of
-    two), a few columns at a time so that a tile holds at most ``MERGE_TILE`` elements."""
-    s_o, s_m, s_l = sparse_parts
-    gp, dv = out_ref.shape
-    cols = max(1, min(dv, MERGE_TILE // (16 * gp)))
-    merged_cmp = not isinstance(cmp_parts, tuple)
-    w_cmp = None if merged_cmp else _merge_weights(cmp_parts[1], cmp_parts[2], 0,
-                                                   cmp_parts[1].shape[0])
-    w_slc = _merge_weights(s_m, s_l, 0, num_slc)
-    w_swa = _merge_weights(s_m, s_l, num_slc, num_swa)
-    dtype = out_ref.dtype
-
-    def gated(c, o):
-        return g_ref[:, c].astype(jnp.float32)[:, None] * o.astype(dtype).astype(jnp.float32)
-
-    for c0 in range(0, dv, cols):
-        o_cmp = (cmp_parts[:, pl.ds(c0, cols)] if merged_cmp
-                 else _merge_cols(cmp_parts[0], w_cmp, c0, cols))
-        o_slc = _merge_cols(s_o, w_slc, c0, cols)
-        o_swa = _merge_cols(s_o, w_swa, c0, cols)
-        out_ref[:, pl.ds(c0, cols)] = (gated(0, o_cmp) + gated(1, o_slc)
-                                       + gated(2, o_swa)).astype(dtype)
+    return o_tot / jnp.where(l_tot > 0, l_tot, 1.0)[:, None]
 
 
 def _combine_kernel(c_o_ref, c_m_ref, c_l_ref, s_o_ref, s_m_ref, s_l_ref, g_ref, out_ref, *,
                     num_slc, num_swa):
     """``nsa_decode_combine``: merges the compressed kernel's and the sparse kernel's partials
     (``num_slc`` selected, then ``num_swa`` window; powers of two) over this program's columns
-    and gates them."""
-    _gated_merge((c_o_ref, c_m_ref, c_l_ref), (s_o_ref, s_m_ref, s_l_ref), g_ref, out_ref,
-                 num_slc=num_slc, num_swa=num_swa)
+    and gates them, each branch first rounded to the output dtype (the twin's
+    ``combine_gated``). Every load (the three branches' partials and the gates) is issued
+    before the first arithmetic (see ``_score_loads``)."""
+    loaded = [_load_chunks(c_o_ref, c_m_ref, c_l_ref, 0, c_o_ref.shape[0]),
+              _load_chunks(s_o_ref, s_m_ref, s_l_ref, 0, num_slc),
+              _load_chunks(s_o_ref, s_m_ref, s_l_ref, num_slc, num_swa)]
+    gates = [g_ref[:, c] for c in range(3)]
+    dtype = out_ref.dtype
+    out = None
+    for g, parts in zip(gates, loaded, strict=True):
+        o = _merge_loaded(*parts)
+        gated = g.astype(jnp.float32)[:, None] * o.astype(dtype).astype(jnp.float32)
+        out = gated if out is None else out + gated
+    out_ref[...] = out.astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -490,7 +455,6 @@ class _SelectGeom:
     chunk: int  # compressed tokens per step
     interpret: bool
     max_splits: int = 1  # programs per (sequence, KV group), at most
-    rank_max: int = RANK_TOPN_MAX  # most blocks a program ranks at once (else argmax rounds)
 
     @property
     def rp(self) -> int:
@@ -527,37 +491,56 @@ class _SelectGeom:
         return self.num_chunks * self.chunk
 
 
-def _cmp_lse(m_ref, l_ref):
+def _cmp_lse(m, l_s):
     """Merges the compressed kernel's split softmaxes (``merge_partials``' expressions) from
     ``m, l [Mc, Gg]``: ``(m_max, safe, has, lse)`` per row, ``safe`` the summed weights (1
     where a row saw nothing, ``has`` false there)."""
-    m = m_ref[...]
     m_max = m.max(axis=0)  # [Gg]
-    l_tot = (jnp.exp(m - m_max[None, :]) * l_ref[...]).sum(axis=0)  # [Gg]
+    l_tot = (jnp.exp(m - m_max[None, :]) * l_s).sum(axis=0)  # [Gg]
     has = l_tot > 0
     safe = jnp.where(has, l_tot, 1.0)
     return m_max, safe, has, m_max + jnp.log(safe)
 
 
-def _score_run(t, cur, s_ref, w_in_ref, w_next_ref, score_ref, shift, c0, run,
+class _ScoreLoads(NamedTuple):
+    """What ``_score_run`` reads before its arithmetic (see ``_score_loads``)."""
+
+    n_chunks: jax.Array  # chunks holding blocks up to the current one (clamped to the cache)
+    first: jax.Array  # [Gg, bc] logits of chunk c0 (clamped into the row)
+    prev: jax.Array  # [Gg, bc] logits of chunk c0 - 1 (clamped), for the carried term
+
+
+def _load_chunk(s_ref, c, bc):
+    start = c * bc if isinstance(c, int) else pl.multiple_of(c * bc, bc)
+    return s_ref[:, pl.ds(start, bc)]  # [Gg, bc]
+
+
+def _score_loads(cur, s_ref, c0, geom: _SelectGeom) -> _ScoreLoads:
+    """Issues the logits loads of ``_score_run``'s first chunk and of the chunk before it. A
+    warp issues in order, so a load placed after arithmetic on an earlier load waits for that
+    load: the kernels issue every load they can before their first arithmetic."""
+    # A sequence longer than the cache (a broken contract) must not read past the logits.
+    n_chunks = jnp.minimum(cur // geom.blocks_per_chunk + 1, geom.num_chunks)
+    # The carried term into chunk c0 comes from chunk c0 - 1, another program's last chunk.
+    # (Clamped into the row: a run past the last chunk has no chunk to carry into.)
+    prev = jnp.clip(c0 - 1, 0, n_chunks - 1)
+    return _ScoreLoads(n_chunks, _load_chunk(s_ref, jnp.minimum(c0, n_chunks - 1), geom.chunk),
+                       _load_chunk(s_ref, prev, geom.chunk))
+
+
+def _score_run(t, s_ref, w_in, w_next, score_ref, shift, c0, run, loads: _ScoreLoads,
                geom: _SelectGeom):
     """Block scores of chunks ``c0 .. c0 + run - 1`` (cut at the current block's chunk) into
     ``score_ref[(c - c0) nbc ...]``; chunk ``c0``'s first block also gets the carried term of
-    chunk ``c0 - 1``."""
+    chunk ``c0 - 1``. ``w_in [bc, nbc]`` and ``w_next [bc]`` are the spec's overlap weights
+    (``selection/reference.py``) inside a chunk and into the next chunk's first block."""
     bc, nbc = geom.chunk, geom.blocks_per_chunk
     n_vis = _num_visible(t, geom.l, geom.d, geom.num_cmp)
     rows = jnp.arange(s_ref.shape[0], dtype=jnp.int32)[:, None] < geom.g  # [Gg, 1]
     tok = jnp.arange(bc, dtype=jnp.int32)
-    w_in = w_in_ref[...]  # [bc, nbc]: the spec's overlap weights (selection/reference.py)
-    w_next = w_next_ref[...]  # [bc]: weights for the next chunk's first block
     first = jnp.arange(nbc, dtype=jnp.int32) == 0
-    # A sequence longer than the cache (a broken contract) must not read past the logits.
-    n_chunks = jnp.minimum(cur // nbc + 1, geom.num_chunks)
+    n_chunks = loads.n_chunks
     c1 = jnp.minimum(c0 + run, n_chunks)
-
-    def load(c):
-        start = c * bc if isinstance(c, int) else pl.multiple_of(c * bc, bc)
-        return s_ref[:, pl.ds(start, bc)]  # [Gg, bc]
 
     def group_probs(c, s):
         vis = rows & ((c * bc + tok) < n_vis)[None, :]  # [Gg, bc]
@@ -570,17 +553,16 @@ def _score_run(t, cur, s_ref, w_in_ref, w_next_ref, score_ref, shift, c0, run,
     # 3.70 to 4.12 us at 8k / batch 1 on the H200, commit dc2d94b; 20.1 -> 19.9 us at 64k / 32.)
     def chunk_body(c, carry):
         s, pending = carry
-        s_next = load(jnp.minimum(c + 1, n_chunks - 1))  # in flight during this chunk's maths
+        # In flight during this chunk's maths.
+        s_next = _load_chunk(s_ref, jnp.minimum(c + 1, n_chunks - 1), bc)
         p_sum = group_probs(c, s)
         score = (p_sum[:, None] * w_in).sum(axis=0) + jnp.where(first, pending, 0.0)  # [nbc]
         score_ref[pl.ds(pl.multiple_of((c - c0) * nbc, nbc), nbc)] = score
         return s_next, (p_sum * w_next).sum()
 
-    # The carried term into chunk c0 comes from chunk c0 - 1, another program's last chunk.
-    # (Clamped into the row: a run past the last chunk has no chunk to carry into.)
     prev = jnp.clip(c0 - 1, 0, n_chunks - 1)
-    pending = jnp.where(c0 > 0, (group_probs(prev, load(prev)) * w_next).sum(), 0.0)
-    jax.lax.fori_loop(c0, c1, chunk_body, (load(jnp.minimum(c0, n_chunks - 1)), pending))
+    pending = jnp.where(c0 > 0, (group_probs(prev, loads.prev) * w_next).sum(), 0.0)
+    jax.lax.fori_loop(c0, c1, chunk_body, (loads.first, pending))
 
 
 def _priority(j, score, cur):
@@ -615,22 +597,22 @@ def _select_kernel(len_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, *refs, ge
     if merge_o:
         o_ref, idx_ref, val_ref, score_ref, lse_ref, oc_ref = refs
     else:
-        (idx_ref, val_ref, score_ref, lse_ref), o_ref, oc_ref = refs, None, None
-    _select_run(len_ref[()] - 1, pl.program_id(2), m_ref, l_ref, s_ref, w_in_ref, w_next_ref,
-                idx_ref, val_ref, score_ref, lse_ref, geom, o_ref=o_ref, oc_ref=oc_ref)
-
-
-def _select_run(t, split, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, idx_ref, val_ref,
-                score_ref, lse_ref, geom: _SelectGeom, o_ref=None, oc_ref=None):
-    """One select program's work for the query at ``t``: program ``split`` of its (sequence,
-    KV group) (the select kernel's, or the compressed kernel's last program with one split)."""
+        idx_ref, val_ref, score_ref, lse_ref = refs
+    # Every load first (see _score_loads): the length, the split maxima and sums and the
+    # weight tables, then the logits, whose addresses wait for the length only.
+    t = len_ref[()] - 1  # the query's position
+    m, l_s = m_ref[...], l_ref[...]
+    w_in, w_next = w_in_ref[...], w_next_ref[...]
     cur = jnp.minimum(t // geom.lp, geom.num_blocks - 1)  # the current block (in the cache)
+    split = pl.program_id(2)
+    c0 = split * geom.chunks_per_split
+    loads = _score_loads(cur, s_ref, c0, geom)
 
-    # 1. Merge the compressed kernel's split softmaxes. With o_ref, program ``split`` merges
+    # 1. Merge the compressed kernel's split softmaxes. With merge_o, program ``split`` merges
     # its own slice of the output's columns.
-    m_max, safe, has, lse = _cmp_lse(m_ref, l_ref)
+    m_max, safe, has, lse = _cmp_lse(m, l_s)
     lse_ref[...] = jnp.where(has, lse, -jnp.inf)
-    if o_ref is not None:
+    if merge_o:
         o = jnp.zeros(oc_ref.shape, jnp.float32)
         for j in range(o_ref.shape[0]):  # a few splits, unrolled so the loads issue together
             o = o + jnp.exp(m_ref[j, :] - m_max)[:, None] * o_ref[j]  # [Gg, Dv / splits]
@@ -638,9 +620,7 @@ def _select_run(t, split, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, idx_ref, va
     shift = jnp.where(has, lse, 0.0)[:, None]  # [Gg, 1]: the twin's finite lse
 
     # 2. Block scores of this program's run of chunks, into its scratch row.
-    c0 = split * geom.chunks_per_split
-    _score_run(t, cur, s_ref, w_in_ref, w_next_ref, score_ref, shift, c0,
-               geom.chunks_per_split, geom)
+    _score_run(t, s_ref, w_in, w_next, score_ref, shift, c0, geom.chunks_per_split, loads, geom)
 
     # 3. This program's top-n candidates.
     _top_candidates(score_ref, idx_ref, val_ref, c0, cur, geom)
@@ -659,7 +639,7 @@ def _top_candidates(score_ref, idx_ref, val_ref, c0, cur, geom: _SelectGeom):
     slot = jnp.arange(idx_ref.shape[0], dtype=jnp.int32)
     rounds = jnp.clip(cur + 1 - j0, 0, min(geom.top_n, jp))
     jl = jnp.arange(jp, dtype=jnp.int32)
-    if jp <= geom.rank_max:
+    if jp <= RANK_TOPN_MAX:
         # Every block's rank at once; slot r takes the block of rank r.
         rank, pri = _block_ranks(score_ref, j0, cur, jp // min(jp, RANK_TILE))
         hit = rank[None, :] == slot[:, None]  # [n', J']: one block per slot
@@ -750,108 +730,86 @@ def _len_spec():
 
 
 def _cmp_call(lens, qg, k, v, *, l, d, splits, scale, block_k, precision, params, interpret,  # noqa: E741
-              logits_len, select=None):
+              logits_len):
     """``nsa_decode_cmp`` over grid ``B x K x splits``: split partials and the logits
-    ``[B, K, Gp, logits_len]`` (only visited tiles are written).
-
-    With ``select`` (a one-split ``_SelectGeom``), the group's last program also selects: the
-    outputs go on with the select kernel's (candidates and scores ``[B, K, n']``, scratch
-    ``[B, K, J']``, lse ``[B, K, Gp]``) and a zeroed counter ``int32 [B, K, 1]``."""
+    ``[B, K, Gp, logits_len]`` (only visited tiles are written)."""
     b, kh = k.shape[0], k.shape[2]
     gp, dk = qg.shape[2:]
     c, dv = k.shape[1], v.shape[-1]
-    kernel = functools.partial(_cmp_kernel, l=l, d=d, splits=splits, select=select, scale=scale,
+    kernel = functools.partial(_cmp_kernel, l=l, d=d, splits=splits, scale=scale,
                                block_k=block_k, precision=precision)
-    in_specs = [_len_spec(), pl.BlockSpec((None, None, gp, dk), lambda b, k, j: (b, k, 0, 0)),
-                _seq_spec(c, dk), _seq_spec(c, dv)]
-    out_specs = _partial_specs(gp, dv) + [
-        pl.BlockSpec((None, None, gp, logits_len), lambda b, k, j: (b, k, 0, 0))]
-    out_shape = _partial_shapes(b, kh, splits, gp, dv) + [
-        jax.ShapeDtypeStruct((b, kh, gp, logits_len), jnp.float32)]
-    args = [lens, qg, k, v]
-    aliases = {}
-    if select is not None:
-        n_slots = max(16, _next_pow2(select.top_n))
-        w_in, w_next = overlap_tables(select.l, select.d, select.lp, select.chunk)
-        group = lambda *shape: pl.BlockSpec(  # noqa: E731
-            (None, None, *shape), lambda b, k, j: (b, k) + (0,) * len(shape))
-        in_specs += [pl.BlockSpec((select.chunk, select.blocks_per_chunk), lambda b, k, j: (0, 0)),
-                     pl.BlockSpec((select.chunk,), lambda b, k, j: (0,)), group(1)]
-        args += [jnp.asarray(w_in), jnp.asarray(w_next[:, 0]), jnp.zeros((b, kh, 1), jnp.int32)]
-        aliases = {len(args) - 1: 8}
-        out_specs[1:3] = [group(splits, gp), group(splits, gp)]  # m, l: the group's rows
-        out_specs += [group(n_slots), group(n_slots), group(select.score_len), group(gp),
-                      group(1)]
-        out_shape += [jax.ShapeDtypeStruct((b, kh, n_slots), jnp.int32),
-                      jax.ShapeDtypeStruct((b, kh, n_slots), jnp.float32),
-                      jax.ShapeDtypeStruct((b, kh, select.score_len), jnp.float32),
-                      jax.ShapeDtypeStruct((b, kh, gp), jnp.float32),
-                      jax.ShapeDtypeStruct((b, kh, 1), jnp.int32)]
     return pl.pallas_call(
         kernel,
         grid=(b, kh, splits),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        input_output_aliases=aliases,
+        in_specs=[_len_spec(), pl.BlockSpec((None, None, gp, dk), lambda b, k, j: (b, k, 0, 0)),
+                  _seq_spec(c, dk), _seq_spec(c, dv)],
+        out_specs=_partial_specs(gp, dv) + [
+            pl.BlockSpec((None, None, gp, logits_len), lambda b, k, j: (b, k, 0, 0))],
+        out_shape=_partial_shapes(b, kh, splits, gp, dv) + [
+            jax.ShapeDtypeStruct((b, kh, gp, logits_len), jnp.float32)],
         compiler_params=params,
         interpret=interpret,
         name="nsa_decode_cmp",
-    )(*args)
+    )(lens, qg, k, v)
 
 
 def _sparse_ranges_call(lens, ids, vals, qg, k_slc, v_slc, k_swa, v_swa, *, num_slc, num_swa,
-                        slots, top_n, lp, window, scale, block_k, precision, params, interpret,
-                        ordered=False, combine=None):
-    """Candidates ``ids, vals [B, K, M]``: ``num_slc`` programs of ``slots`` selected blocks,
-    then ``num_swa`` window pieces; split partials ``[B, K, num_slc + num_swa, ...]``.
-
-    With ``combine = (cnt, cmp_parts, gates)`` (a zeroed ``int32 [B, K, 1]`` counter, the
-    compressed branch's split partials or merged ``[B, K, Gp, Dv]`` output, and the gates
-    ``[B, K, Gp, 3]``) the group's last program merges and gates every branch: returns the
-    partials and ``o [B, K, Gp, Dv]`` in ``q``'s dtype."""
+                        slots, top_n, lp, window, ordered, scale, block_k, precision, params,
+                        interpret):
+    """Candidates ``ids, vals [B, K, M]`` (with ``ordered``, one list in slot order):
+    ``num_slc`` programs of ``slots`` selected blocks, then ``num_swa`` window pieces; split
+    partials ``[B, K, num_slc + num_swa, ...]``."""
     b, kh, mcand = ids.shape
     gp, dk = qg.shape[2:]
     dv = v_slc.shape[-1]
     m = num_slc + num_swa
-    cmp_merged = combine is not None and not isinstance(combine[1], tuple)
     kernel = functools.partial(_sparse_ranges_kernel, num_slc=num_slc, num_swa=num_swa,
-                               slots=slots, top_n=top_n, lp=lp, window=window, scale=scale,
-                               block_k=block_k, precision=precision, ordered=ordered,
-                               combine=None if combine is None else (cmp_merged, interpret))
+                               slots=slots, top_n=top_n, lp=lp, window=window, ordered=ordered,
+                               scale=scale, block_k=block_k, precision=precision)
     cand_spec = pl.BlockSpec((None, None, mcand), lambda b, k, j: (b, k, 0))
-    in_specs = [_len_spec(), cand_spec, cand_spec,
-                pl.BlockSpec((None, None, gp, dk), lambda b, k, j: (b, k, 0, 0)),
-                _seq_spec(k_slc.shape[1], dk), _seq_spec(v_slc.shape[1], dv),
-                _seq_spec(k_swa.shape[1], dk), _seq_spec(v_swa.shape[1], dv)]
-    args = [lens, ids, vals, qg, k_slc, v_slc, k_swa, v_swa]
-    out_specs, out_shape = _partial_specs(gp, dv), _partial_shapes(b, kh, m, gp, dv)
-    aliases = {}
-    if combine is not None:
-        cnt, cmp_parts, gates = combine
-
-        def group(x):  # the whole (sequence, KV group) slice of a [B, K, ...] array
-            return pl.BlockSpec((None, None, *x.shape[2:]),
-                                lambda b, k, j: (b, k) + (0,) * (len(x.shape) - 2))
-
-        extra = [cnt, *(cmp_parts if isinstance(cmp_parts, tuple) else (cmp_parts,)), gates]
-        aliases = {len(args): 4}
-        in_specs += [group(x) for x in extra]
-        args += extra
-        out_shape += [jax.ShapeDtypeStruct((b, kh, gp, dv), qg.dtype),
-                      jax.ShapeDtypeStruct((b, kh, 1), jnp.int32)]
-        out_specs = [group(x) for x in out_shape]
     return pl.pallas_call(
         kernel,
         grid=(b, kh, m),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        input_output_aliases=aliases,
+        in_specs=[_len_spec(), cand_spec, cand_spec,
+                  pl.BlockSpec((None, None, gp, dk), lambda b, k, j: (b, k, 0, 0)),
+                  _seq_spec(k_slc.shape[1], dk), _seq_spec(v_slc.shape[1], dv),
+                  _seq_spec(k_swa.shape[1], dk), _seq_spec(v_swa.shape[1], dv)],
+        out_specs=_partial_specs(gp, dv),
+        out_shape=_partial_shapes(b, kh, m, gp, dv),
         compiler_params=params,
         interpret=interpret,
         name="nsa_decode_sparse",
-    )(*args)
+    )(lens, ids, vals, qg, k_slc, v_slc, k_swa, v_swa)
+
+
+def _sparse_candidates_call(lens, ids, vals, qg, k_slc, v_slc, k_swa, v_swa, *, num_slc,
+                            num_swa, top_n, lp, window, scale, block_k, precision, params,
+                            interpret):
+    """``_sparse_candidates_kernel`` over grid ``B x K x (M + num_swa)`` (``M`` candidates of
+    ``ids, vals [B, K, M]``): split partials ``[B, K, num_slc + num_swa, ...]``."""
+    b, kh, mcand = ids.shape
+    gp, dk = qg.shape[2:]
+    dv = v_slc.shape[-1]
+    m = num_slc + num_swa
+    kernel = functools.partial(_sparse_candidates_kernel, num_slc=num_slc, num_swa=num_swa,
+                               top_n=top_n, lp=lp, window=window, scale=scale, block_k=block_k,
+                               precision=precision)
+    cand_spec = pl.BlockSpec((None, None, mcand), lambda b, k, j: (b, k, 0))
+    return pl.pallas_call(
+        kernel,
+        grid=(b, kh, mcand + num_swa),
+        in_specs=[_len_spec(), cand_spec, cand_spec,
+                  pl.BlockSpec((None, None, gp, dk), lambda b, k, j: (b, k, 0, 0)),
+                  _seq_spec(k_slc.shape[1], dk), _seq_spec(v_slc.shape[1], dv),
+                  _seq_spec(k_swa.shape[1], dk), _seq_spec(v_swa.shape[1], dv)],
+        out_specs=[pl.BlockSpec((None, None, m, gp, dv), lambda b, k, j: (b, k, 0, 0, 0)),
+                   pl.BlockSpec((None, None, m, gp), lambda b, k, j: (b, k, 0, 0)),
+                   pl.BlockSpec((None, None, m, gp), lambda b, k, j: (b, k, 0, 0))],
+        out_shape=_partial_shapes(b, kh, m, gp, dv),
+        compiler_params=params,
+        interpret=interpret,
+        name="nsa_decode_sparse",
+    )(lens, ids, vals, qg, k_slc, v_slc, k_swa, v_swa)
 
 
 def _combine_call(cmp_parts, sparse_parts, gates, *, num_slc, num_swa, col_splits, dtype,
@@ -1205,7 +1163,7 @@ def decode_stages(
     geom = _SelectGeom(
         l=cmp_block_size, d=cmp_stride, lp=slc_block_size, top_n=top_n, g=g, num_cmp=c,
         num_blocks=num_blocks, chunk=max(bs.select_chunk, slc_block_size // cmp_stride),
-        interpret=interpret, rank_max=bs.select_rank_max,
+        interpret=interpret,
         max_splits=min(_next_pow2(-(-(bs.select_programs or bs.target_programs) // per_row)),
                        bs.select_splits or 1 << 30))
     if not bs.select_kernel or _select_unsupported(geom):
@@ -1225,24 +1183,9 @@ def decode_stages(
              _prev_pow2(c // block_kc))
     logits_len = max(c, geom.logits_len) if geom else c
     cmp_params = params_for(bs.cmp_num_warps, bs.cmp_num_stages)
-    # The compressed kernel's last program of each group selects (no select launch) when the
-    # cache has few select chunks; the sparse kernel's last program merges and gates (no
-    # combine launch) when there are few (sequence, KV group) rows.
-    select_tail = (upto != "cmp" and geom is not None and bs.select_in_cmp > 0
-                   and geom.num_chunks <= bs.select_in_cmp)
-    combine_tail = (upto == "full" and combine and bs.combine_in_sparse > 0
-                    and per_row <= bs.combine_in_sparse)
-    cnt = None
-    if select_tail:
-        geom1 = dataclasses.replace(geom, max_splits=1)
-        (o_p, m_p, l_p, s_cmp, tail_ids, tail_vals, _, _, cnt) = _cmp_call(
-            lens, qg, k_cmp, v_cmp, l=cmp_block_size, d=cmp_stride, splits=mc,
-            block_k=block_kc, logits_len=logits_len, select=geom1,
-            **dict(common, params=cmp_params))
-    else:
-        o_p, m_p, l_p, s_cmp = _cmp_call(
-            lens, qg, k_cmp, v_cmp, l=cmp_block_size, d=cmp_stride, splits=mc,
-            block_k=block_kc, logits_len=logits_len, **dict(common, params=cmp_params))
+    o_p, m_p, l_p, s_cmp = _cmp_call(
+        lens, qg, k_cmp, v_cmp, l=cmp_block_size, d=cmp_stride, splits=mc, block_k=block_kc,
+        logits_len=logits_len, **dict(common, params=cmp_params))
     cmp_parts = (o_p, m_p, l_p)
 
     def merge_cmp():
@@ -1254,21 +1197,13 @@ def decode_stages(
 
     # 2. Selection from the branch's own probabilities. (With the combine kernel, that kernel
     # merges o_cmp; the selection stage alone merges it in XLA.)
-    o_cmp_full = None  # the select kernel's merged o_cmp [B, K, Gp, Dv] for the sparse kernel
-    if select_tail:
-        cand_ids, cand_vals = tail_ids, tail_vals  # [B, K, n']: one list in slot order
-        indices = tail_ids[:, :, :top_n]
-        o_cmp = None
-    elif geom is not None:
-        gg = _next_pow2(g)
-        merge_o = (mc <= bs.select_merge_splits and _can_merge_o(dv, geom.splits)
-                   and (not combine or (combine_tail and gg == gp)))
+    if geom is not None:
+        merge_o = (not combine and mc <= bs.select_merge_splits
+                   and _can_merge_o(dv, geom.splits))
         cand_ids, cand_vals, _, _, o_cmp = _select_call(
             lens, m_p, l_p, s_cmp, o_p if merge_o else None, geom=geom,
             params=params_for(bs.select_num_warps))
         indices = merge_candidates(cand_ids, cand_vals, top_n)  # [B, K, n]
-        if merge_o and combine_tail:
-            o_cmp_full = o_cmp
         o_cmp = o_cmp[:, :, :g] if merge_o else None
     else:
         o_cmp, lse_cmp = merge_cmp()
@@ -1294,40 +1229,35 @@ def decode_stages(
         # themselves; both groups of programs are rounded up to powers of two (the extra ones
         # attend nothing), so the combine kernel merges each group in whole tiles.
         ns_p, mw_p = _next_pow2(ns), _next_pow2(mw)
-        n_pad = max(16, _next_pow2(top_n))
         if cand_ids is not None:
             cand_ids, cand_vals = cand_ids.reshape(b, kh, -1), cand_vals.reshape(b, kh, -1)
         if cand_ids is None or cand_ids.shape[-1] > MAX_SPARSE_CANDIDATES:
             # The merged indices as the candidates of one program (XLA selected, or too many
             # proposals to merge in the kernel): slot order by descending score (-slot), -1
             # unused.
+            n_pad = max(16, _next_pow2(top_n))
             cand_ids = jnp.pad(indices, [(0, 0), (0, 0), (0, n_pad - top_n)],
                                constant_values=-1)
             cand_vals = jnp.where(cand_ids >= 0, -jnp.arange(n_pad, dtype=jnp.float32),
                                   -jnp.inf)
-        # One list (one select program, or merged) is already in slot order.
-        ordered = cand_ids.shape[-1] == n_pad
-        sparse_kw = dict(num_slc=ns_p, num_swa=mw_p, slots=slots, top_n=top_n,
-                         lp=slc_block_size, window=window_size, block_k=block_k,
-                         ordered=ordered, **dict(common, params=params_for(bs.sparse_num_warps)))
-        gates_g = None
+        ordered = cand_ids.shape[-1] == max(16, _next_pow2(top_n))
+        sparse_params = dict(common, params=params_for(bs.sparse_num_warps))
+        if (bs.candidate_programs and not ordered and slots == 1
+                and block_k == slc_block_size):
+            parts = _sparse_candidates_call(
+                lens, cand_ids, cand_vals, qg, k_slc, v_slc, k_swa, v_swa, num_slc=ns_p,
+                num_swa=mw_p, top_n=top_n, lp=slc_block_size, window=window_size,
+                block_k=block_k, **sparse_params)
+        else:
+            parts = _sparse_ranges_call(
+                lens, cand_ids, cand_vals, qg, k_slc, v_slc, k_swa, v_swa, num_slc=ns_p,
+                num_swa=mw_p, slots=slots, top_n=top_n, lp=slc_block_size,
+                window=window_size, block_k=block_k, ordered=ordered, **sparse_params)
         if combine:
+            # 4. One kernel merges every branch over a share of the columns and gates them.
             gates_g = gates.reshape(b, kh, g, 3)
             if gp > g:
                 gates_g = jnp.pad(gates_g, [(0, 0), (0, 0), (0, gp - g), (0, 0)])
-        if combine_tail:
-            # 3+4. The sparse kernel's last program of each group merges and gates.
-            if cnt is None:
-                cnt = jnp.zeros((b, kh, 1), jnp.int32)
-            *_, o, _ = _sparse_ranges_call(
-                lens, cand_ids, cand_vals, qg, k_slc, v_slc, k_swa, v_swa,
-                combine=(cnt, cmp_parts if o_cmp_full is None else o_cmp_full, gates_g),
-                **sparse_kw)
-            return {"o": o[:, :, :g].reshape(b, n, dv), "indices": indices}
-        parts = _sparse_ranges_call(lens, cand_ids, cand_vals, qg, k_slc, v_slc, k_swa, v_swa,
-                                    **sparse_kw)
-        if combine:
-            # 4. One kernel merges every branch over a share of the columns and gates them.
             col_splits = max(1, min(dv // 16, _next_pow2(-(-bs.target_programs // per_row))))
             o = _combine_call(cmp_parts, parts, gates_g, num_slc=ns_p, num_swa=mw_p,
                               col_splits=col_splits, dtype=q.dtype,
