@@ -128,10 +128,6 @@ class BlockSizes:
         branch's partials and applies the gates; ``False`` leaves that to XLA.
       select_num_warps, sparse_num_warps, combine_num_warps: warps of the select, sparse and
         combine kernels (``0``: ``num_warps``).
-      candidate_programs: with one selected block per sparse program (``sparse_slots`` 1),
-        ``l'`` one tile and several select programs' candidates to merge, run one sparse
-        program per candidate: it loads its block while it ranks the candidate and keeps it if
-        it is among the top n, so the ranking no longer delays the loads.
     """
 
     block_k: int = 64
@@ -153,7 +149,6 @@ class BlockSizes:
     select_num_warps: int = 0
     sparse_num_warps: int = 0
     combine_num_warps: int = 0
-    candidate_programs: bool = True
 
     def __post_init__(self):
         if self.block_k < 16 or self.block_k & (self.block_k - 1):
@@ -279,18 +274,18 @@ def _merged_slots(ids_ref, vals_ref, first, count: int, top_n: int):
     earlier ones with an equal score, so slot ``r`` holds the candidate of rank ``r``, ``-1``
     if its score is ``-inf`` or ``r >= n``."""
     m = ids_ref.shape[0]
-    vals, ids = vals_ref[...], ids_ref[...]  # [M]: both loads before the ranking
-    pos = jnp.arange(m, dtype=jnp.int32)
     tile = min(m, RANK_TILE)
-
-    def rank_tile(it, rank):
+    # Every load before the ranking (see _score_loads): the scores and ids, and the scores
+    # again as the comparison's tiles (at most MAX_SPARSE_CANDIDATES // RANK_TILE of them).
+    vals, ids = vals_ref[...], ids_ref[...]  # [M]
+    tiles = [vals_ref[pl.ds(it * tile, tile)] for it in range(m // tile)]  # [tile] each
+    pos = jnp.arange(m, dtype=jnp.int32)
+    rank = jnp.zeros((m,), jnp.int32)
+    for it, vi in enumerate(tiles):
         pi = it * tile + jnp.arange(tile, dtype=jnp.int32)
-        vi = vals_ref[pl.ds(pl.multiple_of(it * tile, tile), tile)]
         ahead = (vi[None, :] > vals[:, None]) | ((vi[None, :] == vals[:, None])
                                                  & (pi[None, :] < pos[:, None]))
-        return rank + ahead.astype(jnp.int32).sum(axis=1)
-
-    rank = jax.lax.fori_loop(0, m // tile, rank_tile, jnp.zeros((m,), jnp.int32))
+        rank = rank + ahead.astype(jnp.int32).sum(axis=1)
     picked = jnp.where(vals > -jnp.inf, ids, -1)
     out = []
     for s in range(count):
@@ -337,65 +332,6 @@ def _sparse_ranges_kernel(len_ref, ids_ref, vals_ref, q_ref, k_slc_ref, v_slc_re
     o_ref[...] = o
     m_ref[...] = m_i
     l_ref[...] = l_i
-
-
-def _sparse_candidates_kernel(len_ref, ids_ref, vals_ref, q_ref, k_slc_ref, v_slc_ref,
-                              k_swa_ref, v_swa_ref, o_ref, m_ref, l_ref, *, num_slc, num_swa,
-                              top_n, lp, window, scale, block_k, precision):
-    """``nsa_decode_sparse`` with one program per select candidate (``l'`` one tile, one block
-    a program): program ``j < M`` loads candidate ``j``'s block while it ranks the candidate
-    (its rank counts the candidates with a higher score and the earlier ones with an equal
-    score, as ``_merged_slots`` does), then writes the block's partial to row ``rank`` if that
-    is below ``n``; rows ``min(valid, n) .. num_slc - 1`` get empty partials. Programs
-    ``j >= M`` write window piece ``j - M`` to row ``num_slc + j - M``. The outputs are the
-    group's rows ``[num_slc + num_swa, Gp, Dv]``, so ranking no longer delays the loads."""
-    t = len_ref[()] - 1  # the query's position
-    q = q_ref[...]
-    mcand = ids_ref.shape[0]
-    j = pl.program_id(2)  # read outside the branches (the interpreter cannot inside)
-
-    def candidate():
-        jc = jnp.minimum(j, mcand - 1)
-        blk, v_j, vals = ids_ref[jc], vals_ref[jc], vals_ref[...]
-        start = pl.multiple_of(jnp.where(blk >= 0, blk, 0) * lp, lp)
-        k = k_slc_ref[pl.ds(start, lp), :]  # [l', Dk]: issued before the ranking's maths
-        v = v_slc_ref[pl.ds(start, lp), :]  # [l', Dv]
-        pos = jnp.arange(mcand, dtype=jnp.int32)
-        ahead = (vals > v_j) | ((vals == v_j) & (pos < jc))
-        rank = ahead.astype(jnp.int32).sum()
-        n_valid = (vals > -jnp.inf).astype(jnp.int32).sum()
-        keep = (blk >= 0) & (v_j > -jnp.inf) & (rank < top_n)
-        hi = jnp.where(keep, jnp.minimum(jnp.minimum(start + lp - 1, t),
-                                         k_slc_ref.shape[0] - 1), -1)
-        s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale  # [Gp, l']
-        kpos = start + jnp.arange(lp, dtype=jnp.int32)
-        valid = ((kpos >= start) & (kpos <= hi))[None, :]
-        s = jnp.where(valid, s, MASK_VALUE)
-        m_i = jnp.maximum(jnp.full((q.shape[0],), MASK_VALUE, jnp.float32), s.max(axis=1))
-        p = jnp.where(valid, jnp.exp(s - m_i[:, None]), 0.0)
-        o = plgpu.dot(p.astype(v.dtype), v, precision=precision)
-        empty = jnp.where((j < num_slc) & (j >= jnp.minimum(n_valid, top_n)), j, -1)
-        return o, m_i, p.sum(axis=1), jnp.where(keep, rank, -1), empty
-
-    def window_piece():
-        lo, hi = _split_piece(jnp.maximum(t - window + 1, 0), t, num_swa, j - mcand, block_k)
-        o, m_i, l_i = _attend_range(q, k_swa_ref, v_swa_ref, lo, hi, ring=True, scale=scale,
-                                    block_k=block_k, precision=precision)
-        return o, m_i, l_i, num_slc + j - mcand, 0 * j - 1  # (a traced -1: cond yields values)
-
-    o, m_i, l_i, row, empty = jax.lax.cond(j < mcand, candidate, window_piece)
-
-    @pl.when(row >= 0)
-    def _():
-        o_ref[pl.ds(row, 1), :, :] = o[None]
-        m_ref[pl.ds(row, 1), :] = m_i[None, :]
-        l_ref[pl.ds(row, 1), :] = l_i[None, :]
-
-    @pl.when(empty >= 0)
-    def _():
-        o_ref[pl.ds(empty, 1), :, :] = jnp.zeros((1, *o.shape), jnp.float32)
-        m_ref[pl.ds(empty, 1), :] = jnp.full((1, m_i.shape[0]), MASK_VALUE, jnp.float32)
-        l_ref[pl.ds(empty, 1), :] = jnp.zeros((1, l_i.shape[0]), jnp.float32)
 
 
 def _load_chunks(o_ref, m_ref, l_ref, start: int, count: int):
@@ -775,36 +711,6 @@ def _sparse_ranges_call(lens, ids, vals, qg, k_slc, v_slc, k_swa, v_swa, *, num_
                   _seq_spec(k_slc.shape[1], dk), _seq_spec(v_slc.shape[1], dv),
                   _seq_spec(k_swa.shape[1], dk), _seq_spec(v_swa.shape[1], dv)],
         out_specs=_partial_specs(gp, dv),
-        out_shape=_partial_shapes(b, kh, m, gp, dv),
-        compiler_params=params,
-        interpret=interpret,
-        name="nsa_decode_sparse",
-    )(lens, ids, vals, qg, k_slc, v_slc, k_swa, v_swa)
-
-
-def _sparse_candidates_call(lens, ids, vals, qg, k_slc, v_slc, k_swa, v_swa, *, num_slc,
-                            num_swa, top_n, lp, window, scale, block_k, precision, params,
-                            interpret):
-    """``_sparse_candidates_kernel`` over grid ``B x K x (M + num_swa)`` (``M`` candidates of
-    ``ids, vals [B, K, M]``): split partials ``[B, K, num_slc + num_swa, ...]``."""
-    b, kh, mcand = ids.shape
-    gp, dk = qg.shape[2:]
-    dv = v_slc.shape[-1]
-    m = num_slc + num_swa
-    kernel = functools.partial(_sparse_candidates_kernel, num_slc=num_slc, num_swa=num_swa,
-                               top_n=top_n, lp=lp, window=window, scale=scale, block_k=block_k,
-                               precision=precision)
-    cand_spec = pl.BlockSpec((None, None, mcand), lambda b, k, j: (b, k, 0))
-    return pl.pallas_call(
-        kernel,
-        grid=(b, kh, mcand + num_swa),
-        in_specs=[_len_spec(), cand_spec, cand_spec,
-                  pl.BlockSpec((None, None, gp, dk), lambda b, k, j: (b, k, 0, 0)),
-                  _seq_spec(k_slc.shape[1], dk), _seq_spec(v_slc.shape[1], dv),
-                  _seq_spec(k_swa.shape[1], dk), _seq_spec(v_swa.shape[1], dv)],
-        out_specs=[pl.BlockSpec((None, None, m, gp, dv), lambda b, k, j: (b, k, 0, 0, 0)),
-                   pl.BlockSpec((None, None, m, gp), lambda b, k, j: (b, k, 0, 0)),
-                   pl.BlockSpec((None, None, m, gp), lambda b, k, j: (b, k, 0, 0))],
         out_shape=_partial_shapes(b, kh, m, gp, dv),
         compiler_params=params,
         interpret=interpret,
@@ -1241,18 +1147,11 @@ def decode_stages(
             cand_vals = jnp.where(cand_ids >= 0, -jnp.arange(n_pad, dtype=jnp.float32),
                                   -jnp.inf)
         ordered = cand_ids.shape[-1] == max(16, _next_pow2(top_n))
-        sparse_params = dict(common, params=params_for(bs.sparse_num_warps))
-        if (bs.candidate_programs and not ordered and slots == 1
-                and block_k == slc_block_size):
-            parts = _sparse_candidates_call(
-                lens, cand_ids, cand_vals, qg, k_slc, v_slc, k_swa, v_swa, num_slc=ns_p,
-                num_swa=mw_p, top_n=top_n, lp=slc_block_size, window=window_size,
-                block_k=block_k, **sparse_params)
-        else:
-            parts = _sparse_ranges_call(
-                lens, cand_ids, cand_vals, qg, k_slc, v_slc, k_swa, v_swa, num_slc=ns_p,
-                num_swa=mw_p, slots=slots, top_n=top_n, lp=slc_block_size,
-                window=window_size, block_k=block_k, ordered=ordered, **sparse_params)
+        parts = _sparse_ranges_call(
+            lens, cand_ids, cand_vals, qg, k_slc, v_slc, k_swa, v_swa, num_slc=ns_p,
+            num_swa=mw_p, slots=slots, top_n=top_n, lp=slc_block_size, window=window_size,
+            block_k=block_k, ordered=ordered,
+            **dict(common, params=params_for(bs.sparse_num_warps)))
         if combine:
             # 4. One kernel merges every branch over a share of the columns and gates them.
             gates_g = gates.reshape(b, kh, g, 3)
