@@ -128,6 +128,10 @@ class BlockSizes:
         branch's partials and applies the gates; ``False`` leaves that to XLA.
       select_num_warps, sparse_num_warps, combine_num_warps: warps of the select, sparse and
         combine kernels (``0``: ``num_warps``).
+      sparse_merge_cols: with the combine kernel, ``Dv / sparse_merge_cols`` more programs of
+        the sparse kernel merge the compressed branch's split partials, that many columns
+        each, while its other programs attend (a power of two; ``0``: the combine kernel
+        merges them).
     """
 
     block_k: int = 64
@@ -149,6 +153,7 @@ class BlockSizes:
     select_num_warps: int = 0
     sparse_num_warps: int = 0
     combine_num_warps: int = 0
+    sparse_merge_cols: int = 16
 
     def __post_init__(self):
         if self.block_k < 16 or self.block_k & (self.block_k - 1):
@@ -161,7 +166,7 @@ class BlockSizes:
             raise ValueError(f"select_merge_splits must be >= 0, got {self.select_merge_splits}")
         if self.select_splits < 0:
             raise ValueError(f"select_splits must be >= 0, got {self.select_splits}")
-        for name in ("sparse_slots", "cmp_splits", "cmp_block_k"):
+        for name in ("sparse_slots", "cmp_splits", "cmp_block_k", "sparse_merge_cols"):
             x = getattr(self, name)
             if x < 0 or x & (x - 1):
                 raise ValueError(f"{name} must be 0 or a power of two, got {x}")
@@ -296,16 +301,34 @@ def _merged_slots(ids_ref, vals_ref, first, count: int, top_n: int):
 
 
 def _sparse_ranges_kernel(len_ref, ids_ref, vals_ref, q_ref, k_slc_ref, v_slc_ref, k_swa_ref,
-                          v_swa_ref, o_ref, m_ref, l_ref, *, num_slc, num_swa, slots, top_n, lp,
-                          window, ordered, **kw):
+                          v_swa_ref, *refs, num_slc, num_swa, slots, top_n, lp, window, ordered,
+                          merge_cols=0, **kw):
     """``nsa_decode_sparse`` with its blocks and ranges found here: program ``j < num_slc``
     merges the select programs' candidates ``ids, vals [M]`` and attends the blocks of slots
     ``jP .. jP + P - 1`` (``-1``: nothing), each cut at the query ``t``, in one softmax; the
     others piece ``j - num_slc`` of the window ``[t - w + 1, t]``. With ``ordered`` the
-    candidates are one list already in slot order (``-1`` unused), read as they are."""
+    candidates are one list already in slot order (``-1`` unused), read as they are.
+
+    With ``merge_cols`` the compressed branch's split partials ``c_o [Mc, Gp, Dv]``, ``c_m,
+    c_l [Mc, Gp]`` come in too, and programs ``j >= num_slc + num_swa`` (whose own partials
+    are empty) merge them into ``o_cmp [Gp, Dv]``, ``merge_cols`` columns each: work the
+    combine kernel would otherwise do on its critical path, done here beside the selected
+    programs, which take longer."""
+    if merge_cols:
+        c_o_ref, c_m_ref, c_l_ref, o_ref, m_ref, l_ref, oc_ref = refs
+    else:
+        o_ref, m_ref, l_ref = refs
+    j = pl.program_id(2)  # read outside the branches (the interpreter cannot inside)
+    if merge_cols:
+        @pl.when(j >= num_slc + num_swa)
+        def _():
+            c0 = pl.multiple_of((j - num_slc - num_swa) * merge_cols, merge_cols)
+            cols = pl.ds(c0, merge_cols)
+            parts = _load_chunks(c_o_ref, c_m_ref, c_l_ref, 0, c_o_ref.shape[0], cols=cols)
+            oc_ref[:, cols] = _merge_loaded(*parts)
+
     t = len_ref[()] - 1  # the query's position
     q = q_ref[...]
-    j = pl.program_id(2)  # read outside the branches (the interpreter cannot inside)
 
     def selected():
         carry = None
@@ -334,14 +357,15 @@ def _sparse_ranges_kernel(len_ref, ids_ref, vals_ref, q_ref, k_slc_ref, v_slc_re
     l_ref[...] = l_i
 
 
-def _load_chunks(o_ref, m_ref, l_ref, start: int, count: int):
+def _load_chunks(o_ref, m_ref, l_ref, start: int, count: int, cols=slice(None)):
     """The loads of ``_merge_loaded``: partials ``start .. start + count - 1`` (``count`` a power
-    of two) of refs ``o [M, Gp, Dvs]``, ``m, l [M, Gp]``, as up to 16 at a time."""
+    of two) of refs ``o [M, Gp, Dvs]`` (columns ``cols``), ``m, l [M, Gp]``, as up to 16 at a
+    time."""
     chunk = min(count, 16)
     starts = range(start, start + count, chunk)
     return ([m_ref[pl.ds(j, chunk), :] for j in starts],  # [chunk, Gp]
             [l_ref[pl.ds(j, chunk), :] for j in starts],
-            [o_ref[pl.ds(j, chunk), :, :] for j in starts])  # [chunk, Gp, Dvs]
+            [o_ref[pl.ds(j, chunk), :, cols] for j in starts])  # [chunk, Gp, Dvs]
 
 
 def _merge_loaded(ms, ls, os_):
@@ -357,21 +381,26 @@ def _merge_loaded(ms, ls, os_):
     return o_tot / jnp.where(l_tot > 0, l_tot, 1.0)[:, None]
 
 
-def _combine_kernel(c_o_ref, c_m_ref, c_l_ref, s_o_ref, s_m_ref, s_l_ref, g_ref, out_ref, *,
-                    num_slc, num_swa):
+def _combine_kernel(*refs, num_slc, num_swa, cmp_merged):
     """``nsa_decode_combine``: merges the compressed kernel's and the sparse kernel's partials
     (``num_slc`` selected, then ``num_swa`` window; powers of two) over this program's columns
     and gates them, each branch first rounded to the output dtype (the twin's
     ``combine_gated``). Every load (the three branches' partials and the gates) is issued
-    before the first arithmetic (see ``_score_loads``)."""
-    loaded = [_load_chunks(c_o_ref, c_m_ref, c_l_ref, 0, c_o_ref.shape[0]),
-              _load_chunks(s_o_ref, s_m_ref, s_l_ref, 0, num_slc),
+    before the first arithmetic (see ``_score_loads``). With ``cmp_merged`` the compressed
+    branch comes merged, ``o_cmp [Gp, Dvs]`` (the sparse kernel's merge programs)."""
+    if cmp_merged:
+        oc_ref, s_o_ref, s_m_ref, s_l_ref, g_ref, out_ref = refs
+        cmp = oc_ref[...]
+    else:
+        c_o_ref, c_m_ref, c_l_ref, s_o_ref, s_m_ref, s_l_ref, g_ref, out_ref = refs
+        cmp = _load_chunks(c_o_ref, c_m_ref, c_l_ref, 0, c_o_ref.shape[0])
+    loaded = [cmp, _load_chunks(s_o_ref, s_m_ref, s_l_ref, 0, num_slc),
               _load_chunks(s_o_ref, s_m_ref, s_l_ref, num_slc, num_swa)]
     gates = [g_ref[:, c] for c in range(3)]
     dtype = out_ref.dtype
     out = None
-    for g, parts in zip(gates, loaded, strict=True):
-        o = _merge_loaded(*parts)
+    for i, (g, parts) in enumerate(zip(gates, loaded, strict=True)):
+        o = parts if (i == 0 and cmp_merged) else _merge_loaded(*parts)
         gated = g.astype(jnp.float32)[:, None] * o.astype(dtype).astype(jnp.float32)
         out = gated if out is None else out + gated
     out_ref[...] = out.astype(dtype)
@@ -691,58 +720,79 @@ def _cmp_call(lens, qg, k, v, *, l, d, splits, scale, block_k, precision, params
 
 def _sparse_ranges_call(lens, ids, vals, qg, k_slc, v_slc, k_swa, v_swa, *, num_slc, num_swa,
                         slots, top_n, lp, window, ordered, scale, block_k, precision, params,
-                        interpret):
+                        interpret, cmp_parts=None, merge_cols=0):
     """Candidates ``ids, vals [B, K, M]`` (with ``ordered``, one list in slot order):
     ``num_slc`` programs of ``slots`` selected blocks, then ``num_swa`` window pieces; split
-    partials ``[B, K, num_slc + num_swa, ...]``."""
+    partials ``[B, K, num_slc + num_swa, ...]``. With ``cmp_parts`` (the compressed kernel's
+    split partials) ``Dv / merge_cols`` more programs merge them, and ``o_cmp [B, K, Gp, Dv]``
+    (float32) comes last (their own partial rows, past ``num_slc + num_swa``, are empty)."""
     b, kh, mcand = ids.shape
     gp, dk = qg.shape[2:]
     dv = v_slc.shape[-1]
-    m = num_slc + num_swa
+    merge = cmp_parts is not None
+    m = num_slc + num_swa + (dv // merge_cols if merge else 0)
     kernel = functools.partial(_sparse_ranges_kernel, num_slc=num_slc, num_swa=num_swa,
                                slots=slots, top_n=top_n, lp=lp, window=window, ordered=ordered,
-                               scale=scale, block_k=block_k, precision=precision)
+                               merge_cols=merge_cols if merge else 0, scale=scale,
+                               block_k=block_k, precision=precision)
     cand_spec = pl.BlockSpec((None, None, mcand), lambda b, k, j: (b, k, 0))
+    in_specs = [_len_spec(), cand_spec, cand_spec,
+                pl.BlockSpec((None, None, gp, dk), lambda b, k, j: (b, k, 0, 0)),
+                _seq_spec(k_slc.shape[1], dk), _seq_spec(v_slc.shape[1], dv),
+                _seq_spec(k_swa.shape[1], dk), _seq_spec(v_swa.shape[1], dv)]
+    args = [lens, ids, vals, qg, k_slc, v_slc, k_swa, v_swa]
+    out_specs, out_shape = _partial_specs(gp, dv), _partial_shapes(b, kh, m, gp, dv)
+    if merge:
+        mc = cmp_parts[0].shape[2]
+        in_specs += [pl.BlockSpec((None, None, mc, gp, dv), lambda b, k, j: (b, k, 0, 0, 0)),
+                     pl.BlockSpec((None, None, mc, gp), lambda b, k, j: (b, k, 0, 0)),
+                     pl.BlockSpec((None, None, mc, gp), lambda b, k, j: (b, k, 0, 0))]
+        args += list(cmp_parts)
+        out_specs = out_specs + [pl.BlockSpec((None, None, gp, dv), lambda b, k, j: (b, k, 0, 0))]
+        out_shape = out_shape + [jax.ShapeDtypeStruct((b, kh, gp, dv), jnp.float32)]
     return pl.pallas_call(
         kernel,
         grid=(b, kh, m),
-        in_specs=[_len_spec(), cand_spec, cand_spec,
-                  pl.BlockSpec((None, None, gp, dk), lambda b, k, j: (b, k, 0, 0)),
-                  _seq_spec(k_slc.shape[1], dk), _seq_spec(v_slc.shape[1], dv),
-                  _seq_spec(k_swa.shape[1], dk), _seq_spec(v_swa.shape[1], dv)],
-        out_specs=_partial_specs(gp, dv),
-        out_shape=_partial_shapes(b, kh, m, gp, dv),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=params,
         interpret=interpret,
         name="nsa_decode_sparse",
-    )(lens, ids, vals, qg, k_slc, v_slc, k_swa, v_swa)
+    )(*args)
 
 
 def _combine_call(cmp_parts, sparse_parts, gates, *, num_slc, num_swa, col_splits, dtype,
                   params, interpret):
-    """``nsa_decode_combine`` over grid ``B x K x col_splits``: ``o [B, K, Gp, Dv]``."""
-    c_o, c_m, c_l = cmp_parts
+    """``nsa_decode_combine`` over grid ``B x K x col_splits``: ``o [B, K, Gp, Dv]``. The
+    compressed branch comes as split partials ``(o, m, l)`` or merged, ``[B, K, Gp, Dv]``."""
     s_o, s_m, s_l = sparse_parts
-    b, kh, mc, gp, dv = c_o.shape
-    ms = s_o.shape[2]
+    b, kh, ms, gp, dv = s_o.shape
     dvs = dv // col_splits
+    cmp_merged = not isinstance(cmp_parts, tuple)
 
     def parts_specs(m):
         return [pl.BlockSpec((None, None, m, gp, dvs), lambda b, k, c: (b, k, 0, 0, c)),
                 pl.BlockSpec((None, None, m, gp), lambda b, k, c: (b, k, 0, 0)),
                 pl.BlockSpec((None, None, m, gp), lambda b, k, c: (b, k, 0, 0))]
 
+    cols_spec = pl.BlockSpec((None, None, gp, dvs), lambda b, k, c: (b, k, 0, c))
+    if cmp_merged:
+        cmp_specs, cmp_args = [cols_spec], [cmp_parts]
+    else:
+        cmp_specs, cmp_args = parts_specs(cmp_parts[0].shape[2]), list(cmp_parts)
     return pl.pallas_call(
-        functools.partial(_combine_kernel, num_slc=num_slc, num_swa=num_swa),
+        functools.partial(_combine_kernel, num_slc=num_slc, num_swa=num_swa,
+                          cmp_merged=cmp_merged),
         grid=(b, kh, col_splits),
-        in_specs=parts_specs(mc) + parts_specs(ms) + [
+        in_specs=cmp_specs + parts_specs(ms) + [
             pl.BlockSpec((None, None, gp, gates.shape[-1]), lambda b, k, c: (b, k, 0, 0))],
-        out_specs=pl.BlockSpec((None, None, gp, dvs), lambda b, k, c: (b, k, 0, c)),
+        out_specs=cols_spec,
         out_shape=jax.ShapeDtypeStruct((b, kh, gp, dv), dtype),
         compiler_params=params,
         interpret=interpret,
         name="nsa_decode_combine",
-    )(c_o, c_m, c_l, s_o, s_m, s_l, gates)
+    )(*cmp_args, s_o, s_m, s_l, gates)
 
 
 def _select_call(lens, m_p, l_p, s_cmp, o_p, *, geom: _SelectGeom, params):
@@ -1147,18 +1197,24 @@ def decode_stages(
             cand_vals = jnp.where(cand_ids >= 0, -jnp.arange(n_pad, dtype=jnp.float32),
                                   -jnp.inf)
         ordered = cand_ids.shape[-1] == max(16, _next_pow2(top_n))
+        # With the combine kernel, Dv / sparse_merge_cols more sparse programs merge the
+        # compressed branch's splits (off the combine kernel's critical path).
+        merge_cols = min(bs.sparse_merge_cols, dv) if combine else 0
         parts = _sparse_ranges_call(
             lens, cand_ids, cand_vals, qg, k_slc, v_slc, k_swa, v_swa, num_slc=ns_p,
             num_swa=mw_p, slots=slots, top_n=top_n, lp=slc_block_size, window=window_size,
-            block_k=block_k, ordered=ordered,
-            **dict(common, params=params_for(bs.sparse_num_warps)))
+            block_k=block_k, ordered=ordered, cmp_parts=cmp_parts if merge_cols else None,
+            merge_cols=merge_cols, **dict(common, params=params_for(bs.sparse_num_warps)))
+        if merge_cols:
+            *parts, o_cmp_merged = parts
+            cmp_parts = o_cmp_merged
         if combine:
             # 4. One kernel merges every branch over a share of the columns and gates them.
             gates_g = gates.reshape(b, kh, g, 3)
             if gp > g:
                 gates_g = jnp.pad(gates_g, [(0, 0), (0, 0), (0, gp - g), (0, 0)])
             col_splits = max(1, min(dv // 16, _next_pow2(-(-bs.target_programs // per_row))))
-            o = _combine_call(cmp_parts, parts, gates_g, num_slc=ns_p, num_swa=mw_p,
+            o = _combine_call(cmp_parts, tuple(parts), gates_g, num_slc=ns_p, num_swa=mw_p,
                               col_splits=col_splits, dtype=q.dtype,
                               params=params_for(bs.combine_num_warps),
                               interpret=interpret)

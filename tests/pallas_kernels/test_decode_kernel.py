@@ -56,6 +56,11 @@ def _inputs(seed, b, n, kh, dk, dv, s_len, c, dtype):
          jnp.bfloat16),
         # Few programs wanted: the automatic choice puts 4 selected blocks in each program.
         (8, 2, 16, 32, 16, True, dict(target_programs=8), jnp.float32),
+        # The combine kernel merging the compressed splits itself (no merge programs in the
+        # sparse launch); then merge programs of 32 columns each.
+        (8, 2, 16, 32, 16, True, dict(sparse_merge_cols=0), jnp.float32),
+        (8, 2, 16, 64, 16, True, dict(sparse_merge_cols=32, select_chunk=16, select_splits=4),
+         jnp.bfloat16),
         # The fused launch with XLA's merges and gates instead of the combine kernel.
         (8, 2, 16, 32, 16, True, dict(combine_kernel=False), jnp.float32),
         (16, 1, 32, 16, 16, True, dict(combine_kernel=False, sparse_slots=2), jnp.bfloat16),
