@@ -128,10 +128,15 @@ class BlockSizes:
         branch's partials and applies the gates; ``False`` leaves that to XLA.
       select_num_warps, sparse_num_warps, combine_num_warps: warps of the select, sparse and
         combine kernels (``0``: ``num_warps``).
-      sparse_merge_cols: with the combine kernel, ``Dv / sparse_merge_cols`` more programs of
-        the sparse kernel merge the compressed branch's split partials, that many columns
-        each, while its other programs attend (a power of two; ``0``: the combine kernel
-        merges them).
+      sparse_merge_cols, sparse_merge_parts: with the combine kernel and at most
+        ``sparse_merge_parts`` compressed splits in all (``B x K x Mc``), ``Dv /
+        sparse_merge_cols`` more programs of the sparse kernel merge the compressed branch's
+        split partials, that many columns each, while its other programs attend
+        (``sparse_merge_cols`` a power of two; ``0``: the combine kernel merges them). On the
+        H200 (commit e55721a, one process, interleaved) this took 8k / batch 1 from 15.50 to
+        14.95 us a step and 16k / batch 1 from 21.00 to 20.13 us (the combine kernel from 2.95
+        to 2.39 us, the sparse kernel from 3.70 to 3.92 us), but 64k / batch 32 from 148.7 to
+        152.8 us: the extra programs then compete with the attention programs.
     """
 
     block_k: int = 64
@@ -154,6 +159,7 @@ class BlockSizes:
     sparse_num_warps: int = 0
     combine_num_warps: int = 0
     sparse_merge_cols: int = 16
+    sparse_merge_parts: int = 128
 
     def __post_init__(self):
         if self.block_k < 16 or self.block_k & (self.block_k - 1):
@@ -174,7 +180,7 @@ class BlockSizes:
             raise ValueError(f"cmp_block_k must be 0 or a power of two >= 16, got "
                              f"{self.cmp_block_k}")
         for name in ("cmp_num_warps", "cmp_num_stages", "select_programs", "select_num_warps",
-                     "sparse_num_warps", "combine_num_warps"):
+                     "sparse_num_warps", "combine_num_warps", "sparse_merge_parts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -1197,9 +1203,11 @@ def decode_stages(
             cand_vals = jnp.where(cand_ids >= 0, -jnp.arange(n_pad, dtype=jnp.float32),
                                   -jnp.inf)
         ordered = cand_ids.shape[-1] == max(16, _next_pow2(top_n))
-        # With the combine kernel, Dv / sparse_merge_cols more sparse programs merge the
-        # compressed branch's splits (off the combine kernel's critical path).
-        merge_cols = min(bs.sparse_merge_cols, dv) if combine else 0
+        # With the combine kernel and few splits to merge (small batches), Dv /
+        # sparse_merge_cols more sparse programs merge the compressed branch's splits, off the
+        # combine kernel's critical path.
+        merge_cols = (min(bs.sparse_merge_cols, dv)
+                      if combine and per_row * mc <= bs.sparse_merge_parts else 0)
         parts = _sparse_ranges_call(
             lens, cand_ids, cand_vals, qg, k_slc, v_slc, k_swa, v_swa, num_slc=ns_p,
             num_swa=mw_p, slots=slots, top_n=top_n, lp=slc_block_size, window=window_size,
