@@ -100,6 +100,9 @@ SWEEP = {
     "combine_w2": gpu.BlockSizes(combine_num_warps=2),
     "combine_w8": gpu.BlockSizes(combine_num_warps=8),
     "stages3_sel528": gpu.BlockSizes(num_stages=3, select_programs=528),
+    # The compressed splits merged by the combine kernel / by the sparse kernel at any batch.
+    "combine_merges_cmp": gpu.BlockSizes(sparse_merge_cols=0),
+    "sparse_merges_cmp": gpu.BlockSizes(sparse_merge_parts=1 << 30),
     # The default again, to read the run's noise off the sweep.
     "default": gpu.BlockSizes(),
 }
