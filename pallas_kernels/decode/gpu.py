@@ -324,7 +324,8 @@ def _sparse_ranges_kernel(len_ref, ids_ref, vals_ref, q_ref, k_slc_ref, v_slc_re
         c_o_ref, c_m_ref, c_l_ref, o_ref, m_ref, l_ref, oc_ref = refs
     else:
         o_ref, m_ref, l_ref = refs
-    j = pl.program_id(2)  # read outside the branches (the interpreter cannot inside)
+    # The program id is read outside the branches (the interpreter cannot inside).
+    j = pl.program_id(2) if merge_cols else None
     if merge_cols:
         @pl.when(j >= num_slc + num_swa)
         def _():
@@ -335,6 +336,8 @@ def _sparse_ranges_kernel(len_ref, ids_ref, vals_ref, q_ref, k_slc_ref, v_slc_re
 
     t = len_ref[()] - 1  # the query's position
     q = q_ref[...]
+    if j is None:
+        j = pl.program_id(2)
 
     def selected():
         carry = None
