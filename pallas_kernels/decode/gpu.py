@@ -18,9 +18,14 @@ ranges from the query position ``t`` (the sequence's length less one, read in th
    stable top-k over them; with more than ``MAX_SPARSE_CANDIDATES`` XLA's top-k merges them
    first) and attend the blocks of slots ``jP ... jP + P - 1`` in one softmax (causal inside
    the current block; ``-1`` slots and slots past ``n`` do nothing; ``P = sparse_slots``, more
-   at large batches); programs ``j >= ns`` a piece of the window ``[t - w + 1, t]``.
+   at large batches); programs ``j >= ns`` a piece of the window ``[t - w + 1, t]``. With
+   few compressed splits in all (``B x K x Mc <= sparse_merge_parts``) ``Dv/16`` more
+   programs merge the compressed branch's splits meanwhile, off step 4's critical path.
 4. ``nsa_decode_combine`` (grid ``B x K x Dv/Dvs``): merges every branch's partials over a
    share of the columns, rounds each branch to the output dtype and applies the gates.
+
+The kernels issue every load they can before their first arithmetic: a warp issues in order,
+so a load written after arithmetic on an earlier load waits for that load.
 
 With ``combine_kernel=False`` XLA does step 4 (and the select kernel merges ``o_cmp`` when it
 can); with ``fuse_sparse=False`` the selected blocks and the window are two launches,
