@@ -329,7 +329,8 @@ def _sparse_ranges_kernel(len_ref, ids_ref, vals_ref, q_ref, k_slc_ref, v_slc_re
         c_o_ref, c_m_ref, c_l_ref, o_ref, m_ref, l_ref, oc_ref = refs
     else:
         o_ref, m_ref, l_ref = refs
-    # The program id is read outside the branches (the interpreter cannot inside).
+    # The program id is read outside the branches (the interpreter cannot inside): first when
+    # the merge programs need it, else after the query, where the measured kernels read it.
     j = pl.program_id(2) if merge_cols else None
     if merge_cols:
         @pl.when(j >= num_slc + num_swa)
