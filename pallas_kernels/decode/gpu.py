@@ -142,11 +142,6 @@ class BlockSizes:
         14.95 us a step and 16k / batch 1 from 21.00 to 20.13 us (the combine kernel from 2.95
         to 2.39 us, the sparse kernel from 3.70 to 3.92 us), but 64k / batch 32 from 148.7 to
         152.8 us: the extra programs then compete with the attention programs.
-      sparse_select: with the select kernel, the fuse and the combine kernel, and where
-        ``B x K x J <= sparse_select`` (``J`` the cache's selection blocks; ``0``: never), no
-        select launch runs: each selected program of the sparse kernel takes the top-n itself
-        from the compressed kernel's logits (the select kernel's arithmetic, so the same
-        blocks), redoing per program what one select program per row would do.
     """
 
     block_k: int = 64
@@ -170,7 +165,6 @@ class BlockSizes:
     combine_num_warps: int = 0
     sparse_merge_cols: int = 16
     sparse_merge_parts: int = 128
-    sparse_select: int = 512
 
     def __post_init__(self):
         if self.block_k < 16 or self.block_k & (self.block_k - 1):
@@ -191,8 +185,7 @@ class BlockSizes:
             raise ValueError(f"cmp_block_k must be 0 or a power of two >= 16, got "
                              f"{self.cmp_block_k}")
         for name in ("cmp_num_warps", "cmp_num_stages", "select_programs", "select_num_warps",
-                     "sparse_num_warps", "combine_num_warps", "sparse_merge_parts",
-                     "sparse_select"):
+                     "sparse_num_warps", "combine_num_warps", "sparse_merge_parts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -318,8 +311,9 @@ def _merged_slots(ids_ref, vals_ref, first, count: int, top_n: int):
     return out
 
 
-def _sparse_ranges_kernel(len_ref, *refs, num_slc, num_swa, slots, top_n, lp, window, ordered,
-                          merge_cols=0, select: _SelectGeom | None = None, **kw):
+def _sparse_ranges_kernel(len_ref, ids_ref, vals_ref, q_ref, k_slc_ref, v_slc_ref, k_swa_ref,
+                          v_swa_ref, *refs, num_slc, num_swa, slots, top_n, lp, window, ordered,
+                          merge_cols=0, **kw):
     """``nsa_decode_sparse`` with its blocks and ranges found here: program ``j < num_slc``
     merges the select programs' candidates ``ids, vals [M]`` and attends the blocks of slots
     ``jP .. jP + P - 1`` (``-1``: nothing), each cut at the query ``t``, in one softmax; the
@@ -330,19 +324,7 @@ def _sparse_ranges_kernel(len_ref, *refs, num_slc, num_swa, slots, top_n, lp, wi
     c_l [Mc, Gp]`` come in too, and programs ``j >= num_slc + num_swa`` (whose own partials
     are empty) merge them into ``o_cmp [Gp, Dv]``, ``merge_cols`` columns each: work the
     combine kernel would otherwise do on its critical path, done here beside the selected
-    programs, which take longer.
-
-    With ``select`` (a one-split ``_SelectGeom``) no candidates come in: each selected program
-    takes the top-n itself from the compressed kernel's ``m, l [Mc, Gg]`` and logits (and the
-    weight tables), the select kernel's work done again by each of them, which saves the
-    select launch where rows are few and short (``_own_selection``); the refs then end with
-    the slots' blocks ``idx [n']`` and the scratch row ``[J']`` of each program."""
-    if select is not None:
-        sel_refs, refs = refs[:5], refs[5:]
-        *refs, idx_ref, score_ref = refs
-    else:
-        ids_ref, vals_ref, *refs = refs
-    q_ref, k_slc_ref, v_slc_ref, k_swa_ref, v_swa_ref, *refs = refs
+    programs, which take longer."""
     if merge_cols:
         c_o_ref, c_m_ref, c_l_ref, o_ref, m_ref, l_ref, oc_ref = refs
     else:
@@ -365,10 +347,7 @@ def _sparse_ranges_kernel(len_ref, *refs, num_slc, num_swa, slots, top_n, lp, wi
 
     def selected():
         carry = None
-        if select is not None:
-            blocks = _own_selection(t, sel_refs, idx_ref, score_ref, j * slots, slots, top_n,
-                                    select)
-        elif ordered:  # slot r holds ids[r] (the index clamped: slots past n hold nothing)
+        if ordered:  # slot r holds ids[r] (the index clamped: slots past n hold nothing)
             blocks = [jnp.where(j * slots + i < top_n,
                                 ids_ref[jnp.minimum(j * slots + i, top_n - 1)], -1)
                       for i in range(slots)]
@@ -529,15 +508,6 @@ def _score_loads(cur, s_ref, c0, geom: _SelectGeom) -> _ScoreLoads:
                        _load_chunk(s_ref, prev, geom.chunk))
 
 
-def _group_probs(c, s, rows, tok, n_vis, shift, bc: int):
-    """The group-summed probabilities ``[bc]`` of chunk ``c``'s logits ``s [Gg, bc]``: rows
-    ``rows [Gg, 1]`` and tokens ``c bc + tok < n_vis`` count."""
-    vis = rows & ((c * bc + tok) < n_vis)[None, :]  # [Gg, bc]
-    # The same expression as the twin's (and the training path's) probabilities.
-    p = jnp.where(vis, jnp.exp(jnp.minimum(s - shift, 0.0)), 0.0)
-    return p.sum(axis=0)  # [bc]: the group's sum first, as the twin does
-
-
 def _score_run(t, s_ref, w_in, w_next, score_ref, shift, c0, run, loads: _ScoreLoads,
                geom: _SelectGeom):
     """Block scores of chunks ``c0 .. c0 + run - 1`` (cut at the current block's chunk) into
@@ -553,7 +523,10 @@ def _score_run(t, s_ref, w_in, w_next, score_ref, shift, c0, run, loads: _ScoreL
     c1 = jnp.minimum(c0 + run, n_chunks)
 
     def group_probs(c, s):
-        return _group_probs(c, s, rows, tok, n_vis, shift, bc)
+        vis = rows & ((c * bc + tok) < n_vis)[None, :]  # [Gg, bc]
+        # The same expression as the twin's (and the training path's) probabilities.
+        p = jnp.where(vis, jnp.exp(jnp.minimum(s - shift, 0.0)), 0.0)
+        return p.sum(axis=0)  # [bc]: the group's sum first, as the twin does
 
     # Loads are clamped to ``n_chunks``. (Clamping to the logits' static width instead, so that
     # no address waits for the length, gave the same results but took the select kernel from
@@ -670,57 +643,6 @@ def _top_candidates(score_ref, idx_ref, val_ref, c0, cur, geom: _SelectGeom):
     val_ref[...] = vals
 
 
-def _score_chunks(t, chunks, w_in, w_next, score_ref, shift, geom: _SelectGeom):
-    """``_score_run`` over every chunk of the row from logits already loaded, ``chunks`` (one
-    ``[Gg, bc]`` array per chunk), unrolled: the same arithmetic, block by block, so the scores
-    equal the select kernel's to the bit. Chunks past the current block's are scored too; their
-    blocks lie past it and rank nowhere."""
-    bc, nbc = geom.chunk, geom.blocks_per_chunk
-    n_vis = _num_visible(t, geom.l, geom.d, geom.num_cmp)
-    rows = jnp.arange(chunks[0].shape[0], dtype=jnp.int32)[:, None] < geom.g  # [Gg, 1]
-    tok = jnp.arange(bc, dtype=jnp.int32)
-    first = jnp.arange(nbc, dtype=jnp.int32) == 0
-    pending = jnp.float32(0.0)  # the select kernel's carried term into its first chunk
-    for c, s in enumerate(chunks):
-        p_sum = _group_probs(c, s, rows, tok, n_vis, shift, bc)
-        score = (p_sum[:, None] * w_in).sum(axis=0) + jnp.where(first, pending, 0.0)  # [nbc]
-        score_ref[pl.ds(c * nbc, nbc)] = score
-        pending = (p_sum * w_next).sum()
-
-
-def _own_selection(t, sel_refs, idx_ref, score_ref, first, count: int, top_n: int,
-                   geom: _SelectGeom):
-    """The blocks of slots ``first .. first + count - 1`` (``-1``: none), selected by the
-    calling program itself from the compressed kernel's outputs ``sel_refs = (m, l [Mc, Gg],
-    logits [Gg, Cp], w_in, w_next)``: the select kernel's steps for one program over the whole
-    row (``geom.splits == 1``), scores into the program's scratch row ``score_ref [J']``, then
-    every block's rank at once. Also writes the slots' blocks to ``idx_ref [n']`` (``-1`` past
-    ``count``)."""
-    m_ref, l_ref, s_ref, w_in_ref, w_next_ref = sel_refs
-    # Every load first (see _score_loads): the split maxima and sums, the weight tables and
-    # all the row's logits (static chunks inside the logits' width).
-    m, l_s = m_ref[...], l_ref[...]
-    w_in, w_next = w_in_ref[...], w_next_ref[...]
-    chunks = [_load_chunk(s_ref, c, geom.chunk) for c in range(geom.num_chunks)]
-    cur = jnp.minimum(t // geom.lp, geom.num_blocks - 1)  # the current block (in the cache)
-    _, _, has, lse = _cmp_lse(m, l_s)
-    shift = jnp.where(has, lse, 0.0)[:, None]  # [Gg, 1]: the twin's finite lse
-    _score_chunks(t, chunks, w_in, w_next, score_ref, shift, geom)
-    if not geom.interpret:  # other threads' scores, read back below
-        plgpu.debug_barrier()
-    jp = score_ref.shape[0]
-    rank, _ = _block_ranks(score_ref, 0, cur, jp // min(jp, RANK_TILE))
-    rounds = jnp.clip(cur + 1, 0, min(top_n, jp))  # valid slots: ranks 0 .. rounds - 1
-    jl = jnp.arange(jp, dtype=jnp.int32)
-    lane = jnp.arange(idx_ref.shape[0], dtype=jnp.int32)
-    slot = first + lane
-    hit = rank[None, :] == slot[:, None]  # [n', J']
-    idx_ref[...] = jnp.where((lane < count) & (slot < rounds),
-                             jnp.where(hit, jl[None, :], 0).sum(axis=1), -1)
-    return [jnp.where(first + i < rounds, jnp.where(rank == first + i, jl, 0).sum(), -1)
-            for i in range(count)]
-
-
 def merge_candidates(ids: Int[Array, "B K S M"], vals: Float[Array, "B K S M"],
                      top_n: int) -> Int[Array, "B K n"]:
     """The ``top_n`` best of the select programs' candidates (``-1`` where fewer are valid),
@@ -813,19 +735,13 @@ def _cmp_call(lens, qg, k, v, *, l, d, splits, scale, block_k, precision, params
 
 def _sparse_ranges_call(lens, ids, vals, qg, k_slc, v_slc, k_swa, v_swa, *, num_slc, num_swa,
                         slots, top_n, lp, window, ordered, scale, block_k, precision, params,
-                        interpret, cmp_parts=None, merge_cols=0, select=None,
-                        select_geom: _SelectGeom | None = None):
+                        interpret, cmp_parts=None, merge_cols=0):
     """Candidates ``ids, vals [B, K, M]`` (with ``ordered``, one list in slot order):
     ``num_slc`` programs of ``slots`` selected blocks, then ``num_swa`` window pieces; split
     partials ``[B, K, num_slc + num_swa, ...]``. With ``cmp_parts`` (the compressed kernel's
     split partials) ``Dv / merge_cols`` more programs merge them, and ``o_cmp [B, K, Gp, Dv]``
-    (float32) comes next (their own partial rows, past ``num_slc + num_swa``, are empty).
-
-    With ``select = (m_p, l_p, s_cmp)`` (``ids``, ``vals`` ``None``) the selected programs
-    select for themselves over ``select_geom`` (one split); then the slots' blocks ``[B, K,
-    m, n']`` (rows ``j < num_slc``: program ``j``'s ``slots``, ``-1`` after them) and the
-    programs' scratch rows come last."""
-    b, kh = qg.shape[:2]
+    (float32) comes last (their own partial rows, past ``num_slc + num_swa``, are empty)."""
+    b, kh, mcand = ids.shape
     gp, dk = qg.shape[2:]
     dv = v_slc.shape[-1]
     merge = cmp_parts is not None
@@ -833,22 +749,13 @@ def _sparse_ranges_call(lens, ids, vals, qg, k_slc, v_slc, k_swa, v_swa, *, num_
     kernel = functools.partial(_sparse_ranges_kernel, num_slc=num_slc, num_swa=num_swa,
                                slots=slots, top_n=top_n, lp=lp, window=window, ordered=ordered,
                                merge_cols=merge_cols if merge else 0, scale=scale,
-                               block_k=block_k, precision=precision,
-                               **({"select": select_geom} if select is not None else {}))
-    if select is None:
-        cand_spec = pl.BlockSpec((None, None, ids.shape[-1]), lambda b, k, j: (b, k, 0))
-        in_specs, args = [_len_spec(), cand_spec, cand_spec], [lens, ids, vals]
-    else:
-        m_p, l_p, s_cmp = select
-        in_specs = _select_in_specs(m_p.shape[2], s_cmp.shape[-1], select_geom,
-                                    lambda b, k, j: (b, k, 0, 0), lambda b, k, j: (0, 0),
-                                    lambda b, k, j: (0,))
-        args = [lens, m_p, l_p, s_cmp, *_select_tables(select_geom)]
-    in_specs = in_specs + [
-        pl.BlockSpec((None, None, gp, dk), lambda b, k, j: (b, k, 0, 0)),
-        _seq_spec(k_slc.shape[1], dk), _seq_spec(v_slc.shape[1], dv),
-        _seq_spec(k_swa.shape[1], dk), _seq_spec(v_swa.shape[1], dv)]
-    args += [qg, k_slc, v_slc, k_swa, v_swa]
+                               block_k=block_k, precision=precision)
+    cand_spec = pl.BlockSpec((None, None, mcand), lambda b, k, j: (b, k, 0))
+    in_specs = [_len_spec(), cand_spec, cand_spec,
+                pl.BlockSpec((None, None, gp, dk), lambda b, k, j: (b, k, 0, 0)),
+                _seq_spec(k_slc.shape[1], dk), _seq_spec(v_slc.shape[1], dv),
+                _seq_spec(k_swa.shape[1], dk), _seq_spec(v_swa.shape[1], dv)]
+    args = [lens, ids, vals, qg, k_slc, v_slc, k_swa, v_swa]
     out_specs, out_shape = _partial_specs(gp, dv), _partial_shapes(b, kh, m, gp, dv)
     if merge:
         mc = cmp_parts[0].shape[2]
@@ -858,13 +765,6 @@ def _sparse_ranges_call(lens, ids, vals, qg, k_slc, v_slc, k_swa, v_swa, *, num_
         args += list(cmp_parts)
         out_specs = out_specs + [pl.BlockSpec((None, None, gp, dv), lambda b, k, j: (b, k, 0, 0))]
         out_shape = out_shape + [jax.ShapeDtypeStruct((b, kh, gp, dv), jnp.float32)]
-    if select is not None:
-        n_slots, jp = max(16, _next_pow2(top_n)), select_geom.score_len
-        out_specs = out_specs + [
-            pl.BlockSpec((None, None, None, n_slots), lambda b, k, j: (b, k, j, 0)),
-            pl.BlockSpec((None, None, None, jp), lambda b, k, j: (b, k, j, 0))]
-        out_shape = out_shape + [jax.ShapeDtypeStruct((b, kh, m, n_slots), jnp.int32),
-                                 jax.ShapeDtypeStruct((b, kh, m, jp), jnp.float32)]
     return pl.pallas_call(
         kernel,
         grid=(b, kh, m),
@@ -910,27 +810,6 @@ def _combine_call(cmp_parts, sparse_parts, gates, *, num_slc, num_swa, col_split
     )(*cmp_args, s_o, s_m, s_l, gates)
 
 
-def _select_in_specs(mc, cp, geom: _SelectGeom, row, table2, table1):
-    """The select step's input specs (the lengths, ``m, l [Mc, Gg]``, the logits ``[Gg, Cp]``,
-    the tables ``w_in [bc, bc/r']`` and ``w_next [bc]``), given index maps of a row's arrays and
-    of the 2-D and 1-D tables over the caller's grid."""
-    gg = _next_pow2(geom.g)
-    return [
-        pl.BlockSpec((None,), lambda b, k, s: (b,)),  # seq_lens
-        pl.BlockSpec((None, None, mc, gg), row),  # m
-        pl.BlockSpec((None, None, mc, gg), row),  # l
-        pl.BlockSpec((None, None, gg, cp), row),  # logits
-        pl.BlockSpec((geom.chunk, geom.blocks_per_chunk), table2),  # w_in
-        pl.BlockSpec((geom.chunk,), table1),  # w_next (into the next chunk's first block)
-    ]
-
-
-def _select_tables(geom: _SelectGeom):
-    """``w_in [bc, bc/r']`` and ``w_next [bc]`` (``_score_run``)."""
-    w_in, w_next = overlap_tables(geom.l, geom.d, geom.lp, geom.chunk)
-    return jnp.asarray(w_in), jnp.asarray(w_next[:, 0])
-
-
 def _select_call(lens, m_p, l_p, s_cmp, o_p, *, geom: _SelectGeom, params):
     """``nsa_decode_select`` over grid ``B x K x S`` (``S = geom.splits``): per program the
     candidate indices and scores ``[B, K, S, n']`` (``merge_candidates`` takes the top-n of
@@ -938,12 +817,18 @@ def _select_call(lens, m_p, l_p, s_cmp, o_p, *, geom: _SelectGeom, params):
     given, ``o_cmp [B, K, Gg, Dv]`` (program ``s`` merges columns ``s Dv/S ...``); ``n'`` the
     power of two at or above ``max(n, 16)``, ``Gg`` at or above ``G``."""
     b, kh, mc = m_p.shape[:3]
-    gg = _next_pow2(geom.g)
+    gg, cp = _next_pow2(geom.g), s_cmp.shape[-1]
     n_slots = max(16, _next_pow2(geom.top_n))
     ns = geom.splits
     merge_o = o_p is not None
-    in_specs = _select_in_specs(mc, s_cmp.shape[-1], geom, lambda b, k, s: (b, k, 0, 0),
-                                lambda b, k, s: (0, 0), lambda b, k, s: (0,))
+    in_specs = [
+        pl.BlockSpec((None,), lambda b, k, s: (b,)),  # seq_lens
+        pl.BlockSpec((None, None, mc, gg), lambda b, k, s: (b, k, 0, 0)),  # m
+        pl.BlockSpec((None, None, mc, gg), lambda b, k, s: (b, k, 0, 0)),  # l
+        pl.BlockSpec((None, None, gg, cp), lambda b, k, s: (b, k, 0, 0)),  # logits
+        pl.BlockSpec((geom.chunk, geom.blocks_per_chunk), lambda b, k, s: (0, 0)),  # w_in
+        pl.BlockSpec((geom.chunk,), lambda b, k, s: (0,)),  # w_next (next chunk's first block)
+    ]
     out_specs = [
         pl.BlockSpec((None, None, None, n_slots), lambda b, k, s: (b, k, s, 0)),  # indices
         pl.BlockSpec((None, None, None, n_slots), lambda b, k, s: (b, k, s, 0)),  # their scores
@@ -954,7 +839,8 @@ def _select_call(lens, m_p, l_p, s_cmp, o_p, *, geom: _SelectGeom, params):
                  jax.ShapeDtypeStruct((b, kh, ns, n_slots), jnp.float32),
                  jax.ShapeDtypeStruct((b, kh, ns, geom.score_len), jnp.float32),
                  jax.ShapeDtypeStruct((b, kh, gg), jnp.float32)]
-    args = [lens, m_p, l_p, s_cmp, *_select_tables(geom)]
+    w_in, w_next = overlap_tables(geom.l, geom.d, geom.lp, geom.chunk)
+    args = [lens, m_p, l_p, s_cmp, jnp.asarray(w_in), jnp.asarray(w_next[:, 0])]
     if merge_o:
         dv = o_p.shape[-1]
         dvs = dv // ns  # each program's columns
@@ -1281,17 +1167,8 @@ def decode_stages(
         return {"o_cmp": o_cmp.reshape(b, n, dv), "lse_cmp": lse_cmp}
 
     # 2. Selection from the branch's own probabilities. (With the combine kernel, that kernel
-    # merges o_cmp; the selection stage alone merges it in XLA.) For few short rows the sparse
-    # kernel's programs select for themselves (one split each), with no launch here.
-    own_geom = None
-    if (geom is not None and upto == "full" and combine
-            and per_row * num_blocks <= bs.sparse_select):
-        own_geom = dataclasses.replace(geom, max_splits=1)
-        if _select_unsupported(own_geom):
-            own_geom = None
-    if own_geom is not None:
-        o_cmp = indices = cand_ids = cand_vals = None
-    elif geom is not None:
+    # merges o_cmp; the selection stage alone merges it in XLA.)
+    if geom is not None:
         merge_o = (not combine and mc <= bs.select_merge_splits
                    and _can_merge_o(dv, geom.splits))
         cand_ids, cand_vals, _, _, o_cmp = _select_call(
@@ -1325,8 +1202,7 @@ def decode_stages(
         ns_p, mw_p = _next_pow2(ns), _next_pow2(mw)
         if cand_ids is not None:
             cand_ids, cand_vals = cand_ids.reshape(b, kh, -1), cand_vals.reshape(b, kh, -1)
-        if own_geom is None and (cand_ids is None
-                                 or cand_ids.shape[-1] > MAX_SPARSE_CANDIDATES):
+        if cand_ids is None or cand_ids.shape[-1] > MAX_SPARSE_CANDIDATES:
             # The merged indices as the candidates of one program (XLA selected, or too many
             # proposals to merge in the kernel): slot order by descending score (-slot), -1
             # unused.
@@ -1335,7 +1211,7 @@ def decode_stages(
                                constant_values=-1)
             cand_vals = jnp.where(cand_ids >= 0, -jnp.arange(n_pad, dtype=jnp.float32),
                                   -jnp.inf)
-        ordered = cand_ids is not None and cand_ids.shape[-1] == max(16, _next_pow2(top_n))
+        ordered = cand_ids.shape[-1] == max(16, _next_pow2(top_n))
         # With the combine kernel and few splits to merge (small batches), Dv /
         # sparse_merge_cols more sparse programs merge the compressed branch's splits, off the
         # combine kernel's critical path.
@@ -1345,11 +1221,7 @@ def decode_stages(
             lens, cand_ids, cand_vals, qg, k_slc, v_slc, k_swa, v_swa, num_slc=ns_p,
             num_swa=mw_p, slots=slots, top_n=top_n, lp=slc_block_size, window=window_size,
             block_k=block_k, ordered=ordered, cmp_parts=cmp_parts if merge_cols else None,
-            merge_cols=merge_cols, **dict(common, params=params_for(bs.sparse_num_warps)),
-            **(dict(select=(m_p, l_p, s_cmp), select_geom=own_geom) if own_geom else {}))
-        if own_geom is not None:
-            *parts, own_ids, _ = parts  # [B, K, m, n'], the scratch rows
-            indices = own_ids[:, :, :ns_p, :slots].reshape(b, kh, -1)[:, :, :top_n]
+            merge_cols=merge_cols, **dict(common, params=params_for(bs.sparse_num_warps)))
         if merge_cols:
             *parts, o_cmp_merged = parts
             cmp_parts = o_cmp_merged

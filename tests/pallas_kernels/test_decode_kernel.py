@@ -21,7 +21,6 @@ from tests.tolerances import assert_close
 INTERPRET = jax.default_backend() != "gpu"
 
 GEOM = dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=4, window_size=16)
-OWN = 1 << 30  # sparse_select: the sparse kernel selects at every shape
 
 
 def _inputs(seed, b, n, kh, dk, dv, s_len, c, dtype):
@@ -65,17 +64,6 @@ def _inputs(seed, b, n, kh, dk, dv, s_len, c, dtype):
         # The fused launch with XLA's merges and gates instead of the combine kernel.
         (8, 2, 16, 32, 16, True, dict(combine_kernel=False), jnp.float32),
         (16, 1, 32, 16, 16, True, dict(combine_kernel=False, sparse_slots=2), jnp.bfloat16),
-        # No select launch: the sparse kernel's programs select for themselves (one block,
-        # two, four each; 4 chunks of 16 tokens; G = 4 padded to 16 rows), with and without
-        # the merge programs.
-        (8, 2, 16, 32, 16, True, dict(sparse_select=OWN), jnp.float32),
-        (8, 2, 32, 32, 16, True, dict(sparse_select=OWN, sparse_slots=2, select_splits=4),
-         jnp.bfloat16),
-        (16, 1, 32, 64, 32, True, dict(sparse_select=OWN, select_chunk=16, select_splits=2),
-         jnp.bfloat16),
-        (8, 2, 16, 32, 16, True, dict(sparse_select=OWN, target_programs=8), jnp.float32),
-        (8, 2, 16, 64, 16, True, dict(sparse_select=OWN, sparse_merge_cols=0, select_chunk=16,
-                                      select_splits=4), jnp.float32),
     ],
 )
 def test_decode_kernel_matches_twin(n, kh, dk, dv, block_k, fuse, select, dtype):
@@ -84,9 +72,8 @@ def test_decode_kernel_matches_twin(n, kh, dk, dv, block_k, fuse, select, dtype)
     # Lengths: a single token (no compressed token yet), block-unaligned, and a full cache.
     seq_lens = jnp.asarray([1, 7, 30, 64] if s_len == 64 else [1, 30, 140, 256], jnp.int32)
     args = (*_inputs(n + dk, len(seq_lens), n, kh, dk, dv, s_len, c, dtype), seq_lens)
-    # The select launch unless a case asks for the sparse kernel's own selection.
     sizes = gpu.BlockSizes(**{"block_k": block_k, "target_programs": 64, "fuse_sparse": fuse,
-                              "sparse_select": 0, **select})
+                              **select})
     o_ref, idx_ref = ref.decode_attention(*args, **GEOM)
     o, idx = gpu.decode_attention(*args, **GEOM, block_sizes=sizes, interpret=INTERPRET)
     assert o.dtype == o_ref.dtype and o.shape == o_ref.shape
@@ -249,21 +236,18 @@ def test_decode_stages_agree_with_the_whole_chain():
         gpu.decode_stages(*args, upto="slc", **kw)
 
 
-@pytest.mark.parametrize("select,max_cands", [({}, 64), ({}, 16), (dict(select_kernel=False), 64),
-                                              (dict(sparse_select=OWN), 64)])
+@pytest.mark.parametrize("select,max_cands", [({}, 64), ({}, 16), (dict(select_kernel=False), 64)])
 def test_decode_kernel_with_odd_counts(select, max_cands, monkeypatch):
     """n = 5 blocks in slots of 2 (3 programs, rounded up to 4) and a 40-token window in
     16-token tiles (3 pieces, rounded up to 4): the rounded-up programs attend nothing. The
     sparse kernel merges the 4 select programs' candidates itself, or (at most 16 allowed) XLA
-    merges them first, or its programs select for themselves (the last program's slots 6 and
-    7 are past n)."""
+    merges them first."""
     monkeypatch.setattr(gpu, "MAX_SPARSE_CANDIDATES", max_cands)
     geom = dict(cmp_block_size=8, cmp_stride=4, slc_block_size=16, top_n=5, window_size=40)
     seq_lens = jnp.asarray([1, 23, 97, 256], jnp.int32)
     args = (*_inputs(7, len(seq_lens), 8, 2, 16, 32, 256, 64, jnp.float32), seq_lens)
-    sizes = gpu.BlockSizes(**{"block_k": 16, "target_programs": 24, "sparse_slots": 2,
-                              "select_chunk": 16, "select_splits": 4, "sparse_select": 0,
-                              **select})
+    sizes = gpu.BlockSizes(block_k=16, target_programs=24, sparse_slots=2, select_chunk=16,
+                           select_splits=4, **select)
     o_ref, idx_ref = ref.decode_attention(*args, **geom)
     o, idx = gpu.decode_attention(*args, **geom, block_sizes=sizes, interpret=INTERPRET)
     np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(np.asarray(idx_ref), -1))
@@ -358,10 +342,7 @@ def test_lengths_past_the_cache_stay_inside_it():
     cache may be chosen: the kernels would read outside the raw keys on the GPU."""
     seq_lens = jnp.asarray([64, 100], jnp.int32)  # a full cache of 64 slots, then 36 past it
     args = (*_inputs(2, 2, 8, 2, 16, 16, 64, 64, jnp.float32), seq_lens)
-    # The sparse kernel's own selection (the default at this size), the select launch, and
-    # the select launch without the combine kernel.
-    for sizes in (gpu.BlockSizes(block_k=16), gpu.BlockSizes(block_k=16, sparse_select=0),
-                  gpu.BlockSizes(block_k=16, combine_kernel=False)):
+    for sizes in (gpu.BlockSizes(block_k=16), gpu.BlockSizes(block_k=16, combine_kernel=False)):
         o, idx = gpu.decode_attention(*args, **GEOM, block_sizes=sizes, interpret=INTERPRET)
         idx = np.asarray(idx)
         assert ((idx >= -1) & (idx < 64 // GEOM["slc_block_size"])).all(), idx
