@@ -466,6 +466,12 @@ class _SelectGeom:
         return self.chunks_per_split * self.blocks_per_chunk
 
     @property
+    def scores_in_registers(self) -> bool:
+        """Whether a program ranks its scores from registers: a run of one chunk, few enough
+        blocks to rank at once."""
+        return self.chunks_per_split == 1 and self.blocks_per_chunk <= RANK_TOPN_MAX
+
+    @property
     def logits_len(self) -> int:
         """Logit columns the kernel may load: whole chunks up to the last block's."""
         return self.num_chunks * self.chunk
@@ -509,11 +515,12 @@ def _score_loads(cur, s_ref, c0, geom: _SelectGeom) -> _ScoreLoads:
 
 
 def _score_run(t, s_ref, w_in, w_next, score_ref, shift, c0, run, loads: _ScoreLoads,
-               geom: _SelectGeom):
+               geom: _SelectGeom, in_registers: bool = False):
     """Block scores of chunks ``c0 .. c0 + run - 1`` (cut at the current block's chunk) into
     ``score_ref[(c - c0) nbc ...]``; chunk ``c0``'s first block also gets the carried term of
     chunk ``c0 - 1``. ``w_in [bc, nbc]`` and ``w_next [bc]`` are the spec's overlap weights
-    (``selection/reference.py``) inside a chunk and into the next chunk's first block."""
+    (``selection/reference.py``) inside a chunk and into the next chunk's first block. With
+    ``in_registers`` and a run of one chunk, also returns the scores ``[nbc]``."""
     bc, nbc = geom.chunk, geom.blocks_per_chunk
     n_vis = _num_visible(t, geom.l, geom.d, geom.num_cmp)
     rows = jnp.arange(s_ref.shape[0], dtype=jnp.int32)[:, None] < geom.g  # [Gg, 1]
@@ -542,7 +549,16 @@ def _score_run(t, s_ref, w_in, w_next, score_ref, shift, c0, run, loads: _ScoreL
 
     prev = jnp.clip(c0 - 1, 0, n_chunks - 1)
     pending = jnp.where(c0 > 0, (group_probs(prev, loads.prev) * w_next).sum(), 0.0)
+    if run == 1 and in_registers:
+        # One chunk: its scores stay in registers for the ranking (and are stored for the
+        # caller). A program whose chunk lies past the current block's scores the clamped
+        # chunk instead: its blocks lie past the current one and rank nowhere.
+        score = (group_probs(c0, loads.first)[:, None] * w_in).sum(axis=0) + jnp.where(
+            first, pending, 0.0)  # [nbc], chunk_body's expression
+        score_ref[pl.ds(0, nbc)] = score
+        return score
     jax.lax.fori_loop(c0, c1, chunk_body, (loads.first, pending))
+    return None
 
 
 def _priority(j, score, cur):
@@ -565,11 +581,17 @@ def _block_ranks(score_ref, j0, cur, tiles):
     def rank_tile(it, rank):
         il = it * tile + jnp.arange(tile, dtype=jnp.int32)
         pri_i = _priority(j0 + il, score_ref[pl.ds(pl.multiple_of(it * tile, tile), tile)], cur)
-        ahead = ((pri_i[None, :] > pri[:, None])
-                 | ((pri_i[None, :] == pri[:, None]) & (il[None, :] < jl[:, None])))
-        return rank + ahead.astype(jnp.int32).sum(axis=1)
+        return rank + _ahead(pri, jl, pri_i, il)
 
     return jax.lax.fori_loop(0, tiles, rank_tile, jnp.zeros((jp,), jnp.int32)), pri
+
+
+def _ahead(pri, jl, pri_i, il):
+    """For each block ``jl`` (priority ``pri``), how many of blocks ``il`` (``pri_i``) come
+    before it: a higher priority, or an equal one and a lower index."""
+    ahead = ((pri_i[None, :] > pri[:, None])
+             | ((pri_i[None, :] == pri[:, None]) & (il[None, :] < jl[:, None])))
+    return ahead.astype(jnp.int32).sum(axis=1)
 
 
 def _select_kernel(len_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, *refs, geom: _SelectGeom,
@@ -599,20 +621,23 @@ def _select_kernel(len_ref, m_ref, l_ref, s_ref, w_in_ref, w_next_ref, *refs, ge
         oc_ref[...] = o / safe[:, None]
     shift = jnp.where(has, lse, 0.0)[:, None]  # [Gg, 1]: the twin's finite lse
 
-    # 2. Block scores of this program's run of chunks, into its scratch row.
-    _score_run(t, s_ref, w_in, w_next, score_ref, shift, c0, geom.chunks_per_split, loads, geom)
+    # 2. Block scores of this program's run of chunks, into its scratch row (and, for a run of
+    # one chunk, kept in registers: no barrier and no reading back).
+    scores = _score_run(t, s_ref, w_in, w_next, score_ref, shift, c0, geom.chunks_per_split,
+                        loads, geom, in_registers=geom.scores_in_registers)
 
     # 3. This program's top-n candidates.
-    _top_candidates(score_ref, idx_ref, val_ref, c0, cur, geom)
+    _top_candidates(score_ref, idx_ref, val_ref, c0, cur, geom, scores=scores)
 
 
-def _top_candidates(score_ref, idx_ref, val_ref, c0, cur, geom: _SelectGeom):
+def _top_candidates(score_ref, idx_ref, val_ref, c0, cur, geom: _SelectGeom, scores=None):
     """Writes the top-n of blocks ``j0 .. j0 + J' - 1``, those of chunks ``c0 ...`` (scores in
     ``score_ref [J']``, valid up to ``cur``) to ``idx_ref, val_ref [n']`` in slot order: with
     ``J' <= RANK_TOPN_MAX`` by ranking every block at once, otherwise by ``n`` rounds of
     argmax; slots past the valid blocks stay ``(-1, -inf)``. Each thread reads scores other
-    threads wrote: a CTA barrier makes the global writes before it visible after it."""
-    if not geom.interpret:
+    threads wrote: a CTA barrier makes the global writes before it visible after it. With
+    ``scores [J']`` given (in registers) they are ranked as they are, with no barrier."""
+    if scores is None and not geom.interpret:
         plgpu.debug_barrier()
     j0 = c0 * geom.blocks_per_chunk
     jp = score_ref.shape[0]
@@ -621,7 +646,11 @@ def _top_candidates(score_ref, idx_ref, val_ref, c0, cur, geom: _SelectGeom):
     jl = jnp.arange(jp, dtype=jnp.int32)
     if jp <= RANK_TOPN_MAX:
         # Every block's rank at once; slot r takes the block of rank r.
-        rank, pri = _block_ranks(score_ref, j0, cur, jp // min(jp, RANK_TILE))
+        if scores is None:
+            rank, pri = _block_ranks(score_ref, j0, cur, jp // min(jp, RANK_TILE))
+        else:
+            pri = _priority(j0 + jl, scores, cur)
+            rank = _ahead(pri, jl, pri, jl)  # [J', J'] in one comparison
         hit = rank[None, :] == slot[:, None]  # [n', J']: one block per slot
         used = slot < rounds
         ids = jnp.where(used, jnp.where(hit, j0 + jl[None, :], 0).sum(axis=1), -1)
