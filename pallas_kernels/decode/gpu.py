@@ -42,7 +42,8 @@ to block scores with a constant ``[chunk, chunk/r']`` weight table (the spec's E
 overlaps); the last ``r - 1`` tokens of a chunk feed the next chunk's first block through a
 carried scalar (a program recomputes it from the chunk before its run); the next chunk's
 logits are loaded before this chunk's arithmetic. The scores go to a ``[J']`` scratch output
-(``J'`` the run's blocks); after a barrier the program reads them back and takes its top-n:
+(``J'`` the run's blocks); after a barrier the program reads them back (a run of one chunk
+with ``J' <= RANK_TOPN_MAX`` keeps them in registers instead) and takes its top-n:
 with ``J' <= RANK_TOPN_MAX`` by ranking every block at once, otherwise by ``n`` rounds of
 argmax (which returns the lowest index among equal maxima, as ``lax.top_k`` orders them); both
 give the slots in the twin's order whenever the scores are the twin's to the bit. They can
