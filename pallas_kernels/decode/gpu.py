@@ -299,10 +299,7 @@ def _merged_slots(ids_ref, vals_ref, first, count: int, top_n: int):
     pos = jnp.arange(m, dtype=jnp.int32)
     rank = jnp.zeros((m,), jnp.int32)
     for it, vi in enumerate(tiles):
-        pi = it * tile + jnp.arange(tile, dtype=jnp.int32)
-        ahead = (vi[None, :] > vals[:, None]) | ((vi[None, :] == vals[:, None])
-                                                 & (pi[None, :] < pos[:, None]))
-        rank = rank + ahead.astype(jnp.int32).sum(axis=1)
+        rank = rank + _ahead(vals, pos, vi, it * tile + jnp.arange(tile, dtype=jnp.int32))
     picked = jnp.where(vals > -jnp.inf, ids, -1)
     out = []
     for s in range(count):
@@ -588,8 +585,9 @@ def _block_ranks(score_ref, j0, cur, tiles):
 
 
 def _ahead(pri, jl, pri_i, il):
-    """For each block ``jl`` (priority ``pri``), how many of blocks ``il`` (``pri_i``) come
-    before it: a higher priority, or an equal one and a lower index."""
+    """For each entry ``jl`` (priority ``pri``), how many of entries ``il`` (``pri_i``) come
+    before it: a higher priority, or an equal one and a lower index (blocks by priority, or
+    select candidates by score)."""
     ahead = ((pri_i[None, :] > pri[:, None])
              | ((pri_i[None, :] == pri[:, None]) & (il[None, :] < jl[:, None])))
     return ahead.astype(jnp.int32).sum(axis=1)
